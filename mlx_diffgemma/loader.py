@@ -1,0 +1,173 @@
+"""Loading a model directory (Hugging Face format or our MLX conversion) into the MLX model."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import infer_quant_config
+
+from .config import ModelArgs, load_config
+from .model import Model
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightsError(ValueError):
+    """A checkpoint whose tensors do not match the model its config describes."""
+
+
+def weight_files(model_path: Path) -> List[Path]:
+    """The safetensors shards of a directory, checked against its index when it has one."""
+    index_path = model_path / INDEX_FILE
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{index_path} is not valid JSON ({e})") from e
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        missing = [s for s in shards if not (model_path / s).exists()]
+        if missing:
+            raise WeightsError(
+                f"missing shard {', '.join(missing)} in {model_path}: {INDEX_FILE} lists "
+                f"{len(shards)} shards; download or copy the missing file(s) again"
+            )
+        return [model_path / s for s in shards]
+    files = sorted(Path(p) for p in glob.glob(str(model_path / "*.safetensors")))
+    if not files:
+        raise WeightsError(f"no .safetensors files in {model_path}")
+    return files
+
+
+def load_safetensors(path: Path) -> Dict[str, mx.array]:
+    """mx.load with an error that names the file (truncated downloads are common)."""
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # mlx raises RuntimeError/ValueError with terse text
+        raise WeightsError(
+            f"cannot read {path} ({e}); the file is corrupt or truncated: download or "
+            "convert it again"
+        ) from e
+
+
+def _quantize_like_checkpoint(model: Model, config: Dict[str, Any], weights: Dict[str, mx.array]):
+    """Swaps Linear/Embedding/SwitchLinear modules for quantized ones as the checkpoint was
+    saved: per-module settings from config['quantization'] (as mlx-lm and mlx-vlm record
+    them), else inferred from the stored scales."""
+    quantization = config.get("quantization") or config.get("quantization_config")
+    if not quantization and not any(k.endswith(".scales") for k in weights):
+        return
+
+    quantization = quantization or {}
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if f"{path}.scales" not in weights:
+            return False
+        if isinstance(quantization.get(path), dict):
+            return quantization[path]
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size", 64),
+        bits=quantization.get("bits", 4),
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model, Dict[str, Any]]:
+    model_path = Path(model_path)
+    config = load_config(model_path)
+    args = ModelArgs.from_dict(config)
+    model = Model(args)
+
+    weights: Dict[str, mx.array] = {}
+    for f in weight_files(model_path):
+        weights.update(load_safetensors(f))
+    weights = model.sanitize(weights)
+
+    _quantize_like_checkpoint(model, config, weights)
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise WeightsError(
+            f"checkpoint {model_path} is missing {len(missing)} tensor(s) the config requires: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
+    if unexpected:
+        raise WeightsError(
+            f"checkpoint {model_path} has {len(unexpected)} tensor(s) this config does not use: "
+            f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    for name, param in expected.items():
+        if weights[name].shape != param.shape:
+            raise WeightsError(
+                f"tensor {name} has shape {tuple(weights[name].shape)} but the config implies "
+                f"{tuple(param.shape)}: the weights and config.json do not belong together"
+            )
+    model.update(tree_unflatten(list(weights.items())))
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, config
+
+
+def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
+    """mlx-lm's TokenizerWrapper (streaming detokenizer included), or None when the
+    directory carries no tokenizer."""
+    model_path = Path(model_path)
+    if not any((model_path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+
+    return load_mlx_tokenizer(model_path, eos_token_ids=eos_token_ids)
+
+
+def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
+    """A local directory, or a Hugging Face hub id fetched through huggingface_hub's
+    cache (HF_HUB_OFFLINE=1 uses the cache only)."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p} is a file; pass the model directory")
+        return p
+    text = str(path_or_repo)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model directory {p} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                text,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"],
+            )
+        )
+    except Exception as e:
+        raise FileNotFoundError(
+            f"cannot fetch {text!r} from the Hugging Face hub or find it in the local cache "
+            f"({type(e).__name__}: {e}); pass a local directory instead"
+        ) from e
+
+
+def load(path_or_repo: Union[str, Path], lazy: bool = False):
+    """Loads a DiffusionGemma model directory or hub id: returns (model, tokenizer), the
+    tokenizer None when the directory has none."""
+    model_path = resolve_model_path(path_or_repo)
+    model, config = load_model(model_path, lazy=lazy)
+    model.model_path = model_path
+    from .config import GenerationConfig
+
+    eos = GenerationConfig.from_model_dir(model_path).eos_token_id
+    tokenizer = load_tokenizer(model_path, eos_token_ids=eos)
+    return model, tokenizer

@@ -1,0 +1,388 @@
+"""The DiffusionGemma denoiser in MLX.
+
+One Gemma-4 MoE transformer used two ways with the same weights: a causal encoder
+that appends the prompt and every committed canvas to the KV cache, and a
+bidirectional decoder that denoises a fixed-length canvas while reading (never
+writing) that cache. Parameter names are the Hugging Face names, so checkpoints
+convert with renames only and our output matches the mlx-community layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+
+from .cache import EncoderCache, LayerCache
+from .config import ModelArgs
+from .weights import hf_to_mlx_name
+
+
+class RMSNormNoScale(nn.Module):
+    """RMSNorm without a weight (v_norm, the self-conditioning post_norm)."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+class MLP(nn.Module):
+    """Gated GELU(tanh) MLP: the dense branch of every layer, and self-conditioning's body."""
+
+    def __init__(self, dims: int, hidden_dims: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.up_proj = nn.Linear(dims, hidden_dims, bias=False)
+        self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.is_sliding = args.layer_types[layer_idx] == "sliding_attention"
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.kv_heads_of(layer_idx)
+        self.head_dim = args.head_dim_of(layer_idx)
+        dim = args.hidden_size
+
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        # Full-attention layers have no v_proj: values are the raw k_proj output.
+        if self.is_sliding:
+            self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.v_norm = RMSNormNoScale(args.rms_norm_eps)
+
+        rope = args.rope_parameters[args.layer_types[layer_idx]]
+        # "proportional" rotates the first part of each half of the full head with
+        # frequencies theta^(-2i/head_dim), which mlx-lm's ProportionalRoPE implements.
+        self.rope = initialize_rope(
+            dims=self.head_dim,
+            base=rope.get("rope_theta", 10_000.0),
+            traditional=False,
+            scaling_config=rope,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: Optional[LayerCache],
+        offset: int,
+        encode: bool,
+        mask: Any = None,
+    ) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if self.is_sliding else k
+        k = self.k_norm(k)
+        v = self.v_norm(v)
+
+        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
+        k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
+        v = v.transpose(0, 2, 1, 3)
+
+        if encode:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+        elif cache is not None:
+            # The decoder attends to the cached context and the whole canvas, unmasked.
+            ck, cv = cache.view()
+            if ck is not None:
+                k = mx.concatenate([ck, k], axis=2)
+                v = mx.concatenate([cv, v], axis=2)
+            mask = None
+
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class Router(nn.Module):
+    """Scale-free RMSNorm of the residual, times `scale` and hidden^-0.5, softmax over all
+    experts in float32, top-k, renormalised, times `per_expert_scale`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.top_k_experts
+        self.eps = args.rms_norm_eps
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+        self._root_size = args.hidden_size**-0.5
+
+    def __call__(self, x: mx.array):
+        h = mx.fast.rms_norm(x, None, self.eps) * (self.scale * self._root_size).astype(x.dtype)
+        probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
+        k = self.top_k
+        indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        weights = weights * self.per_expert_scale[indices].astype(mx.float32)
+        return indices, weights
+
+
+class Experts(nn.Module):
+    """The routed experts, stored fused as in the checkpoint: gate_up_proj [E, 2I, H]
+    (gate first) and down_proj [E, H, I]. One gather_mm (or gather_qmm once quantized)
+    for gate and up together instead of mlx-lm SwitchGLU's two: same math, one pass over
+    the expert weights, and the checkpoint's layout kept as is."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, H, I = args.num_experts, args.hidden_size, args.moe_intermediate_size
+        self.gate_up_proj = SwitchLinear(H, 2 * I, E, bias=False)
+        self.down_proj = SwitchLinear(I, H, E, bias=False)
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        x = mx.expand_dims(x, (-2, -3))
+        # Many tokens: sort them by expert so each expert's weights are read once.
+        do_sort = indices.size >= 64
+        idx, inv_order = indices, None
+        if do_sort:
+            x, idx, inv_order = _gather_sort(x, indices)
+        gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, axis=-1)
+        y = self.down_proj(nn.gelu_approx(gate) * up, idx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv_order, indices.shape)
+        y = y.squeeze(-2)
+        return (y * mx.expand_dims(weights.astype(y.dtype), -1)).sum(axis=-2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(H, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        self.input_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, cache, offset, encode, mask, layer_scalar) -> mx.array:
+        h = self.self_attn(self.input_layernorm(x), cache, offset, encode, mask)
+        r = x + self.post_attention_layernorm(h)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        # The router reads the residual un-normalised; the experts read it normalised.
+        indices, weights = self.router(r)
+        moe = self.experts(self.pre_feedforward_layernorm_2(r), indices, weights)
+        moe = self.post_feedforward_layernorm_2(moe)
+        out = r + self.post_feedforward_layernorm(dense + moe)
+        return out * layer_scalar.astype(out.dtype)
+
+
+class SelfConditioning(nn.Module):
+    """post_norm(embed(canvas) + MLP(pre_norm(soft embeddings of the previous logits)))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H, I = args.hidden_size, args.intermediate_size
+        self.pre_norm = nn.RMSNorm(H, eps=args.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+        self.post_norm = RMSNormNoScale(args.rms_norm_eps)
+
+    def __call__(self, embeds: mx.array, soft: Optional[mx.array]) -> mx.array:
+        if soft is None:
+            # Zero soft embeddings give an exactly zero signal (norm, gelu and the
+            # projections all map 0 to 0): skip the work.
+            return self.post_norm(embeds)
+        n = self.pre_norm(soft)
+        signal = self.down_proj(nn.gelu_approx(self.gate_proj(n)) * self.up_proj(n))
+        return self.post_norm(embeds + signal)
+
+
+def embedding_matmul(embed: nn.Module, probs: mx.array) -> mx.array:
+    """probs [.., V] @ embedding weight [V, H], straight from the quantized table when the
+    embedding is quantized (no dequantized copy of a 262K x 2816 matrix)."""
+    if isinstance(embed, nn.QuantizedEmbedding):
+        return mx.quantized_matmul(
+            probs,
+            embed["weight"],
+            embed["scales"],
+            embed.get("biases"),
+            transpose=False,
+            group_size=embed.group_size,
+            bits=embed.bits,
+            mode=getattr(embed, "mode", "affine"),
+        )
+    return probs @ embed.weight
+
+
+class Decoder(nn.Module):
+    """The shared text stack (HF `model.decoder`): embedding, layers, final norm and the
+    decoder-only self-conditioning block."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+
+
+class EncoderLayerScalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class _EncoderLanguageModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = [EncoderLayerScalar() for _ in range(args.num_hidden_layers)]
+
+
+class Encoder(nn.Module):
+    """The encoder's only weights of its own: its per-layer `layer_scalar`s (HF keeps them
+    as separate buffers, and they may differ from the decoder's)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.language_model = _EncoderLanguageModel(args)
+
+
+class DiffusionGemmaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.decoder = Decoder(args)
+        self.encoder = Encoder(args)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DiffusionGemmaModel(args)
+        self.embed_scale = args.hidden_size**0.5
+
+    # -- public contract -------------------------------------------------------------
+
+    @property
+    def layers(self):
+        return self.model.decoder.layers
+
+    @property
+    def canvas_length(self) -> int:
+        return self.args.canvas_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    def make_cache(self, slack: Optional[int] = None) -> EncoderCache:
+        """An empty encoder cache. Sliding layers keep `slack` tokens beyond their window
+        (default: one canvas) so a chat can trim back over recent tokens."""
+        slack = self.args.canvas_length if slack is None else slack
+        return EncoderCache(self.args.layer_types, self.args.sliding_window, slack)
+
+    def encode(
+        self, input_ids: mx.array, cache: EncoderCache, chunk_size: Optional[int] = 2048
+    ) -> None:
+        """Runs the causal encoder over `input_ids` [batch, tokens], appending their keys
+        and values to `cache`. Long inputs go in chunks of `chunk_size` tokens, each
+        evaluated before the next, so prefill memory stays bounded."""
+        input_ids = mx.array(input_ids) if not isinstance(input_ids, mx.array) else input_ids
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        T = input_ids.shape[1]
+        step = T if not chunk_size else chunk_size
+        for s in range(0, T, step):
+            self._encode_chunk(input_ids[:, s : s + step], cache)
+            mx.eval(cache.state_arrays())
+
+    def decode(
+        self,
+        canvas_ids: mx.array,
+        cache: EncoderCache,
+        self_conditioning_logits: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Denoiser forward over a canvas [batch, canvas] whose positions continue after
+        what `cache` holds; returns float32 soft-capped logits [batch, canvas, vocab].
+        Reads the cache, never writes it."""
+        dec = self.model.decoder
+        h = self._embed(canvas_ids)
+        soft = None
+        if self_conditioning_logits is not None:
+            probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
+            soft = embedding_matmul(dec.embed_tokens, probs.astype(h.dtype))
+            soft = soft * mx.array(self.embed_scale, dtype=h.dtype)
+        h = dec.self_conditioning(h, soft)
+        offset = cache.offset
+        for layer, c in zip(dec.layers, cache.layers):
+            h = layer(h, c, offset, False, None, layer.layer_scalar)
+        return self._logits(dec.norm(h))
+
+    # -- internals -------------------------------------------------------------------
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        h = self.model.decoder.embed_tokens(ids)
+        # The reference multiplies by sqrt(hidden) cast to the weight dtype.
+        return h * mx.array(self.embed_scale, dtype=h.dtype)
+
+    def _logits(self, h: mx.array) -> mx.array:
+        logits = self.model.decoder.embed_tokens.as_linear(h).astype(mx.float32)
+        cap = self.args.final_logit_softcapping
+        if cap:
+            logits = mx.tanh(logits / cap) * cap
+        return logits
+
+    def _encode_chunk(self, ids: mx.array, cache: EncoderCache) -> None:
+        dec = self.model.decoder
+        h = self._embed(ids)
+        offset = cache.offset
+        L = ids.shape[1]
+        masks: Dict[str, Any] = {}
+        for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
+            kind = self.args.layer_types[i]
+            if kind not in masks:
+                masks[kind] = _encoder_mask(L, offset, c)
+            scalar = self.model.encoder.language_model.layers[i].layer_scalar
+            h = layer(h, c, offset, True, masks[kind], scalar)
+        # The encoder's output states are not used for generation: its product is the
+        # cache. Keep the last layer's work in the graph via the cache arrays only.
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Maps checkpoint tensors (HF or MLX layout) to this module tree: adds `.weight` to
+        the fused expert tensors, drops lm_head (tied), the encoder's tied copies and the
+        vision tower (this runtime is text-only)."""
+        out = {}
+        for k, v in weights.items():
+            name = hf_to_mlx_name(k)
+            if name is not None:
+                out[name] = v
+        return out
+
+
+def _encoder_mask(L: int, offset: int, cache: LayerCache):
+    """Causal (and, for sliding layers, windowed) mask of L new tokens at `offset` over the
+    retained keys plus the new ones. None/"causal" where the fast path is exact."""
+    if not cache.is_sliding:
+        return "causal" if L > 1 else None
+    retained = cache.retained
+    window = cache.window
+    if retained == 0 and L <= window:
+        return "causal" if L > 1 else None
+    q = mx.arange(offset, offset + L)[:, None]
+    k = mx.arange(offset - retained, offset + L)[None]
+    return (k <= q) & (q - k < window)
