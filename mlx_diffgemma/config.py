@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
+
 MODEL_TYPE = "diffusion_gemma"
 TEXT_MODEL_TYPE = "diffusion_gemma_text"
 
@@ -244,8 +246,11 @@ class GenerationConfig:
 
     def temperature(self, step: int) -> float:
         """The reference's linear schedule, t_min + (t_max - t_min) * step / N, where `step`
-        counts down from N (first step, t_max) to 1 (last step, just above t_min)."""
-        return self.t_min + (self.t_max - self.t_min) * (step / self.max_denoising_steps)
+        counts down from N (first step, t_max) to 1 (last step). Computed in float32 op by
+        op as the reference does (its step is an int32 tensor), so both agree to the bit."""
+        f32 = np.float32
+        ratio = f32(step) / f32(self.max_denoising_steps)
+        return float(f32(self.t_min) + f32(self.t_max - self.t_min) * ratio)
 
     @classmethod
     def from_model_dir(cls, model_path: Union[str, Path, None], **overrides) -> "GenerationConfig":

@@ -290,6 +290,12 @@ class Model(nn.Module):
     def vocab_size(self) -> int:
         return self.args.vocab_size
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activation dtype (the embedding's, scales' dtype when quantized)."""
+        e = self.model.decoder.embed_tokens
+        return e.scales.dtype if isinstance(e, nn.QuantizedEmbedding) else e.weight.dtype
+
     def make_cache(self, slack: Optional[int] = None) -> EncoderCache:
         """An empty encoder cache. Sliding layers keep `slack` tokens beyond their window
         (default: one canvas) so a chat can trim back over recent tokens."""

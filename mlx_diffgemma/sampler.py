@@ -1,0 +1,73 @@
+"""The reference sampler's pieces in MLX, as plain functions on device arrays.
+
+Each mirrors a piece of transformers' `generation_diffusion_gemma.py`: the linear
+temperature schedule, entropy-bound acceptance, renoising, the stable-and-confident
+stopping rule and EOS padding. Nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+
+def token_entropy(logits: mx.array) -> mx.array:
+    """Entropy of softmax(logits) over the last axis, in float32 (Categorical.entropy)."""
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return -(mx.exp(logp) * logp).sum(axis=-1)
+
+
+def entropy_bound_accept(entropy: mx.array, entropy_bound: float) -> mx.array:
+    """Accepts the k lowest-entropy positions with sum(H_1..k) - max(H_1..k) <= bound.
+
+    Sorted ascending, the running maximum is the current entry, so the test is
+    cumsum - sorted <= bound; the mask goes back to canvas order through the inverse
+    permutation of the sort.
+    """
+    order = mx.argsort(entropy, axis=-1)
+    sorted_h = mx.take_along_axis(entropy, order, axis=-1)
+    selected = (mx.cumsum(sorted_h, axis=-1) - sorted_h) <= entropy_bound
+    inverse = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(selected, inverse, axis=-1)
+
+
+def stable_and_confident(
+    argmax_canvas: mx.array,
+    history: Optional[mx.array],
+    entropy: mx.array,
+    stability_threshold: int,
+    confidence_threshold: float,
+) -> Tuple[mx.array, Optional[mx.array]]:
+    """The reference's StableAndConfidentStoppingCriteria.
+
+    Stable: the argmax canvas equals each of the last `stability_threshold` argmax
+    canvases (the history starts filled with -1, so never on the first step unless the
+    threshold is 0). Confident: mean entropy of the processed logits below the threshold.
+    Returns (stop [batch] bool, updated history).
+    """
+    if stability_threshold == 0:
+        stable = mx.ones(argmax_canvas.shape[:1], dtype=mx.bool_)
+    else:
+        if history is None:
+            history = mx.full((stability_threshold, *argmax_canvas.shape), -1, argmax_canvas.dtype)
+        stable = (history == argmax_canvas[None]).all(axis=-1).all(axis=0)
+        history = mx.concatenate([history[1:], argmax_canvas[None]], axis=0)
+    confident = entropy.mean(axis=-1) < confidence_threshold
+    return stable & confident, history
+
+
+def pad_after_eos(
+    tokens: Sequence[int], eos_token_ids: Optional[Sequence[int]], pad_token_id: int
+) -> Tuple[list, bool]:
+    """Committed canvas -> (tokens with everything after the first EOS set to pad, whether
+    an EOS was found). Runs on the host: the canvas is committed once per canvas."""
+    tokens = list(tokens)
+    if not eos_token_ids:
+        return tokens, False
+    eos = set(int(e) for e in eos_token_ids)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1] + [pad_token_id] * (len(tokens) - i - 1), True
+    return tokens, False
