@@ -37,6 +37,11 @@ _REQUIRED_TEXT_KEYS = (
 )
 
 
+def default_layer_types(num_layers: int) -> List[str]:
+    """The reference's default pattern: five sliding layers, then one full."""
+    return ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(num_layers)]
+
+
 class ConfigError(ValueError):
     """A config.json that does not describe a DiffusionGemma model."""
 
@@ -72,11 +77,7 @@ class ModelArgs:
 
     def __post_init__(self):
         if self.layer_types is None:
-            # The reference's default: five sliding layers, then one full.
-            self.layer_types = [
-                "sliding_attention" if (i + 1) % 6 else "full_attention"
-                for i in range(self.num_hidden_layers)
-            ]
+            self.layer_types = default_layer_types(self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
@@ -132,7 +133,7 @@ class ModelArgs:
             kwargs["canvas_length"] = config["canvas_length"]
         # Full-attention overrides: the released config says global_head_dim /
         # num_global_key_value_heads, transformers' save_pretrained writes per_layer_config.
-        layer_types = kwargs.get("layer_types")
+        layer_types = kwargs.get("layer_types") or default_layer_types(kwargs["num_hidden_layers"])
         per_layer = text.get("per_layer_config") or {}
         if per_layer:
             kwargs.update(_global_overrides_from_per_layer(per_layer, layer_types, text))

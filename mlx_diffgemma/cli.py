@@ -1,0 +1,59 @@
+"""`mlx-diffgemma` command line: chat, generate, convert, quantize, verify, bench.
+
+Each subcommand's arguments and body live in the module that does the work; this file
+only dispatches, importing lazily so `mlx-diffgemma --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# subcommand -> (module, help)
+_COMMANDS = {
+    "chat": ("mlx_diffgemma.chat", "chat with the model, watching each canvas settle"),
+    "generate": ("mlx_diffgemma.chat", "generate a reply to one prompt (for scripts)"),
+    "convert": ("mlx_diffgemma.convert", "convert Hugging Face weights to an MLX directory"),
+    "quantize": ("mlx_diffgemma.quantize", "re-quantize an existing MLX directory"),
+    "verify": ("mlx_diffgemma.convert", "check an MLX directory's files (and logits)"),
+    "bench": ("mlx_diffgemma.bench", "measure prefill, denoising step and generation speed"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="mlx-diffgemma", description="DiffusionGemma on MLX (Apple Silicon)."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in _COMMANDS else None
+    for name, (module, help_text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # only the chosen command's module is imported
+            getattr(importlib.import_module(module), f"add_{name}_args")(p)
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(_COMMANDS[args.command][0])
+    try:
+        return getattr(module, f"main_{args.command}")(args) or 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as e:
+        # Bad input: one clear line, no traceback.
+        print(f"mlx-diffgemma {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
