@@ -308,14 +308,21 @@ def stream_generate(
     yield from draft(denoiser, ids, gen, decode_text)
 
 
-def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
-    """Generates and returns the text (the token ids are in `stream_generate`'s Summary)."""
+def run_to_summary(events: Iterator[Event], on_commit=None) -> Summary:
+    """Drains an event stream; returns its Summary (calling `on_commit` per Commit)."""
     summary = None
-    for event in stream_generate(model, tokenizer, prompt, **kwargs):
-        if verbose and isinstance(event, Commit):
-            print(event.text, end="", flush=True)
+    for event in events:
+        if on_commit is not None and isinstance(event, Commit):
+            on_commit(event)
         if isinstance(event, Summary):
             summary = event
+    return summary
+
+
+def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
+    """Generates and returns the text (the token ids are in `stream_generate`'s Summary)."""
+    show = (lambda e: print(e.text, end="", flush=True)) if verbose else None
+    summary = run_to_summary(stream_generate(model, tokenizer, prompt, **kwargs), show)
     if verbose:
         print()
         print(

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config import GenerationConfig
-from ..drafter import Event, Summary, _prompt_ids, draft
+from ..drafter import Event, _prompt_ids, draft, run_to_summary
 from ..loader import resolve_model_path
 from ..noise import NoiseSource
 
@@ -171,8 +171,4 @@ def stream_generate(
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:
-    summary: Optional[Summary] = None
-    for event in stream_generate(model, tokenizer, prompt, **kwargs):
-        if isinstance(event, Summary):
-            summary = event
-    return summary.text
+    return run_to_summary(stream_generate(model, tokenizer, prompt, **kwargs)).text
