@@ -112,7 +112,7 @@ class Recipe:
 
     def describe(self) -> str:
         if not self.quantized:
-            return f"{self.name} (unquantized{', ' + self.dtype if self.dtype else ''})"
+            return f"unquantized, {self.dtype}" if self.dtype else "unquantized, source dtype"
         by_bits: Dict[int, list] = {}
         for kind, b in self.bits.items():
             by_bits.setdefault(b, []).append(kind)
@@ -387,14 +387,18 @@ def configure_quantize_parser(p: argparse.ArgumentParser) -> argparse.ArgumentPa
     return p
 
 
-def add_quantize_args(subparsers) -> argparse.ArgumentParser:
-    """Registers the `quantize` subcommand on an argparse `subparsers` object."""
-    p = subparsers.add_parser(
-        "quantize",
-        help="re-quantize an existing MLX directory",
-        description="Re-quantize an MLX DiffusionGemma directory with another recipe "
-        "(streaming: dequantize + requantize tensor by tensor).",
-    )
+def add_quantize_args(parser_or_subparsers) -> argparse.ArgumentParser:
+    """Adds the `quantize` options: given an argparse subparsers object, registers a `quantize`
+    subcommand; given a parser (e.g. the one mlx_diffgemma/cli.py made), configures it."""
+    if hasattr(parser_or_subparsers, "add_parser"):
+        p = parser_or_subparsers.add_parser(
+            "quantize",
+            help="re-quantize an existing MLX directory",
+            description="Re-quantize an MLX DiffusionGemma directory with another recipe "
+            "(streaming: dequantize + requantize tensor by tensor).",
+        )
+    else:
+        p = parser_or_subparsers
     configure_quantize_parser(p)
     p.set_defaults(func=main_quantize)
     return p

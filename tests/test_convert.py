@@ -32,7 +32,6 @@ from mlx_diffgemma.convert import (
     add_verify_args,
     compare_logits,
     convert,
-    main_convert,
     read_header,
     verify,
 )
@@ -123,6 +122,18 @@ def _args(path):
 def _no_leftovers(parent: Path, name: str):
     left = [p.name for p in parent.iterdir() if p.name.startswith(name)]
     assert left == [], f"left behind: {left}"
+
+
+def _same_bytes(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert (ta[k].dtype, ta[k].shape) == (tb[k].dtype, tb[k].shape), k
+        with open(ta[k].file, "rb") as fa, open(tb[k].file, "rb") as fb:
+            fa.seek(ta[k].begin)
+            fb.seek(tb[k].begin)
+            assert fa.read(ta[k].nbytes) == fb.read(tb[k].nbytes), k
+    return ta
 
 
 # -- round trip ------------------------------------------------------------------------------
@@ -307,7 +318,7 @@ def _inputs(vocab, canvas_len=16):
 
 @pytest.mark.parametrize("recipe", ["mixed-4", None])
 def test_our_directory_loads_in_mlx_vlm(hf, tmp_path, recipe):
-    pytest.importorskip("mlx_vlm")
+    import mlx_vlm  # noqa: F401  (installed by the test command; never skipped)
     out = tmp_path / "ours"
     convert(hf, out, recipe=recipe, progress=False, verbose=False)
     prompt, canvas = _inputs(256)
@@ -317,7 +328,7 @@ def test_our_directory_loads_in_mlx_vlm(hf, tmp_path, recipe):
 
 
 def test_mlx_vlm_directory_loads_in_ours(hf, tmp_path, capsys):
-    pytest.importorskip("mlx_vlm")
+    import mlx_vlm  # noqa: F401  (installed by the test command; never skipped)
     from mlx_vlm.convert import convert as vlm_convert
 
     # The released config.json spells out global_head_dim / num_global_key_value_heads,
@@ -333,14 +344,7 @@ def test_mlx_vlm_directory_loads_in_ours(hf, tmp_path, capsys):
     convert(hf, ours, quantize=True, progress=False, verbose=False)
 
     # the same recipe gives the same bytes and the same record
-    ta, tb = _tensors(theirs), _tensors(ours)
-    assert set(ta) == set(tb)
-    for k in ta:
-        assert (ta[k].dtype, ta[k].shape) == (tb[k].dtype, tb[k].shape), k
-        with open(ta[k].file, "rb") as fa, open(tb[k].file, "rb") as fb:
-            fa.seek(ta[k].begin)
-            fb.seek(tb[k].begin)
-            assert fa.read(ta[k].nbytes) == fb.read(tb[k].nbytes), k
+    _same_bytes(theirs, ours)
     qa = json.loads((theirs / "config.json").read_text())["quantization"]
     qb = json.loads((ours / "config.json").read_text())["quantization"]
     assert qa == qb
@@ -353,6 +357,38 @@ def test_mlx_vlm_directory_loads_in_ours(hf, tmp_path, capsys):
     re = tmp_path / "re"
     quantize(theirs, re, recipe="8bit", progress=False, verbose=False)
     verify(re)
+
+
+def test_bfloat16_source_like_the_release(ckpt_factory, tmp_path):
+    """The release is bf16: unquantized output keeps the bits, mixed-4 gives bf16 scales
+    and the same bytes as mlx-vlm's converter."""
+    import mlx_vlm  # noqa: F401  (installed by the test command; never skipped)
+    import torch
+    from mlx_vlm.convert import convert as vlm_convert
+
+    hf16 = ckpt_factory("q64", dtype=torch.bfloat16)
+    plain = tmp_path / "plain"
+    convert(hf16, plain, progress=False, verbose=False)
+    src = read_header(hf16 / "model.safetensors")[0]
+    out = _tensors(plain)
+    for k, ref in src.items():
+        name = k + ".weight" if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else k
+        assert out[name].dtype == ref.dtype == "BF16"
+        with open(ref.file, "rb") as fa, open(out[name].file, "rb") as fb:
+            fa.seek(ref.begin)
+            fb.seek(out[name].begin)
+            assert fa.read(ref.nbytes) == fb.read(ref.nbytes), k
+    srcp = tmp_path / "hf"
+    shutil.copytree(hf16, srcp)
+    cfg = json.loads((srcp / "config.json").read_text())
+    cfg["text_config"].update(global_head_dim=32, num_global_key_value_heads=1)
+    (srcp / "config.json").write_text(json.dumps(cfg))
+    theirs, ours = tmp_path / "vlm", tmp_path / "ours"
+    vlm_convert(str(srcp), str(theirs), quantize=True)
+    convert(hf16, ours, quantize=True, progress=False, verbose=False)
+    t = _same_bytes(theirs, ours)
+    assert t["model.decoder.layers.0.experts.gate_up_proj.scales"].dtype == "BF16"
+    verify(ours)
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -424,6 +460,9 @@ def test_peak_memory_bounded_by_largest_tensor(hf, tmp_path):
     print(f"\npeak RSS of the conversion: {peak / 2**20:.0f} MiB (after imports {base / 2**20:.0f} MiB); "
           f"largest tensor {largest / 2**20:.0f} MiB; bound {(2 * largest + overhead) / 2**20:.0f} MiB")
     assert peak < 2 * largest + overhead
+    # streaming: what the conversion adds over the imports is less than one copy of the
+    # largest tensor (blocks of rows, never a whole tensor)
+    assert peak - base < largest
     verify(tmp_path / "big-q")
 
 

@@ -1,0 +1,1188 @@
+"""Hugging Face DiffusionGemma weights -> an MLX directory that mlx-diffgemma, mlx-vlm
+(0.7.10) and LM Studio load, streaming with bounded memory.
+
+Output layout (the mlx-community one, made by mlx-vlm's converter; see
+docs/mlx-vlm-layout.md): Hugging Face tensor names, the fused expert tensors with a
+`.weight` suffix, `lm_head` and the encoder's tied copies dropped (the encoder's own
+`layer_scalar`s kept), the vision tower passed through unquantized, quantized matrices as
+`<module>.weight` (packed uint32) + `.scales` + `.biases`, shards of at most 5 GiB named
+`model-0000K-of-0000N.safetensors` with `model.safetensors.index.json`, `config.json`
+with the generation parameters merged in and the per-module `quantization` record, and
+the tokenizer files, `chat_template.jinja` and `generation_config.json` copied.
+
+Memory: mlx-lm's / mlx-vlm's `save_model`/`save_weights` build the whole model and hand
+every shard to `mx.save_safetensors` at once (up to 5 GiB of arrays alive), which does not
+fit a 48 GB checkpoint on a 24 GB machine. Here every output tensor's size is known from
+the source shapes and the recipe before anything is written, so each shard's safetensors
+header is written first and the tensors are then streamed into their slots: a tensor is
+read from its source shard a block of rows at a time (rows are independent for both
+casting and affine quantization, whose groups run along the last axis), quantized, and
+written at its offset. Peak memory is one block (64 MiB of float32 by default) plus the
+interpreter, whatever the size of the largest tensor.
+
+Atomic: everything is written into `<out>.tmp-<pid>` beside the output and renamed at the
+end; any failure (bad input, Ctrl-C, disk full) removes it and raises one error saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import errno
+import json
+import math
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .quantize import (
+    DTYPE_NAMES,
+    RECIPES,
+    Recipe,
+    RecipeError,
+    make_recipe,
+    module_quantization,
+    quantization_record,
+)
+from .weights import QUANT_SUFFIXES, expected_shapes, hf_to_mlx_name, is_vision_tensor
+
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_SIZE = 5 << 30  # bytes, as mlx-lm / mlx-vlm (MAX_FILE_SIZE_GB = 5)
+CHUNK_BYTES = 64 << 20  # float32 bytes per processed block of rows
+SHARD_FORMAT = "model-{:05d}-of-{:05d}.safetensors"
+# Files copied next to the weights (the tokenizer, chat template, generation and
+# processor configs); config.json and the index are written, never copied.
+SIDECAR_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "LICENSE*")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+# Keys of generation_config.json that mlx-vlm copies to the top of config.json.
+GENERATION_TOP_LEVEL_KEYS = ("eos_token_id", "temperature", "top_p", "top_k", "do_sample")
+
+
+class ConversionError(RuntimeError):
+    """A conversion that cannot proceed; the message says why and what to do."""
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a conversion; the partial output has been removed."""
+
+
+class VerifyError(ValueError):
+    """An MLX directory that fails `verify`."""
+
+
+# -- safetensors, read and written by hand ------------------------------------------------
+
+# safetensors dtype -> (itemsize, numpy dtype used to carry the raw bits)
+ST_DTYPES: Dict[str, Tuple[int, Any]] = {
+    "BF16": (2, np.uint16),
+    "F16": (2, np.float16),
+    "F32": (4, np.float32),
+    "F64": (8, np.float64),
+    "U8": (1, np.uint8),
+    "I8": (1, np.int8),
+    "U16": (2, np.uint16),
+    "I16": (2, np.int16),
+    "U32": (4, np.uint32),
+    "I32": (4, np.int32),
+    "U64": (8, np.uint64),
+    "I64": (8, np.int64),
+    "BOOL": (1, np.bool_),
+}
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+_NAME_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def _mx_dtype(st: str):
+    import mlx.core as mx
+
+    return {
+        "BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32,
+        "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "I32": mx.int32,
+        "U64": mx.uint64, "I64": mx.int64, "BOOL": mx.bool_,
+    }[st]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor inside a safetensors file: where its bytes are."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: Tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ST_DTYPES[self.dtype][0]
+
+
+def read_header(path: Union[str, Path]) -> Tuple[Dict[str, TensorRef], Dict[str, str]]:
+    """Parses a safetensors header and checks the file holds every byte it promises.
+
+    Raises ConversionError naming the file when it is truncated, corrupt or not a
+    safetensors file at all."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConversionError(
+                    f"{path} is truncated ({size} bytes, not even a safetensors header): "
+                    "download it again"
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 1 << 30):
+                raise ConversionError(
+                    f"{path} is corrupt or truncated: its header claims {n} bytes but the file "
+                    f"has {size}; download it again"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e}") from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(
+            f"{path} is not a valid safetensors file (unreadable header: {e}); download it again"
+        ) from e
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors: Dict[str, TensorRef] = {}
+    end_max = 0
+    for key, info in header.items():
+        try:
+            dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConversionError(f"{path}: malformed header entry for {key!r} ({err})") from err
+        if dtype not in ST_DTYPES:
+            raise ConversionError(f"{path}: tensor {key} has unsupported dtype {dtype}")
+        want = math.prod(shape) * ST_DTYPES[dtype][0]
+        if e - b != want or b < 0:
+            raise ConversionError(
+                f"{path} is corrupt: tensor {key} {dtype}{list(shape)} needs {want} bytes, "
+                f"header gives {e - b}"
+            )
+        end_max = max(end_max, e)
+        tensors[key] = TensorRef(path, key, dtype, shape, data_start + b)
+    if end_max > data_len:
+        raise ConversionError(
+            f"{path} is truncated: its header describes {end_max + data_start} bytes but the "
+            f"file has {size} (an interrupted download?); download it again"
+        )
+    return tensors, meta
+
+
+def _header_bytes(entries: Sequence[Tuple[str, str, Tuple[int, ...]]], metadata=None):
+    """safetensors header for `entries` (name, dtype, shape) laid out in that order;
+    returns (header bytes incl. the length prefix, {name: data offset})."""
+    header: Dict[str, Any] = {"__metadata__": metadata or {"format": "mlx"}}
+    offsets = {}
+    off = 0
+    for name, dt, shape in entries:
+        n = math.prod(shape) * ST_DTYPES[dt][0]
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+        offsets[name] = off
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets, off
+
+
+# -- the source checkpoint -------------------------------------------------------------------
+
+
+def resolve_source(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local directory, or a Hugging Face hub id fetched (or found in the local cache:
+    HF_HUB_OFFLINE=1 uses the cache only) with `huggingface_hub.snapshot_download`."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConversionError(f"{p} is a file; pass the model directory")
+        return p
+    text = str(path_or_repo)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith("/"):
+        raise ConversionError(f"model directory {p} does not exist (nor is it a hub id like org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise ConversionError(
+            f"cannot fetch {text!r} from the Hugging Face hub or find it in the local cache "
+            f"({type(e).__name__}: {e}); check the id, your network or HF_HUB_OFFLINE, or "
+            "pass a local directory"
+        ) from e
+
+
+def scan_checkpoint(src: Path) -> Dict[str, TensorRef]:
+    """Every tensor of the checkpoint in `src`, from its index (every shard it names must
+    exist and hold the keys it lists) or, without an index, from its *.safetensors."""
+    index_path = src / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConversionError(f"{index_path} is not a valid index ({e}); download it again") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (src / f).is_file()]
+        if missing:
+            raise ConversionError(
+                f"missing shard {', '.join(missing)} in {src}: {INDEX_FILE} lists {len(files)} "
+                "shard file(s); the download is incomplete, fetch the missing file(s) again"
+            )
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+        if not files:
+            raise ConversionError(f"no .safetensors files in {src}")
+        weight_map = None
+    tensors: Dict[str, TensorRef] = {}
+    for f in files:
+        found, _ = read_header(src / f)
+        for k, ref in found.items():
+            if k in tensors:
+                raise ConversionError(f"tensor {k} appears in both {tensors[k].file.name} and {f}")
+            tensors[k] = ref
+    if weight_map is not None:
+        absent = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file.name != f]
+        if absent:
+            raise ConversionError(
+                f"{INDEX_FILE} in {src} lists {len(absent)} tensor(s) its shards do not hold "
+                f"(e.g. {absent[0]} in {weight_map[absent[0]]}); the files do not belong together"
+            )
+    return tensors
+
+
+def read_config(src: Path) -> Dict[str, Any]:
+    path = src / "config.json"
+    if not path.is_file():
+        raise ConversionError(
+            f"{path} not found: a model directory needs its config.json (is {src} the right path?)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); download it again") from e
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One output tensor (or quantized triplet) and where its data comes from."""
+
+    name: str  # output name; '<module>.weight' for quantized matrices
+    shape: Tuple[int, ...]  # logical (unquantized) shape
+    src: TensorRef  # the float source, or the packed weight of a quantized source
+    src_scales: Optional[TensorRef] = None
+    src_biases: Optional[TensorRef] = None
+    src_quant: Optional[Tuple[int, int]] = None  # (bits, group) of a quantized source
+    out_dtype: str = "F32"  # floats out: the tensor itself, or the scales/biases
+    quant: Optional[Tuple[int, int]] = None  # (bits, group) to quantize to
+    outputs: List[Tuple[str, str, Tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1] if self.shape else 1
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape) // self.cols if self.cols else 0
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def src_bytes(self) -> int:
+        return sum(r.nbytes for r in (self.src, self.src_scales, self.src_biases) if r is not None)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(math.prod(s) * ST_DTYPES[d][0] for _, d, s in self.outputs)
+
+    @property
+    def module(self) -> str:
+        return self.name[: -len(".weight")] if self.name.endswith(".weight") else self.name
+
+    def plan_outputs(self) -> None:
+        if self.quant is None:
+            self.outputs = [(self.name, self.out_dtype, self.shape)]
+            return
+        bits, group = self.quant
+        lead, c = self.shape[:-1], self.cols
+        self.outputs = [
+            (f"{self.module}.weight", "U32", lead + (c * bits // 32,)),
+            (f"{self.module}.scales", self.out_dtype, lead + (c // group,)),
+            (f"{self.module}.biases", self.out_dtype, lead + (c // group,)),
+        ]
+
+
+def _infer_source_quant(base, w: TensorRef, s: TensorRef, expected, src_record):
+    """(bits, group, logical shape) of a quantized source module from its shapes, checked
+    against the config's record where the config does not fix the input dimension."""
+    if w.dtype != "U32":
+        raise ConversionError(f"{base}.weight is {w.dtype}, expected packed uint32 next to {base}.scales")
+    words, ngroups = w.shape[-1], s.shape[-1]
+    if expected is not None:
+        cols = expected[-1]
+        bits = words * 32 // cols if cols else 0
+        if bits * cols != words * 32 or cols % ngroups:
+            raise ConversionError(
+                f"{base}: packed shape {list(w.shape)} / scales {list(s.shape)} do not fit the "
+                f"config's {list(expected)}"
+            )
+        return bits, cols // ngroups, tuple(expected)
+    qp = module_quantization(src_record, base)
+    if qp is None:
+        raise ConversionError(f"{base} is quantized but config.json has no quantization record")
+    bits = qp[0]
+    cols = words * 32 // bits
+    return bits, cols // ngroups, tuple(w.shape[:-1]) + (cols,)
+
+
+def plan_jobs(
+    tensors: Dict[str, TensorRef],
+    config: Dict[str, Any],
+    recipe: Recipe,
+    warn: Callable[[str], None] = lambda m: None,
+) -> Tuple[List[Job], Dict[str, Tuple[int, int]]]:
+    """Maps source tensors to output jobs (renamed, checked against the config's shapes,
+    quantization decided per module). Returns the jobs and {module: (bits, group)} of
+    those quantized."""
+    from .config import ConfigError, ModelArgs
+
+    try:
+        args = ModelArgs.from_dict(config)
+    except ConfigError as e:
+        raise ConversionError(f"config.json: {e}") from e
+    except TypeError as e:
+        raise ConversionError(f"config.json has a field of the wrong kind: {e}") from e
+    expected = expected_shapes(args)
+    src_record = config.get("quantization") or config.get("quantization_config")
+    if src_record and src_record.get("mode", "affine") != "affine":
+        raise ConversionError(
+            f"source is quantized with mode {src_record.get('mode')!r}; only affine is supported"
+        )
+
+    renamed: Dict[str, TensorRef] = {}
+    for key, ref in tensors.items():
+        name = hf_to_mlx_name(key, keep_vision=True)
+        if name is None:
+            continue
+        if name in renamed:
+            raise ConversionError(f"tensors {renamed[name].key} and {key} both map to {name}")
+        renamed[name] = ref
+
+    jobs: List[Job] = []
+    seen = set()
+    for name in sorted(renamed):
+        if name.endswith(QUANT_SUFFIXES):
+            base = name.rsplit(".", 1)[0]
+            if f"{base}.weight" not in renamed:
+                raise ConversionError(f"{name} has no {base}.weight beside it")
+            continue
+        ref = renamed[name]
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        job = Job(name=name, shape=ref.shape, src=ref)
+        if base is not None and f"{base}.scales" in renamed:
+            s = renamed[f"{base}.scales"]
+            b = renamed.get(f"{base}.biases")
+            if b is None:
+                raise ConversionError(f"{base} has scales but no biases: only affine quantization is supported")
+            bits, group, shape = _infer_source_quant(base, ref, s, expected.get(name), src_record)
+            job.shape, job.src_scales, job.src_biases, job.src_quant = shape, s, b, (bits, group)
+            src_float = s.dtype
+        else:
+            src_float = ref.dtype
+        if src_float in FLOAT_DTYPES:
+            job.out_dtype = _NAME_TO_ST[recipe.dtype] if recipe.dtype else src_float
+        else:
+            job.out_dtype = src_float
+        if not is_vision_tensor(name) and src_float in FLOAT_DTYPES:
+            job.quant = recipe.params_for(name, job.shape)
+        job.plan_outputs()
+        jobs.append(job)
+        seen.add(name)
+
+    # Checks against what the config implies.
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise ConversionError(
+            f"the checkpoint lacks {len(missing)} tensor(s) its config.json requires "
+            f"(e.g. {', '.join(missing[:4])}); the weights and config do not belong together"
+        )
+    by_name = {j.name: j for j in jobs}
+    wrong = [
+        f"{n} {list(by_name[n].shape)} (config implies {list(s)})"
+        for n, s in expected.items()
+        if tuple(by_name[n].shape) != tuple(s)
+    ]
+    if wrong:
+        raise ConversionError(
+            f"{len(wrong)} tensor(s) do not have the shape config.json implies: {'; '.join(wrong[:4])}"
+        )
+    unexpected = [j.name for j in jobs if j.name not in expected and not is_vision_tensor(j.name)]
+    if unexpected:
+        raise ConversionError(
+            f"the checkpoint has {len(unexpected)} tensor(s) a DiffusionGemma model does not use "
+            f"(e.g. {', '.join(unexpected[:4])}); is config.json the right one?"
+        )
+
+    quantized: Dict[str, Tuple[int, int]] = {}
+    skipped = []
+    for j in jobs:
+        if j.quant is not None:
+            quantized[j.module] = j.quant
+        elif recipe.quantized and recipe.params_for(j.name, j.shape[:-1] + (recipe.group_size,)):
+            skipped.append(j.module)
+    if skipped:
+        warn(
+            f"{len(skipped)} module(s) left unquantized: input dimension not a multiple of "
+            f"group size {recipe.group_size} (e.g. {skipped[0]})"
+        )
+    return jobs, quantized
+
+
+def plan_shards(jobs: Sequence[Job], max_shard_size: int = MAX_SHARD_SIZE) -> List[List[Job]]:
+    """Greedy shards of at most `max_shard_size` bytes, in name order, a module's tensors
+    kept together; a module larger than the limit gets a shard of its own (mlx-lm's
+    make_shards rule, applied to planned sizes instead of live arrays)."""
+    shards: List[List[Job]] = []
+    size = 0
+    for j in jobs:
+        if not shards or size + j.out_bytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(j)
+        size += j.out_bytes
+    return shards
+
+
+# -- streaming the data ------------------------------------------------------------------------
+
+
+class _Files:
+    """Read-only file descriptors of the source shards, opened once."""
+
+    def __init__(self):
+        self.fds: Dict[Path, int] = {}
+
+    def read(self, ref: TensorRef, row0: int, row1: int, row_items: int) -> np.ndarray:
+        item, npdt = ST_DTYPES[ref.dtype]
+        fd = self.fds.get(ref.file)
+        if fd is None:
+            fd = self.fds[ref.file] = os.open(ref.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        n = (row1 - row0) * row_items * item
+        off = ref.begin + row0 * row_items * item
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            chunk = os.pread(fd, n - got, off + got) if hasattr(os, "pread") else None
+            if chunk is None:  # pragma: no cover - Windows
+                os.lseek(fd, off + got, os.SEEK_SET)
+                chunk = os.read(fd, n - got)
+            if not chunk:
+                raise ConversionError(f"{ref.file} ended early while reading {ref.key}: truncated file")
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        return np.frombuffer(buf, dtype=npdt).reshape(row1 - row0, row_items)
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _to_mx(a: np.ndarray, st: str):
+    import mlx.core as mx
+
+    arr = mx.array(a)
+    if st == "BF16":
+        arr = arr.view(mx.bfloat16)
+    return arr
+
+
+def _to_bytes(arr) -> memoryview:
+    import mlx.core as mx
+
+    if arr.dtype == mx.bfloat16:
+        arr = arr.view(mx.uint16)
+    return memoryview(np.ascontiguousarray(np.asarray(arr))).cast("B")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _stream_job(job: Job, files: _Files, fd: int, offsets: Dict[str, int], on_bytes=None) -> None:
+    import mlx.core as mx
+
+    cols = job.cols
+    rows = job.rows
+    if rows == 0 or cols == 0:
+        return
+    step = max(1, CHUNK_BYTES // (4 * cols))
+    raw_copy = job.quant is None and job.src_quant is None and job.out_dtype == job.src.dtype
+    out_item = {name: ST_DTYPES[dt][0] * (math.prod(shape) // rows) for name, dt, shape in job.outputs}
+    if job.quant is not None and job.src_quant == job.quant and job.src_scales.dtype == job.out_dtype:
+        # Already quantized exactly so: copy the packed weight, scales and biases as they are
+        # (dequantize + quantize would be lossy for no reason).
+        bits, group = job.quant
+        for (name, _, _), ref, width in zip(
+            job.outputs,
+            (job.src, job.src_scales, job.src_biases),
+            (cols * bits // 32, cols // group, cols // group),
+        ):
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                data = files.read(ref, r0, r1, width)
+                _pwrite_all(fd, memoryview(data).cast("B"), offsets[name] + r0 * out_item[name])
+                if on_bytes:
+                    on_bytes(data.nbytes)
+        return
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if raw_copy:
+            data = files.read(job.src, r0, r1, cols)
+            _pwrite_all(fd, memoryview(data).cast("B"), offsets[job.name] + r0 * out_item[job.name])
+            if on_bytes:
+                on_bytes(data.nbytes)
+            continue
+        if job.src_quant is not None:
+            bits, group = job.src_quant
+            w = _to_mx(files.read(job.src, r0, r1, cols * bits // 32), job.src.dtype)
+            s = _to_mx(files.read(job.src_scales, r0, r1, cols // group), job.src_scales.dtype)
+            b = _to_mx(files.read(job.src_biases, r0, r1, cols // group), job.src_biases.dtype)
+            x = mx.dequantize(w, s, b, group_size=group, bits=bits)
+            nread = (w.nbytes + s.nbytes + b.nbytes)
+        else:
+            x = _to_mx(files.read(job.src, r0, r1, cols), job.src.dtype)
+            nread = x.nbytes
+        x = x.astype(_mx_dtype(job.out_dtype))
+        if job.quant is None:
+            parts = [x]
+        else:
+            bits, group = job.quant
+            parts = list(mx.quantize(x, group_size=group, bits=bits))
+        mx.eval(parts)
+        for (name, _, _), part in zip(job.outputs, parts):
+            _pwrite_all(fd, _to_bytes(part), offsets[name] + r0 * out_item[name])
+        del parts, x
+        if on_bytes:
+            on_bytes(nread)
+    mx.clear_cache()
+
+
+# -- config and side files -----------------------------------------------------------------------
+
+
+def build_config(
+    config: Dict[str, Any],
+    src: Path,
+    recipe: Recipe,
+    record: Optional[dict],
+) -> Dict[str, Any]:
+    """config.json of the output: the source's, with the full-attention dims spelled out
+    (mlx-vlm reads `global_head_dim`/`num_global_key_value_heads`, not transformers'
+    `per_layer_config`), generation_config.json merged in as mlx-vlm does, the old
+    quantization record replaced by the new one, keys sorted (mlx-vlm's save_config)."""
+    from .config import ModelArgs
+
+    cfg = copy.deepcopy(config)
+    cfg.pop("quantization", None)
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    cfg.pop("torch_dtype", None)
+    args = ModelArgs.from_dict(config)
+    tc = cfg["text_config"]
+    tc.setdefault("global_head_dim", args.global_head_dim)
+    tc.setdefault("num_global_key_value_heads", args.num_global_key_value_heads)
+    tc.setdefault("layer_types", list(args.layer_types))
+    if recipe.dtype:
+        cfg["dtype"] = recipe.dtype
+        if "dtype" in tc:
+            tc["dtype"] = recipe.dtype
+    gen_path = src / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            gen = json.loads(gen_path.read_text())
+        except ValueError as e:
+            raise ConversionError(f"{gen_path} is not valid JSON ({e})") from e
+        if isinstance(gen, dict) and gen:
+            cfg["generation_config"] = gen
+            for k in GENERATION_TOP_LEVEL_KEYS:
+                if k in gen:
+                    cfg[k] = gen[k]
+    if record is not None:
+        cfg["quantization"] = record
+        cfg["quantization_config"] = copy.deepcopy(record)
+    return dict(sorted(cfg.items()))
+
+
+def copy_sidecars(src: Path, dst: Path) -> List[str]:
+    copied = []
+    for pattern in SIDECAR_PATTERNS:
+        for f in sorted(src.glob(pattern)):
+            if f.name in ("config.json", INDEX_FILE) or not f.is_file():
+                continue
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+# -- convert ---------------------------------------------------------------------------------------
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n}"  # pragma: no cover
+
+
+def _progress(enabled: bool, console):
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[tensor]}", style="dim"),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def convert(
+    hf_path: Union[str, Path],
+    mlx_path: Union[str, Path],
+    quantize: bool = False,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
+    recipe: Optional[str] = None,
+    dtype: Optional[str] = None,
+    force: bool = False,
+    revision: Optional[str] = None,
+    max_shard_size: int = MAX_SHARD_SIZE,
+    progress: bool = True,
+    verbose: bool = True,
+) -> Dict[str, Any]:
+    """Converts a DiffusionGemma checkpoint (HF directory, hub id, or an MLX directory,
+    ours or mlx-vlm's: quantized tensors are dequantized and re-quantized) into an MLX
+    directory at `mlx_path`.
+
+    `quantize` with no `recipe` uses ``mixed-4``; `recipe` is one of ``mixed-4``,
+    ``4bit``, ``8bit``, ``bf16``, ``fp16``, ``fp32``; `dtype` casts the floats (default:
+    keep the source's). Refuses an existing `mlx_path` unless `force`. Returns a summary
+    dict (path, files, tensors, bytes, bits_per_weight, seconds, ...). Raises
+    ConversionError (or ConversionInterrupted on Ctrl-C), leaving nothing behind.
+    """
+    t0 = time.time()
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=not (verbose or progress))
+    say = console.print if verbose else (lambda *a, **k: None)
+
+    try:
+        r = make_recipe(recipe, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, dtype=dtype)
+    except RecipeError as e:
+        raise ConversionError(str(e)) from e
+    out = Path(mlx_path).expanduser().absolute()
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists; pass --force (force=True) to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} exists and is not a directory")
+    src = resolve_source(hf_path, revision=revision).absolute()
+
+    # Read and check everything before writing anything.
+    config = read_config(src)
+    tensors = scan_checkpoint(src)
+    warnings: List[str] = []
+    jobs, quantized = plan_jobs(tensors, config, r, warn=warnings.append)
+    for w in warnings:
+        say(f"[yellow]warning:[/yellow] {w}")
+    record = quantization_record(r, quantized)
+    new_config = build_config(config, src, r, record)
+    shards = plan_shards(jobs, max_shard_size)
+    total_out = sum(j.out_bytes for j in jobs)
+    total_in = sum(j.src_bytes for j in jobs)
+
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    files = _Files()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if free < total_out + (64 << 20):
+            raise ConversionError(
+                f"not enough disk space in {out.parent}: the output needs {_human(total_out)}, "
+                f"{_human(free)} free"
+            )
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        say(f"Converting [bold]{src}[/bold] -> [bold]{out}[/bold]: {r.describe()}")
+        names = [SHARD_FORMAT.format(i + 1, len(shards)) for i in range(len(shards))]
+        weight_map: Dict[str, str] = {}
+        with _progress(progress, console) as bar:
+            task = bar.add_task("converting", total=total_in, tensor="")
+            done = 0
+            for fname, shard in zip(names, shards):
+                # natural alignment: 8-, 4-, 2-, 1-byte dtypes in that order
+                entries = sorted(
+                    (o for j in shard for o in j.outputs),
+                    key=lambda e: (-ST_DTYPES[e[1]][0], e[0]),
+                )
+                head, offsets, data_len = _header_bytes(entries)
+                path = tmp / fname
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+                try:
+                    _pwrite_all(fd, memoryview(head), 0)
+                    if hasattr(os, "posix_fallocate") and data_len:
+                        os.posix_fallocate(fd, 0, len(head) + data_len)  # disk full fails here
+                    else:
+                        os.ftruncate(fd, len(head) + data_len)
+                    base = {name: len(head) + off for name, off in offsets.items()}
+                    for j in shard:
+                        done += 1
+                        bar.update(task, description=f"tensor {done}/{len(jobs)}", tensor=j.name)
+                        _stream_job(j, files, fd, base, on_bytes=lambda n: bar.advance(task, n))
+                        for name, _, _ in j.outputs:
+                            weight_map[name] = fname
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        index = {
+            "metadata": {"total_size": total_out},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
+        copied = copy_sidecars(src, tmp)
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=4))
+        # Publish: move an existing output aside only now that the new one is complete.
+        old = None
+        if out.exists():
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except KeyboardInterrupt as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionInterrupted(
+            f"conversion interrupted; removed the partial output {tmp.name}, {out} untouched"
+        ) from e
+    except ConversionError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise ConversionError(
+                f"disk full while writing {out} (the output needs {_human(total_out)}); removed the "
+                "partial output, free some space and run again"
+            ) from e
+        raise ConversionError(f"conversion failed writing {out}: {e}; removed the partial output") from e
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(
+            f"conversion failed ({type(e).__name__}: {e}); removed the partial output"
+        ) from e
+    finally:
+        files.close()
+
+    params = sum(j.params for j in jobs)
+    text = [j for j in jobs if not is_vision_tensor(j.name)]
+    text_params = sum(j.params for j in text)
+    text_bytes = sum(j.out_bytes for j in text)
+    disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    by_bits: Dict[str, int] = {}
+    for j in jobs:
+        key = f"{j.quant[0]}-bit" if j.quant else j.out_dtype.lower()
+        by_bits[key] = by_bits.get(key, 0) + j.params
+    summary = {
+        "path": str(out),
+        "source": str(src),
+        "recipe": r.name,
+        "files": names,
+        "tensors": sum(len(j.outputs) for j in jobs),
+        "quantized_modules": len(quantized),
+        "bytes": total_out,
+        "disk_bytes": disk,
+        "params": params,
+        "bits_per_weight": 8 * total_out / params,
+        "text_bits_per_weight": 8 * text_bytes / text_params,
+        "params_by_format": by_bits,
+        "copied": copied,
+        "seconds": time.time() - t0,
+        "warnings": warnings,
+    }
+    if verbose:
+        _print_summary(console, summary)
+    return summary
+
+
+def _count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(int(n))
+
+
+def _print_summary(console, s: Dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{Path(s['path']).name} ({s['recipe']})", show_header=False)
+    t.add_row("directory", s["path"])
+    t.add_row("size on disk", f"{_human(s['disk_bytes'])} in {len(s['files'])} shard(s)")
+    t.add_row("bits per weight", f"{s['bits_per_weight']:.3f} (text model {s['text_bits_per_weight']:.3f})")
+    t.add_row("parameters", f"{_count(s['params'])} ({', '.join(f'{k}: {_count(v)}' for k, v in s['params_by_format'].items())})")
+    t.add_row("tensors", f"{s['tensors']} ({s['quantized_modules']} quantized modules)")
+    t.add_row("time", f"{s['seconds']:.1f} s")
+    console.print(t)
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+
+def verify(
+    mlx_path: Union[str, Path],
+    against: Optional[Union[str, Path]] = None,
+    seed: int = 0,
+    prompt_length: int = 8,
+    canvases: int = 4,
+    atol: float = 1e-3,
+    min_agreement: Optional[float] = None,
+) -> Dict[str, Any]:
+    """Checks an MLX directory: config.json parses and describes a DiffusionGemma model;
+    the index names only files that exist and every key it lists is in its shard; every
+    shard's header parses and the file holds all its bytes; every tensor the config
+    implies is present with the implied shape (quantized ones: packed width and scales
+    matching the recorded bits and group size), nothing else but the vision tower.
+
+    With `against=<unquantized HF dir>` both are loaded by the runtime and the logits of
+    `canvases` random canvases after a random prompt are compared: returns the max
+    abs difference and the argmax agreement. Raises VerifyError if an unquantized
+    directory of the same dtype differs by more than `atol`, or if the agreement is
+    below `min_agreement` (when given). Returns a report dict.
+    """
+    from .config import ConfigError, ModelArgs
+
+    path = Path(mlx_path)
+    problems: List[str] = []
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise VerifyError(f"{cfg_path} not found")
+    try:
+        config = json.loads(cfg_path.read_text())
+        args = ModelArgs.from_dict(config)
+    except (ValueError, ConfigError) as e:
+        raise VerifyError(f"{cfg_path}: {e}") from e
+
+    index_path = path / INDEX_FILE
+    tensors: Dict[str, TensorRef] = {}
+    shard_files: List[str]
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise VerifyError(f"{index_path} is not a valid index ({e})") from e
+        shard_files = sorted(set(weight_map.values()))
+    else:
+        weight_map = None
+        shard_files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not shard_files:
+            raise VerifyError(f"no {INDEX_FILE} and no .safetensors files in {path}")
+    for f in shard_files:
+        if not (path / f).is_file():
+            problems.append(f"missing shard {f} (named by the index)")
+            continue
+        try:
+            found, _ = read_header(path / f)
+        except ConversionError as e:
+            problems.append(str(e))
+            continue
+        for k, ref in found.items():
+            tensors[k] = ref
+            if weight_map is not None and weight_map.get(k) != f:
+                problems.append(f"{f} holds {k} but the index does not list it there")
+    if weight_map is not None:
+        for k, f in weight_map.items():
+            if k not in tensors and (path / f).is_file():
+                problems.append(f"index lists {k} in {f} but the shard does not hold it")
+
+    record = config.get("quantization") or config.get("quantization_config")
+    expected = expected_shapes(args)
+    names = {hf_to_mlx_name(k, keep_vision=True): k for k in tensors}
+    names.pop(None, None)
+    quantized = 0
+    for name, shape in expected.items():
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base is not None and f"{base}.scales" in names:
+            w, s = tensors[names[name]], tensors[names[f"{base}.scales"]]
+            b = tensors.get(names.get(f"{base}.biases", ""), None)
+            qp = module_quantization(record, base)
+            if qp is None:
+                problems.append(f"{base} is quantized but config.json has no quantization record")
+                continue
+            bits, group = qp
+            cols = shape[-1]
+            want_w = tuple(shape[:-1]) + (cols * bits // 32,)
+            want_s = tuple(shape[:-1]) + (cols // group,)
+            if w.dtype != "U32" or w.shape != want_w:
+                problems.append(f"{base}.weight is {w.dtype}{list(w.shape)}, expected U32{list(want_w)} ({bits}-bit)")
+            if s.shape != want_s or b is None or b.shape != want_s:
+                problems.append(f"{base}.scales/.biases do not match group size {group}: expected {list(want_s)}")
+            quantized += 1
+        elif name in names:
+            ref = tensors[names[name]]
+            if ref.shape != tuple(shape):
+                problems.append(f"{name} has shape {list(ref.shape)}, config implies {list(shape)}")
+            if ref.dtype not in FLOAT_DTYPES:
+                problems.append(f"{name} is {ref.dtype}, expected a float dtype")
+        else:
+            problems.append(f"missing tensor {name}")
+    extra = [
+        k for k, n in ((k, hf_to_mlx_name(k, keep_vision=True)) for k in tensors)
+        if n is not None and not is_vision_tensor(n) and n not in expected
+        and not (n.endswith(QUANT_SUFFIXES) and n.rsplit(".", 1)[0] + ".weight" in expected)
+    ]
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
+    if problems:
+        raise VerifyError(
+            f"{path} failed verification ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems[:20])
+        )
+    report: Dict[str, Any] = {
+        "path": str(path),
+        "shards": len(shard_files),
+        "tensors": len(tensors),
+        "quantized_modules": quantized,
+        "vision_tensors": sum(1 for k in tensors if is_vision_tensor(k)),
+        "bytes": sum(t.nbytes for t in tensors.values()),
+    }
+    if against is not None:
+        try:
+            report.update(
+                compare_logits(path, against, seed=seed, prompt_length=prompt_length, canvases=canvases)
+            )
+        except Exception as e:
+            raise VerifyError(
+                f"could not compare the logits of {path} and {against} ({type(e).__name__}: {e})"
+            ) from e
+        same_dtype = _dtype_of(tensors) == _dtype_of(scan_checkpoint(Path(against)))
+        if record is None and same_dtype and report["max_abs_diff"] > atol:
+            raise VerifyError(
+                f"{path}: logits differ from {against} by {report['max_abs_diff']:.3g} "
+                f"(> {atol}) although neither is quantized"
+            )
+        if min_agreement is not None and report["argmax_agreement"] < min_agreement:
+            raise VerifyError(
+                f"{path}: argmax agreement with {against} is {report['argmax_agreement']:.3f} "
+                f"(< {min_agreement})"
+            )
+    return report
+
+
+def _dtype_of(tensors: Dict[str, TensorRef]) -> Optional[str]:
+    floats = [t.dtype for k, t in tensors.items() if t.dtype in FLOAT_DTYPES and not k.endswith(QUANT_SUFFIXES)]
+    return max(set(floats), key=floats.count) if floats else None
+
+
+def _load_runtime(path):
+    try:
+        from . import load  # type: ignore[attr-defined]
+    except ImportError:
+        from .loader import load
+    model, _ = load(path)
+    return model
+
+
+def model_logits(model, prompt: np.ndarray, canvas: np.ndarray) -> np.ndarray:
+    """Decoder logits [B, C, V] (float32) of `canvas` after encoding `prompt`."""
+    import mlx.core as mx
+
+    cache = model.make_cache()
+    model.encode(mx.array(prompt), cache)
+    logits = model.decode(mx.array(canvas), cache)
+    mx.eval(logits)
+    return np.array(logits.astype(mx.float32))
+
+
+def compare_logits(
+    mlx_path, against, seed: int = 0, prompt_length: int = 8, canvases: int = 4
+) -> Dict[str, Any]:
+    """Loads both directories with the runtime and compares the decoder logits of
+    `canvases` uniformly random canvases (after a random prompt)."""
+    a = _load_runtime(mlx_path)
+    b = _load_runtime(against)
+    V, C = a.args.vocab_size, a.args.canvas_length
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, V, size=(1, prompt_length))
+    canvas = rng.integers(0, V, size=(canvases, C))
+    prompt = np.repeat(prompt, canvases, axis=0)
+    la = model_logits(a, prompt, canvas)
+    lb = model_logits(b, prompt, canvas)
+    return {
+        "max_abs_diff": float(np.abs(la - lb).max()),
+        "mean_abs_diff": float(np.abs(la - lb).mean()),
+        "argmax_agreement": float((la.argmax(-1) == lb.argmax(-1)).mean()),
+        "logit_correlation": float(np.corrcoef(la.ravel(), lb.ravel())[0, 1]),
+        "positions": int(canvases * C),
+    }
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def _run_cli(fn, *args, **kwargs) -> int:
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        fn(*args, **kwargs)
+        return 0
+    except ConversionInterrupted as e:
+        err.print(f"[red]interrupted:[/red] {e}")
+        return 130
+    except (ConversionError, VerifyError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 1
+
+
+def configure_convert_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--hf-path", "--model", dest="hf_path", required=True,
+                   help="Hugging Face model directory or hub id (e.g. google/diffusiongemma-26B-A4B-it)")
+    p.add_argument("--mlx-path", dest="mlx_path", required=True, help="output directory")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="quantize (recipe mixed-4 unless --recipe says otherwise)")
+    p.add_argument("--q-bits", type=int, default=None,
+                   help="low width of the mixed recipe (default 4; the high width stays 8)")
+    p.add_argument("--q-group-size", type=int, default=None, help="group size (default 64)")
+    p.add_argument("--recipe", default=None, choices=RECIPES,
+                   help="mixed-4 (experts + self-conditioning 4-bit, the rest 8-bit; the default "
+                   "with -q), 4bit, 8bit, or bf16/fp16/fp32 (unquantized)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
+                   help="float dtype of unquantized tensors and of scales/biases (default: the source's)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0,
+                   help="largest shard file (default 5 GiB, as mlx-lm/mlx-vlm)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def add_convert_args(parser_or_subparsers) -> argparse.ArgumentParser:
+    """Adds the `convert` options: given an argparse subparsers object, registers a `convert`
+    subcommand; given a parser (e.g. the one mlx_diffgemma/cli.py made), configures it."""
+    if hasattr(parser_or_subparsers, "add_parser"):
+        p = parser_or_subparsers.add_parser(
+            "convert",
+            help="convert Hugging Face weights to an MLX directory (optionally quantized)",
+            description="Convert google/diffusiongemma-26B-A4B-it (or a local copy) to an MLX "
+            "directory for mlx-diffgemma, mlx-vlm and LM Studio, streaming with bounded memory.",
+        )
+    else:
+        p = parser_or_subparsers
+    configure_convert_parser(p)
+    p.set_defaults(func=main_convert)
+    return p
+
+
+def main_convert(args: argparse.Namespace) -> int:
+    return _run_cli(
+        convert,
+        args.hf_path,
+        args.mlx_path,
+        quantize=args.quantize,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        recipe=args.recipe,
+        dtype=args.dtype,
+        force=args.force,
+        revision=args.revision,
+        max_shard_size=int(args.max_shard_size_gb * 2**30),
+        progress=not args.no_progress,
+    )
+
+
+def configure_verify_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("mlx_path", help="the MLX model directory to check")
+    p.add_argument("--against", default=None,
+                   help="an unquantized (HF) directory to compare the logits of random canvases with")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--canvases", type=int, default=4, help="random canvases to compare (default 4)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="fail when the argmax agreement is below this fraction")
+    return p
+
+
+def add_verify_args(parser_or_subparsers) -> argparse.ArgumentParser:
+    """Adds the `verify` options: given an argparse subparsers object, registers a `verify`
+    subcommand; given a parser (e.g. the one mlx_diffgemma/cli.py made), configures it."""
+    if hasattr(parser_or_subparsers, "add_parser"):
+        p = parser_or_subparsers.add_parser(
+            "verify",
+            help="check an MLX directory (index, shards, shapes; logits with --against)",
+            description="Check an MLX DiffusionGemma directory: index, shard integrity, tensor "
+            "shapes against config.json, and with --against the logits of random canvases.",
+        )
+    else:
+        p = parser_or_subparsers
+    configure_verify_parser(p)
+    p.set_defaults(func=main_verify)
+    return p
+
+
+def main_verify(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    out = Console()
+
+    def run():
+        report = verify(
+            args.mlx_path,
+            against=args.against,
+            seed=args.seed,
+            canvases=args.canvases,
+            min_agreement=args.min_agreement,
+        )
+        out.print(f"[green]ok[/green] {report['path']}: {report['tensors']} tensors in "
+                  f"{report['shards']} shard(s), {report['quantized_modules']} quantized modules, "
+                  f"{_human(report['bytes'])}")
+        if "max_abs_diff" in report:
+            out.print(
+                f"logits vs {args.against}: max |diff| {report['max_abs_diff']:.4g}, mean "
+                f"{report['mean_abs_diff']:.4g}, correlation {report['logit_correlation']:.4f}, "
+                f"argmax agreement {report['argmax_agreement']:.3f} "
+                f"over {report['positions']} positions"
+            )
+        return report
+
+    return _run_cli(run)
