@@ -382,6 +382,7 @@ class ChatSession:
         noise=None,
         max_context: Optional[int] = None,
         model_name: Optional[str] = None,
+        keep_history: bool = True,
     ):
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer: the model directory has none")
@@ -394,6 +395,9 @@ class ChatSession:
         self.system = system
         self.seed = seed
         self.noise = noise
+        # False: every message is sent as a fresh conversation (single-turn models such as
+        # toy-sudoku); the transcript still keeps every turn.
+        self.keep_history = keep_history
         self.gen_kwargs: Dict[str, Any] = {}
         self.update_settings(**(gen_kwargs or {}))
         limit = self.backend.max_context
@@ -473,7 +477,8 @@ class ChatSession:
 
     def conversation(self, user_text: Optional[str] = None) -> List[Dict[str, str]]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        msgs += self.messages
+        if self.keep_history:
+            msgs += self.messages
         if user_text is not None:
             msgs.append({"role": "user", "content": user_text})
         return msgs
@@ -951,7 +956,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
         help=f"model directory, Hugging Face id or LM Studio / packaged model name (default {DEFAULT_MODEL})",
     )
     p.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="mlx (default) or the torch reference path")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply (default: chat 1024, generate the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply (default: chat 1024, or the checkpoint's for small-context models; generate the checkpoint's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per canvas (default: the checkpoint's, 48)")
     p.add_argument("--temp", default=None, metavar="A-B", help="temperature range t_min-t_max (e.g. 0.4-0.8) or one value")
     p.add_argument("--entropy-bound", type=float, default=None, help="acceptance entropy bound (default 0.1)")
@@ -962,6 +967,12 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
 
 def add_chat_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common_args(p)
+    p.add_argument(
+        "--no-history",
+        dest="history",
+        action="store_false",
+        help="send every message as a fresh conversation (for single-turn models such as toy-sudoku)",
+    )
     return p
 
 
@@ -1015,6 +1026,20 @@ def _to_generation_overrides(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+CHAT_MAX_NEW_TOKENS = 1024
+
+
+def _chat_max_new_tokens(path: Path) -> int:
+    """Replies of up to 1024 tokens (the release's 256 is a single canvas), unless the
+    model's context is small (the toy models): then the checkpoint's own default."""
+    from .config import GenerationConfig, ModelArgs, load_config
+
+    context = ModelArgs.from_dict(load_config(path)).max_position_embeddings
+    if context >= 16 * CHAT_MAX_NEW_TOKENS:
+        return CHAT_MAX_NEW_TOKENS
+    return GenerationConfig.from_model_dir(path).max_new_tokens
+
+
 def main_chat(args) -> int:
     from rich.console import Console
 
@@ -1025,10 +1050,11 @@ def main_chat(args) -> int:
         model,
         tokenizer,
         system=args.system,
-        gen_kwargs=_gen_kwargs(args, default_max_new=1024),
+        gen_kwargs=_gen_kwargs(args, default_max_new=_chat_max_new_tokens(path)),
         seed=args.seed,
         max_context=args.max_context,
         model_name=str(args.model if args.model == str(path) else f"{args.model} → {path}"),
+        keep_history=args.history,
     )
     return run_repl(session, console)
 

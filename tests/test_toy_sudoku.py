@@ -109,3 +109,18 @@ def test_training_script_smoke_run(tmp_path):
     model, tok = md.load(out)
     s = md.drafter.run_to_summary(md.stream_generate(model, tok, "1.3.", max_denoising_steps=2, seed=0))
     assert s.canvases >= 1 and len(s.steps_per_canvas) == s.canvases
+
+
+def test_chat_without_history_solves_puzzle_after_puzzle():
+    """`mlx-diffgemma chat --model toy-sudoku --no-history`: each puzzle is sent as a
+    fresh conversation (the model was trained single-turn), reusing the cached
+    `<bos><|turn>user\\n` prefix."""
+    from mlx_diffgemma.chat import ChatSession
+
+    model, tok = md.load(MLX_DIR)
+    session = ChatSession(model, tok, seed=0, keep_history=False)
+    for puzzle in ("1.3.34..2.4.4.1.", "..3.3...2..44...", "1..2....3..4..1."):
+        summary = [e for e in session.send(puzzle) if getattr(e, "kind", None) == "summary"][0]
+        assert solves(puzzle, summary.text), (puzzle, summary.text)
+    assert len(session.messages) == 6  # the transcript keeps every turn
+    assert session.turns[-1].reused > 0
