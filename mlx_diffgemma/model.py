@@ -9,7 +9,8 @@ convert with renames only and our output matches the mlx-community layout.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from functools import partial
+from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -79,9 +80,10 @@ class Attention(nn.Module):
         self,
         x: mx.array,
         cache: Optional[LayerCache],
-        offset: int,
+        offset: Union[int, mx.array],
         encode: bool,
         mask: Any = None,
+        context: Optional[Tuple[mx.array, mx.array]] = None,
     ) -> mx.array:
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
@@ -97,12 +99,14 @@ class Attention(nn.Module):
         if encode:
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-        elif cache is not None:
-            # The decoder attends to the cached context and the whole canvas, unmasked.
-            ck, cv = cache.view()
-            if ck is not None:
-                k = mx.concatenate([ck, k], axis=2)
-                v = mx.concatenate([cv, v], axis=2)
+        else:
+            # The decoder attends to the cached context (`context`, the cache's view:
+            # a sliding layer's window only) and the whole canvas, unmasked.
+            if context is None and cache is not None:
+                context = cache.view()
+            if context is not None and context[0] is not None:
+                k = mx.concatenate([context[0], k], axis=2)
+                v = mx.concatenate([context[1], v], axis=2)
             mask = None
 
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
@@ -177,8 +181,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, cache, offset, encode, mask, layer_scalar) -> mx.array:
-        h = self.self_attn(self.input_layernorm(x), cache, offset, encode, mask)
+    def __call__(self, x, cache, offset, encode, mask, layer_scalar, context=None) -> mx.array:
+        h = self.self_attn(self.input_layernorm(x), cache, offset, encode, mask, context)
         r = x + self.post_attention_layernorm(h)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
         # The router reads the residual un-normalised; the experts read it normalised.
@@ -326,17 +330,45 @@ class Model(nn.Module):
         """Denoiser forward over a canvas [batch, canvas] whose positions continue after
         what `cache` holds; returns float32 soft-capped logits [batch, canvas, vocab].
         Reads the cache, never writes it."""
+        # What each layer reads from the cache: its view (a sliding layer's window).
+        views = [c.view() for c in cache.layers]
+        present = tuple(k is not None for k, _ in views)
+        context = [a for (k, v), p in zip(views, present) if p for a in (k, v)]
+        # The position offset goes in as an array so a compiled trace serves every
+        # canvas whose context has the same shapes.
+        offset = mx.array(cache.offset, dtype=mx.int32)
+        sc = self_conditioning_logits
+        inputs = ([] if sc is None else [sc]) + context
+        key = (sc is not None, present)
+        if not self.compile_decode:
+            return self._decode(key, canvas_ids, cache.offset, *inputs)
+        fns = self.__dict__.setdefault("_decode_fns", {})
+        if key not in fns:
+            # One trace per (self-conditioned?, which layers hold context); MLX retraces
+            # when the context grows (a new canvas), never between steps. The weights are
+            # read through `inputs=self.state`, so a later `update` of the model is seen.
+            fns[key] = mx.compile(partial(self._decode, key), inputs=self.state)
+        return fns[key](canvas_ids, offset, *inputs)
+
+    # Compile the decoder step (see `decode`). Off: on MLX's CPU backend it measured
+    # 1-3% slower than eager with identical logits (BENCHMARKS.md); a switch so that a
+    # Metal/CUDA run can measure it (`mlx-diffgemma bench --compile-decode`).
+    compile_decode = False
+
+    def _decode(self, key, canvas_ids, offset, *inputs):
+        has_sc, present = key
         dec = self.model.decoder
         h = self._embed(canvas_ids)
         soft = None
-        if self_conditioning_logits is not None:
-            probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
+        if has_sc:
+            probs = mx.softmax(inputs[0].astype(mx.float32), axis=-1)
             soft = embedding_matmul(dec.embed_tokens, probs.astype(h.dtype))
             soft = soft * mx.array(self.embed_scale, dtype=h.dtype)
         h = dec.self_conditioning(h, soft)
-        offset = cache.offset
-        for layer, c in zip(dec.layers, cache.layers):
-            h = layer(h, c, offset, False, None, layer.layer_scalar)
+        it = iter(inputs[1:] if has_sc else inputs)
+        for layer, p in zip(dec.layers, present):
+            kv = (next(it), next(it)) if p else None
+            h = layer(h, None, offset, False, None, layer.layer_scalar, kv)
         return self._logits(dec.norm(h))
 
     # -- internals -------------------------------------------------------------------
