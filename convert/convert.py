@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_diffgemma.convert import configure_convert_parser, main_convert  # noqa: E402
+from mlx_diffgemma.convert import add_convert_args, main_convert  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = configure_convert_parser(
+    parser = add_convert_args(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
     return main_convert(parser.parse_args(argv))

@@ -1076,7 +1076,8 @@ def _run_cli(fn, *args, **kwargs) -> int:
         return 1
 
 
-def configure_convert_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_convert_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `mlx-diffgemma convert` options (also used by the top-level convert/ script)."""
     p.add_argument("--hf-path", "--model", dest="hf_path", required=True,
                    help="Hugging Face model directory or hub id (e.g. google/diffusiongemma-26B-A4B-it)")
     p.add_argument("--mlx-path", dest="mlx_path", required=True, help="output directory")
@@ -1098,23 +1099,6 @@ def configure_convert_parser(p: argparse.ArgumentParser) -> argparse.ArgumentPar
     return p
 
 
-def add_convert_args(parser_or_subparsers) -> argparse.ArgumentParser:
-    """Adds the `convert` options: given an argparse subparsers object, registers a `convert`
-    subcommand; given a parser (e.g. the one mlx_diffgemma/cli.py made), configures it."""
-    if hasattr(parser_or_subparsers, "add_parser"):
-        p = parser_or_subparsers.add_parser(
-            "convert",
-            help="convert Hugging Face weights to an MLX directory (optionally quantized)",
-            description="Convert google/diffusiongemma-26B-A4B-it (or a local copy) to an MLX "
-            "directory for mlx-diffgemma, mlx-vlm and LM Studio, streaming with bounded memory.",
-        )
-    else:
-        p = parser_or_subparsers
-    configure_convert_parser(p)
-    p.set_defaults(func=main_convert)
-    return p
-
-
 def main_convert(args: argparse.Namespace) -> int:
     return _run_cli(
         convert,
@@ -1132,7 +1116,8 @@ def main_convert(args: argparse.Namespace) -> int:
     )
 
 
-def configure_verify_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_verify_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `mlx-diffgemma verify` options (also used by the top-level verify/ script)."""
     p.add_argument("mlx_path", help="the MLX model directory to check")
     p.add_argument("--against", default=None,
                    help="an unquantized (HF) directory to compare the logits of random canvases with")
@@ -1140,23 +1125,6 @@ def configure_verify_parser(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--canvases", type=int, default=4, help="random canvases to compare (default 4)")
     p.add_argument("--min-agreement", type=float, default=None,
                    help="fail when the argmax agreement is below this fraction")
-    return p
-
-
-def add_verify_args(parser_or_subparsers) -> argparse.ArgumentParser:
-    """Adds the `verify` options: given an argparse subparsers object, registers a `verify`
-    subcommand; given a parser (e.g. the one mlx_diffgemma/cli.py made), configures it."""
-    if hasattr(parser_or_subparsers, "add_parser"):
-        p = parser_or_subparsers.add_parser(
-            "verify",
-            help="check an MLX directory (index, shards, shapes; logits with --against)",
-            description="Check an MLX DiffusionGemma directory: index, shard integrity, tensor "
-            "shapes against config.json, and with --against the logits of random canvases.",
-        )
-    else:
-        p = parser_or_subparsers
-    configure_verify_parser(p)
-    p.set_defaults(func=main_verify)
     return p
 
 

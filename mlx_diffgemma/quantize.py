@@ -368,7 +368,8 @@ def quantize(
     )
 
 
-def configure_quantize_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_quantize_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `mlx-diffgemma quantize` options (also used by the top-level quantize/ script)."""
     p.add_argument("--mlx-path", "--model", dest="mlx_path", required=True,
                    help="the MLX model directory to re-quantize (ours or mlx-vlm's)")
     p.add_argument("-o", "--out", "--out-path", dest="out_path", required=True,
@@ -384,23 +385,6 @@ def configure_quantize_parser(p: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--max-shard-size-gb", type=float, default=5.0,
                    help="largest shard file (default 5 GiB, as mlx-lm/mlx-vlm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def add_quantize_args(parser_or_subparsers) -> argparse.ArgumentParser:
-    """Adds the `quantize` options: given an argparse subparsers object, registers a `quantize`
-    subcommand; given a parser (e.g. the one mlx_diffgemma/cli.py made), configures it."""
-    if hasattr(parser_or_subparsers, "add_parser"):
-        p = parser_or_subparsers.add_parser(
-            "quantize",
-            help="re-quantize an existing MLX directory",
-            description="Re-quantize an MLX DiffusionGemma directory with another recipe "
-            "(streaming: dequantize + requantize tensor by tensor).",
-        )
-    else:
-        p = parser_or_subparsers
-    configure_quantize_parser(p)
-    p.set_defaults(func=main_quantize)
     return p
 
 

@@ -47,46 +47,12 @@ def hf_to_mlx_name(key: str, keep_vision: bool = False) -> Optional[str]:
 
 def expected_shapes(args: "ModelArgs") -> Dict[str, Tuple[int, ...]]:
     """Every text parameter of the runtime's module tree with its (unquantized) shape, as
-    implied by the config. The vision tower is not included."""
-    H, I, E = args.hidden_size, args.intermediate_size, args.num_experts
-    MI, nh = args.moe_intermediate_size, args.num_attention_heads
-    out: Dict[str, Tuple[int, ...]] = {"model.decoder.embed_tokens.weight": (args.vocab_size, H)}
-    for i in range(args.num_hidden_layers):
-        p = f"model.decoder.layers.{i}"
-        hd, kv = args.head_dim_of(i), args.kv_heads_of(i)
-        out[f"{p}.self_attn.q_proj.weight"] = (nh * hd, H)
-        out[f"{p}.self_attn.k_proj.weight"] = (kv * hd, H)
-        if args.layer_types[i] != "full_attention":
-            # full-attention layers take their values from the k_proj output
-            out[f"{p}.self_attn.v_proj.weight"] = (kv * hd, H)
-        out[f"{p}.self_attn.o_proj.weight"] = (H, nh * hd)
-        out[f"{p}.self_attn.q_norm.weight"] = (hd,)
-        out[f"{p}.self_attn.k_norm.weight"] = (hd,)
-        out[f"{p}.mlp.gate_proj.weight"] = (I, H)
-        out[f"{p}.mlp.up_proj.weight"] = (I, H)
-        out[f"{p}.mlp.down_proj.weight"] = (H, I)
-        out[f"{p}.router.proj.weight"] = (E, H)
-        out[f"{p}.router.scale"] = (H,)
-        out[f"{p}.router.per_expert_scale"] = (E,)
-        out[f"{p}.experts.gate_up_proj.weight"] = (E, 2 * MI, H)
-        out[f"{p}.experts.down_proj.weight"] = (E, H, MI)
-        for norm in (
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-            "post_feedforward_layernorm_1",
-            "post_feedforward_layernorm_2",
-            "pre_feedforward_layernorm_2",
-        ):
-            out[f"{p}.{norm}.weight"] = (H,)
-        out[f"{p}.layer_scalar"] = (1,)
-    out["model.decoder.norm.weight"] = (H,)
-    sc = "model.decoder.self_conditioning"
-    out[f"{sc}.pre_norm.weight"] = (H,)
-    out[f"{sc}.gate_proj.weight"] = (I, H)
-    out[f"{sc}.up_proj.weight"] = (I, H)
-    out[f"{sc}.down_proj.weight"] = (H, I)
-    for i in range(args.num_hidden_layers):
-        out[f"{_ENCODER_PREFIX}layers.{i}.layer_scalar"] = (1,)
-    return out
+    implied by the config. The vision tower is not included.
+
+    Read off a freshly built model: MLX arrays are lazy, so even the 26B shapes cost no
+    memory (nothing is evaluated), and the module tree stays the one source of truth."""
+    from mlx.utils import tree_flatten
+
+    from .model import Model  # model.py imports this module
+
+    return {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}

@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_diffgemma.quantize import configure_quantize_parser, main_quantize  # noqa: E402
+from mlx_diffgemma.quantize import add_quantize_args, main_quantize  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = configure_quantize_parser(
+    parser = add_quantize_args(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
     return main_quantize(parser.parse_args(argv))

@@ -7,7 +7,6 @@ multiple of 64, so the recipes run at the real group size (64) as on the real mo
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import math
@@ -28,14 +27,12 @@ from mlx_diffgemma.convert import (
     ConversionInterrupted,
     VerifyError,
     _header_bytes,
-    add_convert_args,
-    add_verify_args,
     compare_logits,
     convert,
     read_header,
     verify,
 )
-from mlx_diffgemma.quantize import add_quantize_args, estimate, main_quantize, quantize
+from mlx_diffgemma.quantize import estimate, quantize
 from mlx_diffgemma.weights import expected_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -622,22 +619,16 @@ def test_hub_id_from_the_offline_cache(hf, tmp_path, monkeypatch):
 
 
 def test_cli(hf, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="mlx-diffgemma")
-    sub = parser.add_subparsers(dest="command")
-    add_convert_args(sub)
-    add_quantize_args(sub)
-    add_verify_args(sub)
+    from mlx_diffgemma.cli import main as cli
+
     out = tmp_path / "out"
-    args = parser.parse_args(["convert", "--hf-path", str(hf), "--mlx-path", str(out), "-q", "--no-progress"])
-    assert args.func(args) == 0
+    assert cli(["convert", "--hf-path", str(hf), "--mlx-path", str(out), "-q", "--no-progress"]) == 0
     assert "bits per weight" in capsys.readouterr().err
-    assert args.func(args) == 1  # exists
+    assert cli(["convert", "--hf-path", str(hf), "--mlx-path", str(out), "-q", "--no-progress"]) == 1
     assert "already exists" in capsys.readouterr().err
-    args = parser.parse_args(["quantize", "--mlx-path", str(out), "--out", str(tmp_path / "q8"),
-                              "--recipe", "8bit", "--no-progress"])
-    assert main_quantize(args) == 0
-    args = parser.parse_args(["verify", str(tmp_path / "q8")])
-    assert args.func(args) == 0
+    assert cli(["quantize", "--mlx-path", str(out), "--out", str(tmp_path / "q8"),
+                "--recipe", "8bit", "--no-progress"]) == 0
+    assert cli(["verify", str(tmp_path / "q8")]) == 0
     assert "ok" in capsys.readouterr().out
     # the thin scripts
     res = subprocess.run([sys.executable, str(REPO / "convert" / "convert.py"), "--help"],
