@@ -1,0 +1,100 @@
+"""The bench on a tiny synthetic checkpoint: it runs end to end for every implementation
+and reports what BENCHMARKS.md relies on. No timing assertions (shared CI machines)."""
+
+import importlib.util
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_diffgemma.cli import main
+
+HAVE_VLM = importlib.util.find_spec("mlx_vlm") is not None
+HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    impls = ["ours"] + (["mlx-vlm"] if HAVE_VLM else []) + (["transformers"] if HAVE_TORCH else [])
+    rc = main([
+        "bench", "--config", "tiny", "--impl", ",".join(impls), "--steps", "2",
+        "--iters", "1", "--warmup", "0", "--prompt-tokens", "40", "--gen-tokens", "64",
+        "--breakdown", "--json", str(out),
+    ])
+    assert rc == 0
+    return json.loads(out.read_text()), impls
+
+
+def test_json_fields(report):
+    rep, impls = report
+    m = rep["machine"]
+    assert m["cpu"] and m["mlx"] and "name" in m["blas"] and m["blas"]["sgemm_gflops"] > 0
+    assert rep["model"]["quantized_bits"] == [4, 8]  # mixed-4
+    assert rep["model"]["layers"] == 2 and rep["model"]["canvas"] == 32
+    assert rep["settings"]["steps"] == 2 and rep["settings"]["gen_tokens"] == 64
+    for name in impls:
+        r = rep["results"][name]
+        assert "error" not in r, r
+        for key in ("prefill_s", "step_s", "canvas_s", "generate_tps"):
+            assert r[key] > 0, (name, key)
+        # Fixed step count: random weights never stop early, two canvases of 2 steps.
+        assert r["generate_tokens"] == 64
+    assert rep["results"]["ours"]["peak_gb"] > 0
+    for name in impls[1:]:
+        assert set(rep["ratios"][name]) == {"prefill", "step", "canvas", "generate"}
+        assert all(v > 0 for v in rep["ratios"][name].values())
+
+
+def test_peers_run_the_same_checkpoint(report):
+    rep, impls = report
+    for name in impls[1:]:
+        c = rep["check"][name]
+        assert c["max_abs_diff"] < 1e-3 and c["argmax_agreement"] == 1.0, (name, c)
+
+
+def test_breakdown(report):
+    rep, _ = report
+    bd = rep["breakdown"]
+    pieces = bd["pieces_s"]
+    for key in ("attention", "experts (router + experts)", "dense MLP",
+                "LM head (norm, matmul, softcap)"):
+        assert pieces[key] > 0
+    assert any(k.startswith("self-conditioning") for k in pieces)
+    assert any(k.startswith("sampler") for k in pieces)
+    assert bd["layer_counts"] == {"sliding_attention": 1, "full_attention": 1}
+
+
+def test_compiled_decoder_matches_eager():
+    """The `compile_decode` switch (offset passed as an array, cache views as inputs) gives
+    the eager logits bit for bit, across canvases (the trace is redone per context shape)."""
+    from mlx_diffgemma.synthetic import preset_args, synthetic_model
+
+    args = preset_args("tiny")
+    model = synthetic_model(args, seed=3)
+    V, C = args.vocab_size, args.canvas_length
+    rng = np.random.default_rng(0)
+    cache = model.make_cache()
+    model.encode(mx.array(rng.integers(0, V, (1, 20))), cache)
+    for _ in range(2):
+        canvas = mx.array(rng.integers(0, V, (1, C)))
+        sc = mx.array(rng.standard_normal((1, C, V)).astype(np.float32))
+        out = {}
+        for compiled in (False, True):
+            model.compile_decode = compiled
+            out[compiled] = [np.array(model.decode(canvas, cache, s)) for s in (None, sc)]
+        for a, b in zip(out[False], out[True]):
+            np.testing.assert_array_equal(a, b)
+        model.encode(canvas, cache)  # next canvas: longer context
+
+
+def test_memory_arithmetic_of_the_real_model():
+    from mlx_diffgemma.bench import memory_arithmetic
+    from mlx_diffgemma.synthetic import hf_config, preset_args
+
+    mem = memory_arithmetic(hf_config(preset_args("real")))
+    assert 15.0 < mem["weights_gb"] < 16.0  # mixed-4 of the 26B-A4B text model
+    assert mem["unit_gb"] == pytest.approx(256 * 262144 * 4 / 1e9)
+    assert mem["total_gb"] == pytest.approx(
+        mem["weights_gb"] + mem["kv_cache_gb"] + mem["step_activations_gb"] + mem["layer_activations_gb"])
