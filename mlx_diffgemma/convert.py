@@ -46,6 +46,7 @@ from .quantize import (
     RECIPES,
     Recipe,
     RecipeError,
+    add_output_args,
     make_recipe,
     module_quantization,
     quantization_record,
@@ -1083,19 +1084,11 @@ def add_convert_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--mlx-path", dest="mlx_path", required=True, help="output directory")
     p.add_argument("-q", "--quantize", action="store_true",
                    help="quantize (recipe mixed-4 unless --recipe says otherwise)")
-    p.add_argument("--q-bits", type=int, default=None,
-                   help="low width of the mixed recipe (default 4; the high width stays 8)")
-    p.add_argument("--q-group-size", type=int, default=None, help="group size (default 64)")
     p.add_argument("--recipe", default=None, choices=RECIPES,
                    help="mixed-4 (experts + self-conditioning 4-bit, the rest 8-bit; the default "
                    "with -q), 4bit, 8bit, or bf16/fp16/fp32 (unquantized)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
-                   help="float dtype of unquantized tensors and of scales/biases (default: the source's)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0,
-                   help="largest shard file (default 5 GiB, as mlx-lm/mlx-vlm)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_args(p)
     return p
 
 
@@ -1117,7 +1110,7 @@ def main_convert(args: argparse.Namespace) -> int:
 
 
 def add_verify_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `mlx-diffgemma verify` options (also used by the top-level verify/ script)."""
+    """The `mlx-diffgemma verify` options."""
     p.add_argument("mlx_path", help="the MLX model directory to check")
     p.add_argument("--against", default=None,
                    help="an unquantized (HF) directory to compare the logits of random canvases with")

@@ -368,6 +368,19 @@ def quantize(
     )
 
 
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """The options `convert` and `quantize` share: widths, dtype, sharding, overwrite."""
+    p.add_argument("--q-bits", type=int, default=None,
+                   help="low width of the mixed recipe (default 4; the high width stays 8)")
+    p.add_argument("--q-group-size", type=int, default=None, help="group size (default 64)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
+                   help="float dtype of unquantized tensors and of scales/biases (default: the source's)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0,
+                   help="largest shard file (default 5 GiB, as mlx-lm/mlx-vlm)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def add_quantize_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `mlx-diffgemma quantize` options (also used by the top-level quantize/ script)."""
     p.add_argument("--mlx-path", "--model", dest="mlx_path", required=True,
@@ -376,15 +389,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="where to write the re-quantized directory")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=RECIPES,
                    help=f"quantization recipe (default {DEFAULT_RECIPE}); bf16/fp16/fp32 dequantize")
-    p.add_argument("--q-bits", type=int, default=None,
-                   help="low width of the mixed recipe (default 4; the high width stays 8)")
-    p.add_argument("--q-group-size", type=int, default=None, help="group size (default 64)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
-                   help="float dtype of unquantized tensors and of scales/biases")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0,
-                   help="largest shard file (default 5 GiB, as mlx-lm/mlx-vlm)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_args(p)
     return p
 
 
