@@ -1,0 +1,310 @@
+#!/usr/bin/env python
+"""Each speed/memory change of BENCHMARKS.md measured alone: the runtime with and without
+it, steps timed interleaved (A, B, A, B, ...), median per variant, peak memory per
+variant, and whether every draft and the decoder logits stay bit-identical.
+
+    python scripts/bench_changes.py sort          # experts sorted before gather_(q)mm
+    python scripts/bench_changes.py compile       # mx.compile of the decoder step
+    python scripts/bench_changes.py memory        # dropped logits reference, fused entropy
+    python scripts/bench_changes.py clear-cache   # mx.clear_cache() at each canvas
+    python scripts/bench_changes.py sync          # one host sync per step vs none
+    python scripts/bench_changes.py streams       # two CPU streams for the big products
+      [--recipe mixed-4,fp32] [--config small] [--vocab N] [--reps 5]
+
+"without" is the code as it was (or the alternative), restored by monkeypatching, so
+both variants run in one process on one model.
+"""
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+
+import mlx_diffgemma as md  # noqa: E402
+import mlx_diffgemma.drafter as D  # noqa: E402
+import mlx_diffgemma.model as M  # noqa: E402
+import mlx_diffgemma.sampler as S  # noqa: E402
+from mlx_diffgemma.drafter import Draft, MLXDenoiser  # noqa: E402
+from mlx_diffgemma.peers import bench_generation  # noqa: E402
+from mlx_diffgemma.synthetic import preset_args, synthetic_model  # noqa: E402
+
+
+def patch(obj, name, value):
+    """(enter, exit) that set obj.name = value and restore the current value."""
+    old = getattr(obj, name)
+    return (lambda: setattr(obj, name, value), lambda: setattr(obj, name, old))
+
+
+def both(*pairs):
+    return (lambda: [p[0]() for p in pairs], lambda: [p[1]() for p in reversed(pairs)])
+
+
+NOOP = (lambda: None, lambda: None)
+
+
+# -- the alternatives ------------------------------------------------------------------
+
+
+def experts_unsorted(self, x, indices, weights):
+    x = mx.expand_dims(x, (-2, -3))
+    gate, up = mx.split(self.gate_up_proj(x, indices, sorted_indices=False), 2, axis=-1)
+    y = self.down_proj(nn.gelu_approx(gate) * up, indices, sorted_indices=False).squeeze(-2)
+    return (y * mx.expand_dims(weights.astype(y.dtype), -1)).sum(axis=-2)
+
+
+def step_keeping_logits(self, canvas, canvas_index, step):
+    logits = self.model.decode(canvas, self.cache, self._sc_logits)
+    processed = logits / self.gen.temperature(step)  # `logits` stays referenced
+    return self.sample(processed, canvas, canvas_index, step)
+
+
+def eager_entropy(logits):
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return -(mx.exp(logp) * logp).sum(axis=-1)
+
+
+def start_canvas_clearing(self, canvas_index):
+    mx.clear_cache()
+    return _start_canvas(self, canvas_index)
+
+
+_start_canvas = MLXDenoiser.start_canvas
+
+
+def variants(change):
+    if change == "sort":
+        return {"sorted (runtime)": NOOP, "unsorted": patch(M.Experts, "__call__", experts_unsorted)}
+    if change == "compile":
+        return {"eager (runtime)": patch(M.Model, "compile_decode", False),
+                "compiled decoder": patch(M.Model, "compile_decode", True)}
+    if change == "memory":
+        keep, eager = patch(MLXDenoiser, "step", step_keeping_logits), patch(S, "_entropy", eager_entropy)
+        return {"before: logits kept, eager entropy": both(keep, eager),
+                "logits reference dropped": eager,
+                "fused entropy": keep,
+                "both (runtime)": NOOP}
+    raise ValueError(change)
+
+
+# -- measurement -----------------------------------------------------------------------
+
+
+def build(a):
+    args = preset_args(a.config, vocab_size=a.vocab)
+    return args, synthetic_model(args, recipe=a.recipe_now, seed=0)
+
+
+def ab(a, vs):
+    args, m = build(a)
+    V, C = args.vocab_size, args.canvas_length
+    prompt = np.random.default_rng(0).integers(3, V, 512).tolist()
+    gen = bench_generation(8, 2 * C)
+    state, times, peaks = {}, {n: [] for n in vs}, {n: [] for n in vs}
+    for name, (enter, leave) in vs.items():
+        enter()
+        mx.random.seed(0)
+        d = MLXDenoiser(m, gen)
+        d.encode(prompt)
+        c = d.step(d.start_canvas(0), 0, 8)[0]
+        state[name] = [d, d.step(c, 0, 7)[0]]  # warm, self-conditioned from here on
+        leave()
+    for _ in range(a.reps):
+        for name, (enter, leave) in vs.items():
+            enter()
+            d, c = state[name]
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            for i in range(3):
+                tic = time.perf_counter()
+                c, am, acc, _ = d.step(c, 0, 6 - i)
+                am.tolist(), acc.tolist()
+                times[name].append(time.perf_counter() - tic)
+            peaks[name].append(mx.get_peak_memory())
+            state[name][1] = c
+            leave()
+    sigs = {}
+    for name, (enter, leave) in vs.items():
+        enter()
+        s = []
+        kw = dict(max_new_tokens=2 * C, max_denoising_steps=4, eos_token_id=None)
+        for extra in ({"noise": md.SeededNoise(1)}, {"seed": 3}):
+            evs = md.stream_generate(m, None, prompt[:100], **extra, **kw)
+            s.append([(e.tokens, e.accepted) for e in evs if isinstance(e, Draft)])
+        cache = m.make_cache()
+        m.encode(mx.array([prompt[:100]]), cache)
+        canvas = mx.array(np.random.default_rng(1).integers(0, V, (1, C)))
+        l1 = m.decode(canvas, cache, None)
+        l2 = m.decode(canvas, cache, l1 / 0.7)
+        s.append(hashlib.sha256(np.array(l1).tobytes() + np.array(l2).tobytes()).hexdigest())
+        sigs[name] = s
+        leave()
+    first = next(iter(sigs.values()))
+    return {
+        name: {
+            "step_ms": round(statistics.median(times[name]) * 1e3, 1),
+            "peak_mb": round(max(peaks[name]) / 1e6, 1),
+            "drafts_identical": sigs[name][:2] == first[:2],
+            "logits_identical": sigs[name][2] == first[2],
+        }
+        for name in vs
+    }
+
+
+def clear_cache(a):
+    args, m = build(a)
+    V, C = args.vocab_size, args.canvas_length
+    prompt = np.random.default_rng(0).integers(3, V, 700).tolist()
+    out = {}
+    for name, f in [("no clear (runtime)", _start_canvas), ("clear_cache per canvas", start_canvas_clearing)] * 2:
+        MLXDenoiser.start_canvas = f
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        tic, mem = time.perf_counter(), []
+        for ev in md.stream_generate(m, None, prompt, seed=0, max_new_tokens=4 * C,
+                                     max_denoising_steps=4, eos_token_id=None):
+            if isinstance(ev, md.Commit):
+                mem.append(round((mx.get_active_memory() + mx.get_cache_memory()) / 1e6))
+        out.setdefault(name, []).append({"s": round(time.perf_counter() - tic, 2), "active+cache_mb": mem,
+                                         "peak_active_mb": round(mx.get_peak_memory() / 1e6)})
+    MLXDenoiser.start_canvas = _start_canvas
+    return out
+
+
+def sync(a):
+    """Steps as the runtime runs them (one eval + reads per step) against the same graphs
+    chained with async_eval and evaluated once at the end: the most removing the per-step
+    host sync could give."""
+    args, m = build(a)
+    V = args.vocab_size
+    gen = bench_generation(8, 512)
+    d = MLXDenoiser(m, gen)
+    d.encode(np.random.default_rng(0).integers(3, V, 512).tolist())
+
+    def synced(n):
+        c = d.start_canvas(0)
+        for s in range(n, 0, -1):
+            c, am, acc, _ = d.step(c, 0, s)
+            am.tolist(), acc.tolist()
+
+    def unsynced(n):
+        c, outs = d.start_canvas(0), []
+        for s in range(n, 0, -1):
+            processed = m.decode(c, d.cache, d._sc_logits) / gen.temperature(s)
+            argmax = mx.argmax(processed, -1).astype(mx.int32)
+            sample = mx.random.categorical(processed, axis=-1).astype(mx.int32)
+            fresh = mx.random.randint(0, V, c.shape, dtype=mx.int32)
+            e = S.token_entropy(processed)
+            acc = S.entropy_bound_accept(e, gen.entropy_bound)
+            c = mx.where(acc, sample, fresh)
+            stop, d._history = S.stable_and_confident(argmax, d._history, e, 1, gen.confidence_threshold)
+            d._sc_logits = processed
+            mx.async_eval(c, argmax, acc, stop, processed, d._history)
+            outs.append((argmax, stop))
+        mx.eval(outs)
+
+    for f in (synced, unsynced):
+        f(3)
+    res = {"synced (runtime)": [], "no per-step sync": []}
+    for _ in range(a.reps):
+        for name, f in zip(res, (synced, unsynced)):
+            tic = time.perf_counter()
+            f(6)
+            res[name].append((time.perf_counter() - tic) / 6)
+    return {k: {"step_ms": round(statistics.median(v) * 1e3, 1)} for k, v in res.items()}
+
+
+def streams(a):
+    """Prototype of the next CPU lever: the LM head split by vocabulary halves and one
+    layer's experts split by assignment halves, on two CPU streams."""
+    from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
+
+    args, m = build(a)
+    emb = m.model.decoder.embed_tokens
+    s2 = mx.new_stream(mx.cpu)
+    h = mx.random.normal((1, args.canvas_length, args.hidden_size)).astype(m.dtype)
+    mx.eval(h)
+    out = {}
+    if isinstance(emb, nn.QuantizedEmbedding):
+        W, Sc, B, V = emb["weight"], emb["scales"], emb["biases"], emb["weight"].shape[0]
+        halves = [(W[: V // 2], Sc[: V // 2], B[: V // 2]), (W[V // 2:], Sc[V // 2:], B[V // 2:])]
+        mx.eval(halves)
+
+        def q(x, w, s, b):
+            return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=emb.group_size, bits=emb.bits)
+
+        def two():
+            x = q(h, *halves[0])
+            with mx.stream(s2):
+                y = q(h, *halves[1])
+            return mx.concatenate([x, y], -1)
+
+        out["LM head"] = (lambda: q(h, W, Sc, B), two)
+    layer = m.layers[0]
+    ex = layer.experts
+    idx, w = layer.router(h)
+    mx.eval(idx, w)
+
+    def experts_two():
+        x = mx.expand_dims(h, (-2, -3))
+        xs, ix, inv = _gather_sort(x, idx)
+        n, parts = ix.shape[0] // 2, []
+        for part, st in ((slice(0, n), mx.default_stream(mx.cpu)), (slice(n, None), s2)):
+            with mx.stream(st):
+                g, u = mx.split(ex.gate_up_proj(xs[part], ix[part], sorted_indices=True), 2, axis=-1)
+                parts.append(ex.down_proj(nn.gelu_approx(g) * u, ix[part], sorted_indices=True))
+        y = _scatter_unsort(mx.concatenate(parts, 0), inv, idx.shape).squeeze(-2)
+        return (y * mx.expand_dims(w.astype(y.dtype), -1)).sum(axis=-2)
+
+    out["experts, one layer"] = (lambda: ex(h, idx, w), experts_two)
+
+    def t(f):
+        mx.eval(f())
+        r = []
+        for _ in range(a.reps):
+            tic = time.perf_counter()
+            mx.eval(f())
+            r.append(time.perf_counter() - tic)
+        return round(statistics.median(r) * 1e3, 1)
+
+    res = {}
+    for name, (one, two) in out.items():
+        x, y = one(), two()
+        mx.eval(x, y)
+        res[name] = {"one_stream_ms": t(one), "two_streams_ms": t(two),
+                     "identical": bool(np.array_equal(np.array(x), np.array(y)))}
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("change", choices=["sort", "compile", "memory", "clear-cache", "sync", "streams"])
+    p.add_argument("--recipe", default="mixed-4,fp32", help="comma-separated recipes")
+    p.add_argument("--config", default="small")
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--reps", type=int, default=5)
+    a = p.parse_args()
+    for recipe in a.recipe.split(","):
+        a.recipe_now = recipe
+        if a.change == "clear-cache":
+            res = clear_cache(a)
+        elif a.change == "sync":
+            res = sync(a)
+        elif a.change == "streams":
+            res = streams(a)
+        else:
+            res = ab(a, variants(a.change))
+        print(json.dumps({"change": a.change, "recipe": recipe, "config": a.config,
+                          "vocab": a.vocab, "results": res}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
