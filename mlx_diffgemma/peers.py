@@ -37,7 +37,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import GenerationConfig
-from .drafter import MLXDenoiser, Summary, stream_generate
+from .drafter import MLXDenoiser, run_to_summary, stream_generate
 
 
 def bench_generation(steps: int, max_new_tokens: int, **overrides) -> GenerationConfig:
@@ -49,10 +49,44 @@ def bench_generation(steps: int, max_new_tokens: int, **overrides) -> Generation
     return GenerationConfig.from_model_dir(None, **kw)
 
 
+class _DrafterRunner:
+    """What our two backends share: a denoiser stepped like the drafter steps it, and
+    generation through the backend's own `stream_generate`."""
+
+    den = None
+
+    def _stream(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def _sync(self) -> None:
+        pass
+
+    def start(self):
+        return self.den.start_canvas(0)
+
+    def step(self, canvas, n: int):
+        canvas, argmax, accepted, _ = self.den.step(canvas, 0, n)
+        # What the drafter does with every step: the argmax row for the Draft event.
+        self.den.to_list(argmax), self.den.to_list(accepted)
+        return canvas
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, steps: int) -> Dict[str, Any]:
+        gen = self.gen
+        summary = run_to_summary(self._stream(
+            self.model, None, np.asarray(ids).reshape(-1).tolist(), seed=self.seed,
+            max_new_tokens=max_new_tokens, max_denoising_steps=steps, eos_token_id=None,
+            entropy_bound=gen.entropy_bound, t_min=gen.t_min, t_max=gen.t_max,
+            stability_threshold=gen.stability_threshold,
+            confidence_threshold=gen.confidence_threshold,
+        ))
+        self._sync()
+        return {"tokens": len(summary.tokens), "steps_per_canvas": summary.steps_per_canvas}
+
+
 # -- ours ----------------------------------------------------------------------------
 
 
-class OursRunner:
+class OursRunner(_DrafterRunner):
     name = "mlx-diffgemma"
 
     def __init__(self, model, gen: GenerationConfig, seed: int = 0):
@@ -70,28 +104,8 @@ class OursRunner:
         self.den = MLXDenoiser(self.model, self.gen)
         self.den.encode(np.asarray(ids).reshape(-1).tolist())
 
-    def start(self):
-        return self.den.start_canvas(0)
-
-    def step(self, canvas, n: int):
-        canvas, argmax, accepted, _ = self.den.step(canvas, 0, n)
-        # What the drafter does with every step: the argmax row for the Draft event.
-        self.den.to_list(argmax), self.den.to_list(accepted)
-        return canvas
-
-    def generate(self, ids: np.ndarray, max_new_tokens: int, steps: int) -> Dict[str, Any]:
-        gen = self.gen
-        summary = None
-        for ev in stream_generate(
-            self.model, None, np.asarray(ids).reshape(-1).tolist(), seed=self.seed,
-            max_new_tokens=max_new_tokens, max_denoising_steps=steps,
-            eos_token_id=None, entropy_bound=gen.entropy_bound, t_min=gen.t_min,
-            t_max=gen.t_max, stability_threshold=gen.stability_threshold,
-            confidence_threshold=gen.confidence_threshold,
-        ):
-            if isinstance(ev, Summary):
-                summary = ev
-        return {"tokens": len(summary.tokens), "steps_per_canvas": summary.steps_per_canvas}
+    def _stream(self, *args, **kwargs):
+        return stream_generate(*args, **kwargs)
 
     def decoder_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
         cache = self.model.make_cache()
@@ -347,7 +361,7 @@ def build_torch_model(model, config: Dict[str, Any], device: str = "cpu"):
     return tm
 
 
-class TorchRunner:
+class TorchRunner(_DrafterRunner):
     name = "transformers (torch)"
 
     def __init__(self, tmodel, gen: GenerationConfig, seed: int = 0):
@@ -377,30 +391,10 @@ class TorchRunner:
         self.den.encode(np.asarray(ids).reshape(-1).tolist())
         self._sync()
 
-    def start(self):
-        return self.den.start_canvas(0)
-
-    def step(self, canvas, n: int):
-        canvas, argmax, accepted, _ = self.den.step(canvas, 0, n)
-        self.den.to_list(argmax), self.den.to_list(accepted)
-        return canvas
-
-    def generate(self, ids: np.ndarray, max_new_tokens: int, steps: int) -> Dict[str, Any]:
+    def _stream(self, *args, **kwargs):
         from .torch_backend.drafter import stream_generate as torch_stream
 
-        gen = self.gen
-        summary = None
-        for ev in torch_stream(
-            self.model, None, np.asarray(ids).reshape(-1).tolist(), seed=self.seed,
-            max_new_tokens=max_new_tokens, max_denoising_steps=steps, eos_token_id=None,
-            entropy_bound=gen.entropy_bound, t_min=gen.t_min, t_max=gen.t_max,
-            stability_threshold=gen.stability_threshold,
-            confidence_threshold=gen.confidence_threshold,
-        ):
-            if isinstance(ev, Summary):
-                summary = ev
-        self._sync()
-        return {"tokens": len(summary.tokens), "steps_per_canvas": summary.steps_per_canvas}
+        return torch_stream(*args, **kwargs)
 
     def decoder_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
         from transformers.cache_utils import DynamicCache
