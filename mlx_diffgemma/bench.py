@@ -162,7 +162,12 @@ def build_model(args) -> tuple:
         hidden_size=args.hidden, canvas_length=args.canvas,
     )
     margs = preset_args(args.config, **over)
-    model = synthetic_model(margs, recipe=args.recipe, seed=args.seed)
+    dtype = args.dtype
+    if dtype == "auto":
+        # The released checkpoint's bf16 on a GPU; float32 on MLX's CPU backend, whose
+        # quantized kernels are 10x slower in bf16 (and 100x in fp16).
+        dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
+    model = synthetic_model(margs, recipe=args.recipe, dtype=getattr(mx, dtype), seed=args.seed)
     return model, hf_config(margs), f"synthetic {args.config} ({args.recipe})"
 
 
@@ -520,6 +525,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      "scaled-down preset with the same structure (default: small)")
     src.add_argument("--recipe", default="mixed-4", choices=["mixed-4", "4bit", "8bit", "fp32"],
                      help="quantization of the synthetic weights (default mixed-4)")
+    src.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="scales/biases/activations of the synthetic model (default: float32 on "
+                     "the CPU backend, bfloat16 on a GPU)")
     for flag, dest in (("--layers", "layers"), ("--experts", "experts"), ("--vocab", "vocab"),
                        ("--hidden", "hidden"), ("--canvas", "canvas")):
         src.add_argument(flag, dest=dest, type=int, default=None, help=f"override the preset's {dest}")

@@ -334,14 +334,14 @@ class Model(nn.Module):
         views = [c.view() for c in cache.layers]
         present = tuple(k is not None for k, _ in views)
         context = [a for (k, v), p in zip(views, present) if p for a in (k, v)]
-        # The position offset goes in as an array so a compiled trace serves every
-        # canvas whose context has the same shapes.
-        offset = mx.array(cache.offset, dtype=mx.int32)
         sc = self_conditioning_logits
         inputs = ([] if sc is None else [sc]) + context
         key = (sc is not None, present)
         if not self.compile_decode:
             return self._decode(key, canvas_ids, cache.offset, *inputs)
+        # The position offset goes in as an array so a compiled trace serves every
+        # canvas whose context has the same shapes.
+        offset = mx.array(cache.offset, dtype=mx.int32)
         fns = self.__dict__.setdefault("_decode_fns", {})
         if key not in fns:
             # One trace per (self-conditioned?, which layers hold context); MLX retraces
@@ -351,7 +351,7 @@ class Model(nn.Module):
         return fns[key](canvas_ids, offset, *inputs)
 
     # Compile the decoder step (see `decode`). Off: on MLX's CPU backend it measured
-    # 1-3% slower than eager with identical logits (BENCHMARKS.md); a switch so that a
+    # 0.4-4% slower than eager, with identical logits (BENCHMARKS.md); a switch so that a
     # Metal/CUDA run can measure it (`mlx-diffgemma bench --compile-decode`).
     compile_decode = False
 
