@@ -262,9 +262,10 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
     at the benched shapes: per layer kind, attention (incl. its norms), dense MLP
     (incl. norms), router + experts (incl. norms); then the final norm + LM head (with
     soft-capping), self-conditioning (softmax of the previous logits, the product with
-    the embedding, its MLP) and the sampler (everything after the logits)."""
+    the embedding, its MLP) and the sampler (everything after the logits). Each piece
+    runs on the lanes the step runs on (model.py)."""
     from .drafter import MLXDenoiser
-    from .model import embedding_matmul
+    from .model import attention_inputs_on_lanes, join_lanes, layer_on_lanes, on_lanes, split_lanes
 
     den = MLXDenoiser(model, gen)
     den.encode(prompt.reshape(-1).tolist())
@@ -281,6 +282,13 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
         mx.eval(fn())
         return statistics.median(_timed(lambda: mx.eval(fn())) for _ in range(iters))
 
+    # Every piece runs on the lanes the step uses (model.py), as the step runs it.
+    lanes = model._lanes(C)
+    hs = split_lanes(h, lanes)
+
+    def per_lane(fn, *xs):
+        return lambda: on_lanes(lanes, fn, *([split_lanes(x, lanes) for x in xs] or [hs]))
+
     pieces: Dict[str, float] = {}
     counts = {"sliding_attention": 0, "full_attention": 0}
     for kind in counts:
@@ -292,18 +300,25 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
             continue
         i = a.layer_types.index(kind)
         layer, c = dec.layers[i], cache.layers[i]
-        attn = t(lambda: layer.post_attention_layernorm(
-            layer.self_attn(layer.input_layernorm(h), c, offset, False)))
-        dense = t(lambda: layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(h))))
 
-        def moe():
-            idx, w = layer.router(h)
+        def attention():
+            qs, k, v = attention_inputs_on_lanes(layer, hs, lanes, c, offset, False)
+            return on_lanes(
+                lanes, lambda q: layer.post_attention_layernorm(layer.self_attn.attend(q, k, v, None)), qs)
+
+        def moe(x):
+            idx, w = layer.router(x)
             return layer.post_feedforward_layernorm_2(
-                layer.experts(layer.pre_feedforward_layernorm_2(h), idx, w))
+                layer.experts(layer.pre_feedforward_layernorm_2(x), idx, w))
 
-        experts = t(moe)
-        whole = t(lambda: layer(h, c, offset, False, None, layer.layer_scalar))
-        per_kind[kind] = {"attention": attn, "dense_mlp": dense, "experts": experts, "layer": whole}
+        per_kind[kind] = {
+            "attention": t(attention),
+            "dense_mlp": t(per_lane(
+                lambda x: layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(x))))),
+            "experts": t(per_lane(moe)),
+            "layer": t(lambda: layer_on_lanes(
+                layer, hs, lanes, c, offset, False, [None] * len(lanes), layer.layer_scalar)),
+        }
 
     def total(name):
         return sum(per_kind[k][name] * counts[k] for k in per_kind)
@@ -313,17 +328,12 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
     pieces["dense MLP"] = total("dense_mlp")
     pieces["layer rest (residuals, norms)"] = max(
         0.0, total("layer") - pieces["attention"] - pieces["experts (router + experts)"] - pieces["dense MLP"])
-    pieces["LM head (norm, matmul, softcap)"] = t(lambda: model._logits(dec.norm(h)))
+    pieces["LM head (norm, matmul, softcap)"] = t(
+        lambda: join_lanes(on_lanes(lanes, lambda x: model._logits(dec.norm(x)), hs)))
     sc_logits = logits.astype(model.dtype)
-
-    def sc():
-        probs = mx.softmax(sc_logits.astype(mx.float32), axis=-1)
-        soft = embedding_matmul(dec.embed_tokens, probs.astype(h.dtype))
-        soft = soft * mx.array(model.embed_scale, dtype=h.dtype)
-        return dec.self_conditioning(h, soft)
-
-    pieces["self-conditioning (softmax, embedding matmul, MLP)"] = t(sc)
-    pieces["embedding lookup"] = t(lambda: model._embed(canvas))
+    pieces["self-conditioning (softmax, embedding matmul, MLP)"] = t(
+        per_lane(model._self_conditioned, h, sc_logits))
+    pieces["embedding lookup"] = t(per_lane(model._embed, canvas))
 
     def sampler():
         den._sc_logits, den._history = None, None
@@ -463,6 +473,8 @@ def print_report(report: Dict[str, Any], console=None) -> None:
     console.print(
         f"[bold]settings[/bold] prompt {s['prompt_tokens']} tokens, {s['steps']} steps per canvas "
         f"(fixed), generation {s['gen_tokens']} tokens, medians of {s['iters']} after {s['warmup']} warm-up"
+        + (f"; ours on {s['lanes']['step']} lanes per step, {s['lanes']['prefill']} in prefill"
+           if "lanes" in s else "")
     )
     results, rat = report["results"], report["ratios"]
     names = [n for n in IMPLS if n in results]
@@ -550,6 +562,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--compile-decode", action="store_true",
                      help="run our decoder step through mx.compile (off by default: it did not pay "
                      "on the CPU backend; see BENCHMARKS.md)")
+    run.add_argument("--lanes", type=int, default=None,
+                     help="split our forward's tokens into this many lanes on separate streams "
+                     "(default: one per CPU core on the CPU backend, one on a GPU; see model.py)")
     run.add_argument("--torch-threads", type=int, default=None,
                      help="torch intra-op threads (default: OMP_NUM_THREADS, else 1)")
     run.add_argument("--torch-device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -602,6 +617,8 @@ def main_bench(args) -> int:
     model, config, description = build_model(args)
     if args.compile_decode:
         model.compile_decode = True
+    if args.lanes is not None:
+        model.lanes = args.lanes
     C, V = model.canvas_length, model.vocab_size
     gen_tokens = args.gen_tokens or 2 * C
     gen = bench_generation(args.steps, gen_tokens)
@@ -615,6 +632,7 @@ def main_bench(args) -> int:
             "prompt_tokens": args.prompt_tokens, "steps": args.steps, "gen_tokens": gen_tokens,
             "iters": args.iters, "warmup": args.warmup, "canvas_iters": args.canvas_iters,
             "compile_decode": bool(getattr(model, "compile_decode", False)),
+            "lanes": {"step": len(model._lanes(C)), "prefill": len(model._lanes(args.prompt_tokens))},
             "sampler": "reference: entropy-bound (bound %g), categorical at temperature 1 of the "
             "processed logits, linear temperature %g..%g, full canvas, stable-and-confident "
             "stop (stability %d, confidence %g) evaluated but never met by random weights"

@@ -9,8 +9,9 @@ convert with renames only and our output matches the mlx-community layout.
 
 from __future__ import annotations
 
+import os
 from functools import partial
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -85,6 +86,13 @@ class Attention(nn.Module):
         mask: Any = None,
         context: Optional[Tuple[mx.array, mx.array]] = None,
     ) -> mx.array:
+        q, k, v = self.project(x, offset)
+        k, v = self.keys_values(k, v, cache, encode, context)
+        return self.attend(q, k, v, None if not encode else mask)
+
+    def project(self, x: mx.array, offset: Union[int, mx.array]):
+        """Queries, keys and values of the tokens in `x` at positions offset, offset+1, ..:
+        projected, normed and rotated, [batch, heads, tokens, head_dim]."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
@@ -94,21 +102,30 @@ class Attention(nn.Module):
 
         q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
         k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
-        v = v.transpose(0, 2, 1, 3)
+        return q, k, v.transpose(0, 2, 1, 3)
 
+    def keys_values(
+        self,
+        k: mx.array,
+        v: mx.array,
+        cache: Optional[LayerCache],
+        encode: bool,
+        context: Optional[Tuple[mx.array, mx.array]] = None,
+    ) -> Tuple[mx.array, mx.array]:
+        """The keys and values the new tokens attend to. The encoder appends them to the
+        cache; the decoder reads the cached context (`context`, the cache's view: a
+        sliding layer's window only) before the whole canvas, unmasked."""
         if encode:
-            if cache is not None:
-                k, v = cache.update_and_fetch(k, v)
-        else:
-            # The decoder attends to the cached context (`context`, the cache's view:
-            # a sliding layer's window only) and the whole canvas, unmasked.
-            if context is None and cache is not None:
-                context = cache.view()
-            if context is not None and context[0] is not None:
-                k = mx.concatenate([context[0], k], axis=2)
-                v = mx.concatenate([context[1], v], axis=2)
-            mask = None
+            return cache.update_and_fetch(k, v) if cache is not None else (k, v)
+        if context is None and cache is not None:
+            context = cache.view()
+        if context is not None and context[0] is not None:
+            k = mx.concatenate([context[0], k], axis=2)
+            v = mx.concatenate([context[1], v], axis=2)
+        return k, v
 
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any) -> mx.array:
+        B, _, L, _ = q.shape
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -182,7 +199,15 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x, cache, offset, encode, mask, layer_scalar, context=None) -> mx.array:
-        h = self.self_attn(self.input_layernorm(x), cache, offset, encode, mask, context)
+        attn = self.self_attn
+        q, k, v = attn.project(self.input_layernorm(x), offset)
+        k, v = attn.keys_values(k, v, cache, encode, context)
+        return self.finish(x, q, k, v, mask if encode else None, layer_scalar)
+
+    def finish(self, x, q, k, v, mask, layer_scalar) -> mx.array:
+        """The layer after its keys and values are known: attention of the queries `q` of
+        the tokens `x`, then the dense and routed feed-forward, all per token."""
+        h = self.self_attn.attend(q, k, v, mask)
         r = x + self.post_attention_layernorm(h)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
         # The router reads the residual un-normalised; the experts read it normalised.
@@ -272,6 +297,112 @@ class DiffusionGemmaModel(nn.Module):
         self.encoder = Encoder(args)
 
 
+# -- lanes: the canvas split across streams -------------------------------------------
+#
+# Everything in a layer but attention's mixing is per token, so the tokens can be cut into
+# contiguous "lanes" that run on separate streams; only the keys and values are joined
+# before attention. On MLX's CPU backend each stream is a thread and the quantized
+# kernels are single-threaded, so lanes use the cores the kernels leave idle; each
+# token's arithmetic is unchanged, so the logits are bit-identical (tests hold this).
+# A GPU already runs each kernel on all its cores: there lanes would only add launches,
+# so they are on by default for the CPU alone.
+
+# Every lane holds at least this many tokens: with fewer, the per-lane overhead outweighs
+# the parallel work, and BLAS libraries may switch to small-matrix kernels that sum in
+# another order (OpenBLAS did at 16 rows: float32 logits moved in the last bits).
+MIN_LANE_TOKENS = 32
+
+Lane = Tuple[int, int, mx.Stream]
+_lane_streams: Dict[str, List[mx.Stream]] = {}
+
+
+def default_lanes() -> int:
+    """One lane per usable CPU core on the CPU backend, one elsewhere."""
+    if mx.default_device() != mx.cpu:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
+def make_lanes(tokens: int, n: int) -> List[Lane]:
+    """Up to `n` contiguous (start, stop, stream) spans covering `tokens`, each of at least
+    MIN_LANE_TOKENS tokens. The first lane runs on the default stream; the others on
+    streams of the default device made once and reused (MLX streams live as long as the
+    process)."""
+    n = max(1, min(n, tokens // MIN_LANE_TOKENS))
+    device = mx.default_device()
+    streams = _lane_streams.setdefault(str(device), [])
+    while len(streams) < n - 1:
+        streams.append(mx.new_stream(device))
+    all_streams = [mx.default_stream(device)] + streams[: n - 1]
+    bounds = [tokens * i // n for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1], all_streams[i]) for i in range(n)]
+
+
+def split_lanes(x: Optional[mx.array], lanes: Sequence[Lane]) -> List[Optional[mx.array]]:
+    """x [batch, tokens, ...] cut into the lanes' token spans."""
+    if x is None or len(lanes) == 1:
+        return [x] * len(lanes)
+    return [x[:, a:b] for a, b, _ in lanes]
+
+
+def join_lanes(xs: Sequence[mx.array], axis: int = 1) -> mx.array:
+    return xs[0] if len(xs) == 1 else mx.concatenate(list(xs), axis=axis)
+
+
+def on_lanes(lanes: Sequence[Lane], fn: Callable, *per_lane: Sequence) -> List:
+    """fn(lane's items of `per_lane`...) built on each lane's stream."""
+    if len(lanes) == 1:
+        return [fn(*(a[0] for a in per_lane))]
+    out = []
+    for i, (_, _, stream) in enumerate(lanes):
+        with mx.stream(stream):
+            out.append(fn(*(a[i] for a in per_lane)))
+    return out
+
+
+def attention_inputs_on_lanes(
+    layer: "DecoderLayer",
+    hs: List[mx.array],
+    lanes: Sequence[Lane],
+    cache: Optional[LayerCache],
+    offset: Union[int, mx.array],
+    encode: bool,
+    context: Optional[Tuple[mx.array, mx.array]] = None,
+) -> Tuple[List[mx.array], mx.array, mx.array]:
+    """Each lane's queries, and the keys and values all lanes attend to: the lanes' own,
+    joined (and, encoding, appended to the cache) after the cached context."""
+    attn = layer.self_attn
+    qkv = on_lanes(
+        lanes,
+        lambda h, lane: attn.project(layer.input_layernorm(h), offset + lane[0]),
+        hs,
+        lanes,
+    )
+    k = join_lanes([t[1] for t in qkv], axis=2)
+    v = join_lanes([t[2] for t in qkv], axis=2)
+    k, v = attn.keys_values(k, v, cache, encode, context)
+    return [t[0] for t in qkv], k, v
+
+
+def layer_on_lanes(
+    layer: "DecoderLayer",
+    hs: List[mx.array],
+    lanes: Sequence[Lane],
+    cache: Optional[LayerCache],
+    offset: Union[int, mx.array],
+    encode: bool,
+    masks: Sequence[Any],
+    layer_scalar: mx.array,
+    context: Optional[Tuple[mx.array, mx.array]] = None,
+) -> List[mx.array]:
+    """One layer over the lanes' hidden states `hs`."""
+    if len(lanes) == 1:
+        return [layer(hs[0], cache, offset, encode, masks[0], layer_scalar, context)]
+    qs, k, v = attention_inputs_on_lanes(layer, hs, lanes, cache, offset, encode, context)
+    return on_lanes(lanes, lambda h, q, m: layer.finish(h, q, k, v, m, layer_scalar), hs, qs, masks)
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -336,40 +467,61 @@ class Model(nn.Module):
         context = [a for (k, v), p in zip(views, present) if p for a in (k, v)]
         sc = self_conditioning_logits
         inputs = ([] if sc is None else [sc]) + context
-        key = (sc is not None, present)
+        # The lanes are part of the key: a compiled trace bakes in their streams.
+        n_lanes = len(self._lanes(canvas_ids.shape[1]))
+        key = (sc is not None, present, n_lanes)
         if not self.compile_decode:
-            return self._decode(key, canvas_ids, cache.offset, *inputs)
-        # The position offset goes in as an array so a compiled trace serves every
-        # canvas whose context has the same shapes.
-        offset = mx.array(cache.offset, dtype=mx.int32)
-        fns = self.__dict__.setdefault("_decode_fns", {})
-        if key not in fns:
-            # One trace per (self-conditioned?, which layers hold context); MLX retraces
-            # when the context grows (a new canvas), never between steps. The weights are
-            # read through `inputs=self.state`, so a later `update` of the model is seen.
-            fns[key] = mx.compile(partial(self._decode, key), inputs=self.state)
-        return fns[key](canvas_ids, offset, *inputs)
+            logits = self._decode(key, canvas_ids, cache.offset, *inputs)
+        else:
+            # The position offset goes in as an array so a compiled trace serves every
+            # canvas whose context has the same shapes.
+            offset = mx.array(cache.offset, dtype=mx.int32)
+            fns = self.__dict__.setdefault("_decode_fns", {})
+            if key not in fns:
+                # One trace per (self-conditioned?, which layers hold context, lanes); MLX
+                # retraces when the context grows (a new canvas), never between steps.
+                # The weights are read through `inputs=self.state`, so a later `update`
+                # of the model is seen.
+                fns[key] = mx.compile(partial(self._decode, key), inputs=self.state)
+            logits = fns[key](canvas_ids, offset, *inputs)
+        if n_lanes > 1:
+            # Evaluated here, on lanes: run in one graph with what the caller does next
+            # (the sampler), the lanes kept one more [canvas x vocab] array alive at the
+            # step's peak (measured: 4.05 units instead of 3.10 at the real vocab).
+            mx.eval(logits)
+        return logits
 
     # Compile the decoder step (see `decode`). Off: on MLX's CPU backend it measured
     # 0.4-4% slower than eager, with identical logits (BENCHMARKS.md); a switch so that a
     # Metal/CUDA run can measure it (`mlx-diffgemma bench --compile-decode`).
     compile_decode = False
 
+    # How many lanes a forward splits its tokens into (see `make_lanes`); None: one per
+    # CPU core on the CPU backend, one on a GPU (`default_lanes`).
+    lanes: Optional[int] = None
+
+    def _lanes(self, tokens: int) -> List[Lane]:
+        n = default_lanes() if self.lanes is None else self.lanes
+        return make_lanes(tokens, n)
+
     def _decode(self, key, canvas_ids, offset, *inputs):
-        has_sc, present = key
+        has_sc, present, n_lanes = key
         dec = self.model.decoder
-        h = self._embed(canvas_ids)
-        soft = None
-        if has_sc:
-            probs = mx.softmax(inputs[0].astype(mx.float32), axis=-1)
-            soft = embedding_matmul(dec.embed_tokens, probs.astype(h.dtype))
-            soft = soft * mx.array(self.embed_scale, dtype=h.dtype)
-        h = dec.self_conditioning(h, soft)
+        lanes = make_lanes(canvas_ids.shape[1], n_lanes)
+
+        sc = inputs[0] if has_sc else None
+        hs = on_lanes(
+            lanes,
+            lambda ids, sc: self._self_conditioned(self._embed(ids), sc),
+            split_lanes(canvas_ids, lanes),
+            split_lanes(sc, lanes),
+        )
         it = iter(inputs[1:] if has_sc else inputs)
+        no_masks = [None] * len(lanes)
         for layer, p in zip(dec.layers, present):
             kv = (next(it), next(it)) if p else None
-            h = layer(h, None, offset, False, None, layer.layer_scalar, kv)
-        return self._logits(dec.norm(h))
+            hs = layer_on_lanes(layer, hs, lanes, None, offset, False, no_masks, layer.layer_scalar, kv)
+        return join_lanes(on_lanes(lanes, lambda h: self._logits(dec.norm(h)), hs))
 
     # -- internals -------------------------------------------------------------------
 
@@ -377,6 +529,17 @@ class Model(nn.Module):
         h = self.model.decoder.embed_tokens(ids)
         # The reference multiplies by sqrt(hidden) cast to the weight dtype.
         return h * mx.array(self.embed_scale, dtype=h.dtype)
+
+    def _self_conditioned(self, h: mx.array, sc_logits: Optional[mx.array]) -> mx.array:
+        """The decoder's input: embeddings `h` with the self-conditioning signal of the
+        previous step's logits (softmax, then the product with the embedding table)."""
+        dec = self.model.decoder
+        soft = None
+        if sc_logits is not None:
+            probs = mx.softmax(sc_logits.astype(mx.float32), axis=-1)
+            soft = embedding_matmul(dec.embed_tokens, probs.astype(h.dtype))
+            soft = soft * mx.array(self.embed_scale, dtype=h.dtype)
+        return dec.self_conditioning(h, soft)
 
     def _logits(self, h: mx.array) -> mx.array:
         logits = self.model.decoder.embed_tokens.as_linear(h).astype(mx.float32)
@@ -387,16 +550,17 @@ class Model(nn.Module):
 
     def _encode_chunk(self, ids: mx.array, cache: EncoderCache) -> None:
         dec = self.model.decoder
-        h = self._embed(ids)
         offset = cache.offset
         L = ids.shape[1]
-        masks: Dict[str, Any] = {}
+        lanes = self._lanes(L)
+        hs = on_lanes(lanes, self._embed, split_lanes(ids, lanes))
+        masks: Dict[str, List[Any]] = {}
         for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
             kind = self.args.layer_types[i]
             if kind not in masks:
-                masks[kind] = _encoder_mask(L, offset, c)
+                masks[kind] = _lane_masks(_encoder_mask(L, offset, c), L, c.retained + L, lanes)
             scalar = self.model.encoder.language_model.layers[i].layer_scalar
-            h = layer(h, c, offset, True, masks[kind], scalar)
+            hs = layer_on_lanes(layer, hs, lanes, c, offset, True, masks[kind], scalar)
         # The encoder's output states are not used for generation: its product is the
         # cache. Keep the last layer's work in the graph via the cache arrays only.
 
@@ -424,3 +588,14 @@ def _encoder_mask(L: int, offset: int, cache: LayerCache):
     q = mx.arange(offset, offset + L)[:, None]
     k = mx.arange(offset - retained, offset + L)[None]
     return (k <= q) & (q - k < window)
+
+
+def _lane_masks(mask: Any, L: int, keys: int, lanes: Sequence[Lane]) -> List[Any]:
+    """Each lane's rows of an encoder mask over `keys` keys, the last L of them new.
+    "causal" (aligned to the last key) becomes an explicit mask once rows are split."""
+    if len(lanes) == 1 or mask is None:
+        return [mask] * len(lanes)
+    if isinstance(mask, str):
+        k = mx.arange(keys)[None]
+        return [k <= mx.arange(a + keys - L, b + keys - L)[:, None] for a, b, _ in lanes]
+    return [mask[a:b] for a, b, _ in lanes]

@@ -8,7 +8,7 @@ variant, and whether every draft and the decoder logits stay bit-identical.
     python scripts/bench_changes.py memory        # dropped logits reference, fused entropy
     python scripts/bench_changes.py clear-cache   # mx.clear_cache() at each canvas
     python scripts/bench_changes.py sync          # one host sync per step vs none
-    python scripts/bench_changes.py streams       # two CPU streams for the big products
+    python scripts/bench_changes.py lanes         # tokens split into lanes on CPU streams
       [--recipe mixed-4,fp32] [--config small] [--vocab N] [--reps 5]
 
 "without" is the code as it was (or the alternative), restored by monkeypatching, so
@@ -92,6 +92,8 @@ def variants(change):
                 "logits reference dropped": eager,
                 "fused entropy": keep,
                 "both (runtime)": NOOP}
+    if change == "lanes":
+        return {"one lane": patch(M.Model, "lanes", 1), "one lane per core (runtime)": NOOP}
     raise ValueError(change)
 
 
@@ -222,71 +224,9 @@ def sync(a):
     return {k: {"step_ms": round(statistics.median(v) * 1e3, 1)} for k, v in res.items()}
 
 
-def streams(a):
-    """Prototype of the next CPU lever: the LM head split by vocabulary halves and one
-    layer's experts split by assignment halves, on two CPU streams."""
-    from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
-
-    args, m = build(a)
-    emb = m.model.decoder.embed_tokens
-    s2 = mx.new_stream(mx.cpu)
-    h = mx.random.normal((1, args.canvas_length, args.hidden_size)).astype(m.dtype)
-    mx.eval(h)
-    out = {}
-    if isinstance(emb, nn.QuantizedEmbedding):
-        W, Sc, B, V = emb["weight"], emb["scales"], emb["biases"], emb["weight"].shape[0]
-        halves = [(W[: V // 2], Sc[: V // 2], B[: V // 2]), (W[V // 2:], Sc[V // 2:], B[V // 2:])]
-        mx.eval(halves)
-
-        def q(x, w, s, b):
-            return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=emb.group_size, bits=emb.bits)
-
-        def two():
-            x = q(h, *halves[0])
-            with mx.stream(s2):
-                y = q(h, *halves[1])
-            return mx.concatenate([x, y], -1)
-
-        out["LM head"] = (lambda: q(h, W, Sc, B), two)
-    layer = m.layers[0]
-    ex = layer.experts
-    idx, w = layer.router(h)
-    mx.eval(idx, w)
-
-    def experts_two():
-        x = mx.expand_dims(h, (-2, -3))
-        xs, ix, inv = _gather_sort(x, idx)
-        n, parts = ix.shape[0] // 2, []
-        for part, st in ((slice(0, n), mx.default_stream(mx.cpu)), (slice(n, None), s2)):
-            with mx.stream(st):
-                g, u = mx.split(ex.gate_up_proj(xs[part], ix[part], sorted_indices=True), 2, axis=-1)
-                parts.append(ex.down_proj(nn.gelu_approx(g) * u, ix[part], sorted_indices=True))
-        y = _scatter_unsort(mx.concatenate(parts, 0), inv, idx.shape).squeeze(-2)
-        return (y * mx.expand_dims(w.astype(y.dtype), -1)).sum(axis=-2)
-
-    out["experts, one layer"] = (lambda: ex(h, idx, w), experts_two)
-
-    def t(f):
-        mx.eval(f())
-        r = []
-        for _ in range(a.reps):
-            tic = time.perf_counter()
-            mx.eval(f())
-            r.append(time.perf_counter() - tic)
-        return round(statistics.median(r) * 1e3, 1)
-
-    res = {}
-    for name, (one, two) in out.items():
-        x, y = one(), two()
-        mx.eval(x, y)
-        res[name] = {"one_stream_ms": t(one), "two_streams_ms": t(two),
-                     "identical": bool(np.array_equal(np.array(x), np.array(y)))}
-    return res
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("change", choices=["sort", "compile", "memory", "clear-cache", "sync", "streams"])
+    p.add_argument("change", choices=["sort", "compile", "memory", "clear-cache", "sync", "lanes"])
     p.add_argument("--recipe", default="mixed-4,fp32", help="comma-separated recipes")
     p.add_argument("--config", default="small")
     p.add_argument("--vocab", type=int, default=None)
@@ -298,8 +238,6 @@ def main():
             res = clear_cache(a)
         elif a.change == "sync":
             res = sync(a)
-        elif a.change == "streams":
-            res = streams(a)
         else:
             res = ab(a, variants(a.change))
         print(json.dumps({"change": a.change, "recipe": recipe, "config": a.config,

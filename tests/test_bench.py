@@ -66,13 +66,19 @@ def test_breakdown(report):
     assert bd["layer_counts"] == {"sliding_attention": 1, "full_attention": 1}
 
 
-def test_compiled_decoder_matches_eager():
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_compiled_decoder_matches_eager(lanes, monkeypatch):
     """The `compile_decode` switch (offset passed as an array, cache views as inputs) gives
-    the eager logits bit for bit, across canvases (the trace is redone per context shape)."""
+    the eager logits bit for bit, across canvases (the trace is redone per context shape),
+    on one lane and on two (model.py; 16-token lanes so the 32-token canvas splits)."""
+    import mlx_diffgemma.model as M
     from mlx_diffgemma.synthetic import preset_args, synthetic_model
 
+    monkeypatch.setattr(M, "MIN_LANE_TOKENS", 16)
     args = preset_args("tiny")
     model = synthetic_model(args, seed=3)
+    model.lanes = lanes
+    assert len(model._lanes(args.canvas_length)) == lanes
     V, C = args.vocab_size, args.canvas_length
     rng = np.random.default_rng(0)
     cache = model.make_cache()
@@ -98,3 +104,31 @@ def test_memory_arithmetic_of_the_real_model():
     assert mem["unit_gb"] == pytest.approx(256 * 262144 * 4 / 1e9)
     assert mem["total_gb"] == pytest.approx(
         mem["weights_gb"] + mem["kv_cache_gb"] + mem["step_activations_gb"] + mem["layer_activations_gb"])
+
+
+def test_lanes_keep_the_step_peak_of_one_lane(monkeypatch):
+    """On lanes `decode` evaluates its logits before the sampler runs: in one graph with
+    the sampler the concurrent lanes kept one more [canvas x vocab] array alive."""
+    import mlx_diffgemma.model as M
+    from mlx_diffgemma.drafter import MLXDenoiser
+    from mlx_diffgemma.peers import bench_generation
+    from mlx_diffgemma.synthetic import preset_args, synthetic_model
+
+    monkeypatch.setattr(M, "MIN_LANE_TOKENS", 16)
+    args = preset_args("tiny", vocab_size=16384)
+    model = synthetic_model(args, recipe="fp32", seed=1)
+    unit = args.canvas_length * args.vocab_size * 4
+    peaks = {}
+    for lanes in (1, 2):
+        model.lanes = lanes
+        assert len(model._lanes(args.canvas_length)) == lanes
+        den = MLXDenoiser(model, bench_generation(8, args.canvas_length))
+        den.encode(list(range(3, 40)))
+        canvas = den.start_canvas(0)
+        canvas = den.step(canvas, 0, 8)[0]
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        den.step(canvas, 0, 7)  # self-conditioned
+        peaks[lanes] = (mx.get_peak_memory() - base) / unit
+    assert peaks[2] <= peaks[1] + 0.25, peaks

@@ -137,6 +137,27 @@ def test_whole_runs_token_for_token(seed, prompt_len, canvases, kw, damped):
     )
 
 
+@pytest.mark.parametrize("seed, prompt_len, canvases, kw", [RUNS[2], RUNS[3]])
+def test_whole_runs_on_lanes_token_for_token(seed, prompt_len, canvases, kw, damped, monkeypatch):
+    """The same runs with the canvas and the prompt split into two lanes on two streams
+    (model.py; lanes shrunk to 8 tokens so the 16-token canvas splits): the tokens and the
+    steps are transformers' still."""
+    import mlx_diffgemma.model as M
+
+    path, model, tmodel, ref = damped
+    monkeypatch.setattr(M, "MIN_LANE_TOKENS", 8)
+    monkeypatch.setattr(model, "lanes", 2)
+    C, V = model.canvas_length, model.vocab_size
+    assert len(model._lanes(C)) == 2
+    prompt = _prompt(V, prompt_len, 100 + seed)
+    kw = dict(kw, max_new_tokens=canvases * C, eos_token_id=None)
+    noise = md.SeededNoise(seed)
+    ours = _summary(md.stream_generate(model, None, prompt, noise=noise, **kw))
+    reference = hooked_generate(ref, np.array([prompt]), noise, **kw)
+    assert ours.tokens == reference.tokens[0].tolist()
+    assert ours.steps_per_canvas == reference.steps_per_canvas
+
+
 def test_eos_ends_generation_like_the_reference(damped):
     """With an EOS id that the model is sure to emit early, generation stops after that
     canvas, pads after the first EOS, and our tokens drop the padding."""

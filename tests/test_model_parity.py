@@ -173,3 +173,42 @@ def test_report_worst_differences():
     for k in sorted(WORST):
         print(f"worst |logit diff| {k}: {WORST[k]:.2e}")
     assert all(v <= ATOL for v in WORST.values())
+
+
+def test_lanes_are_bit_identical_and_match_transformers(ckpt_factory):
+    """The tokens split into lanes on separate streams (model.py): encoder cache and
+    decoder logits bit-identical to one lane, for 2 and 3 lanes of >= 32 tokens, with the
+    context past the sliding window, with and without self-conditioning; one lane and
+    three held to transformers."""
+    import mlx_diffgemma.model as M
+    from tiny_checkpoints import load_reference
+
+    path = ckpt_factory("lanes")
+    model, _ = load(path)
+    ref = load_reference(path)
+    V, C = model.vocab_size, model.canvas_length
+    assert C == 3 * M.MIN_LANE_TOKENS
+    prompt, canvas, sc = _inputs(V, C, 70, 6)
+    first = np.random.default_rng(7).integers(0, V, (1, C))
+    runs = {}
+    for n in (1, 2, 3):
+        model.lanes = n
+        try:
+            lanes = model._lanes(C)
+            assert len(lanes) == n and len({id(s) for _, _, s in lanes}) == n
+            cache = model.make_cache()
+            model.encode(mx.array(prompt), cache)
+            model.encode(mx.array(first), cache)
+            kv = [np.array(a) for a in cache.state_arrays()]
+            plain = np.array(model.decode(mx.array(canvas), cache, None))
+            cond = np.array(model.decode(mx.array(canvas), cache, mx.array(sc)))
+        finally:
+            model.lanes = None
+        runs[n] = kv, plain, cond
+    for n in (2, 3):
+        for a, b in zip(runs[1][0], runs[n][0]):
+            assert np.array_equal(a, b), f"{n} lanes: encoder cache differs"
+        assert np.array_equal(runs[1][1], runs[n][1]), f"{n} lanes: logits differ"
+        assert np.array_equal(runs[1][2], runs[n][2]), f"{n} lanes: self-conditioned logits differ"
+    expected = reference_decoder_logits(ref, prompt, canvas, sc, prefix_canvases=[first])
+    _check("lanes/2nd-canvas", runs[3][2], expected)

@@ -124,6 +124,8 @@ SHAPES: dict[str, dict] = {
         canvas_length=16,
     ),
 }
+# "mixed" with a canvas that splits into three lanes of MIN_LANE_TOKENS (model.py).
+SHAPES["lanes"] = dict(SHAPES["mixed"], canvas_length=96)
 
 # The smallest Gemma-4 vision tower transformers accepts (it cannot build the model
 # without one); its weights are saved but no text test uses them.
