@@ -297,11 +297,11 @@ class DiffusionGemmaModel(nn.Module):
         self.encoder = Encoder(args)
 
 
-# -- lanes: the canvas split across streams -------------------------------------------
+# -- lanes: the tokens split across streams -------------------------------------------
 #
-# Everything in a layer but attention's mixing is per token, so the tokens can be cut into
-# contiguous "lanes" that run on separate streams; only the keys and values are joined
-# before attention. On MLX's CPU backend each stream is a thread and the quantized
+# Everything in a layer but attention's mixing is per token, so the tokens (a canvas, a
+# prefill chunk) can be cut into contiguous "lanes" that run on separate streams; only
+# the keys and values are joined before attention, and the logits after the LM head. On MLX's CPU backend each stream is a thread and the quantized
 # kernels are single-threaded, so lanes use the cores the kernels leave idle; each
 # token's arithmetic is unchanged, so the logits are bit-identical (tests hold this).
 # A GPU already runs each kernel on all its cores: there lanes would only add launches,
