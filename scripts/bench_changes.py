@@ -9,6 +9,7 @@ variant, and whether every draft and the decoder logits stay bit-identical.
     python scripts/bench_changes.py clear-cache   # mx.clear_cache() at each canvas
     python scripts/bench_changes.py sync          # one host sync per step vs none
     python scripts/bench_changes.py lanes         # tokens split into lanes on CPU streams
+    python scripts/bench_changes.py sampler-lanes # (prototype) the sampler on lanes too
       [--recipe mixed-4,fp32] [--config small] [--vocab N] [--reps 5]
 
 "without" is the code as it was (or the alternative), restored by monkeypatching, so
@@ -224,9 +225,51 @@ def sync(a):
     return {k: {"step_ms": round(statistics.median(v) * 1e3, 1)} for k, v in res.items()}
 
 
+def sampler_lanes(a):
+    """Prototype of the next CPU lever: the sampler's per-token work (argmax, the
+    categorical draw, the entropy) on the forward's lanes, the draw's Gumbel noise made
+    whole (as `mx.random.categorical` makes it) and sliced, so seeded runs keep their
+    bits. Times and peak (in [canvas x vocab] float32 units) against the runtime's."""
+    args, m = build(a)
+    C, V = args.canvas_length, args.vocab_size
+    p = mx.random.normal((1, C, V)) * 3
+    mx.eval(p)
+    lanes = M.make_lanes(C, M.default_lanes())
+
+    def one():
+        mx.random.seed(1)
+        return mx.argmax(p, -1), mx.random.categorical(p, axis=-1), S.token_entropy(p)
+
+    def on_lanes():
+        mx.random.seed(1)
+        g = mx.random.gumbel(p.shape, dtype=p.dtype)
+        parts = M.on_lanes(
+            lanes, lambda x, gx: (mx.argmax(x, -1), mx.argmax(x + gx, -1), S.token_entropy(x)),
+            M.split_lanes(p, lanes), M.split_lanes(g, lanes))
+        return tuple(M.join_lanes([q[i] for q in parts]) for i in range(3))
+
+    x, y = one(), on_lanes()
+    mx.eval(x, y)
+    res = {"identical": all(np.array_equal(np.array(u), np.array(v)) for u, v in zip(x, y)),
+           "lanes": len(lanes)}
+    for name, f in (("one lane (runtime)", one), ("sampler on lanes", on_lanes)):
+        times, peaks = [], []
+        for _ in range(a.reps):
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            tic = time.perf_counter()
+            mx.eval(f())
+            times.append(time.perf_counter() - tic)
+            peaks.append((mx.get_peak_memory() - base) / (C * V * 4))
+        res[name] = {"ms": round(statistics.median(times) * 1e3, 1), "peak_units": round(max(peaks), 2)}
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("change", choices=["sort", "compile", "memory", "clear-cache", "sync", "lanes"])
+    p.add_argument("change", choices=["sort", "compile", "memory", "clear-cache", "sync", "lanes",
+                                         "sampler-lanes"])
     p.add_argument("--recipe", default="mixed-4,fp32", help="comma-separated recipes")
     p.add_argument("--config", default="small")
     p.add_argument("--vocab", type=int, default=None)
@@ -238,6 +281,8 @@ def main():
             res = clear_cache(a)
         elif a.change == "sync":
             res = sync(a)
+        elif a.change == "sampler-lanes":
+            res = sampler_lanes(a)
         else:
             res = ab(a, variants(a.change))
         print(json.dumps({"change": a.change, "recipe": recipe, "config": a.config,
