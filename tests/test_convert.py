@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tiny_checkpoints
 from mlx_diffgemma.convert import (
     INDEX_FILE,
     ConversionError,
@@ -36,34 +35,6 @@ from mlx_diffgemma.quantize import estimate, quantize
 from mlx_diffgemma.weights import expected_shapes
 
 REPO = Path(__file__).resolve().parents[1]
-S, F = tiny_checkpoints.SLIDING, tiny_checkpoints.FULL
-
-# Every quantizable input dim a multiple of 64: hidden 64, intermediate 128, experts'
-# intermediate 64, attention 4 x 16 (sliding) / 4 x 32 (full).
-tiny_checkpoints.SHAPES.setdefault(
-    "q64",
-    dict(
-        text_config=dict(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            layer_types=[S, S, F, F],
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            global_head_dim=32,
-            num_global_key_value_heads=1,
-            sliding_window=8,
-            num_experts=4,
-            top_k_experts=2,
-            moe_intermediate_size=64,
-            max_position_embeddings=1024,
-            use_bidirectional_attention="vision",
-        ),
-        canvas_length=16,
-    ),
-)
 
 # What each recipe must give each kind of matrix (None: unquantized).
 KINDS = {

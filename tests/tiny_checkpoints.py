@@ -126,6 +126,23 @@ SHAPES: dict[str, dict] = {
 }
 # "mixed" with a canvas that splits into three lanes of MIN_LANE_TOKENS (model.py).
 SHAPES["lanes"] = dict(SHAPES["mixed"], canvas_length=96)
+# "mixed" with every quantizable input dim a multiple of 64, for the convert tests'
+# group-64 recipes: hidden 64, intermediate 128, experts' intermediate 64, attention
+# 4 x 16 (sliding) / 4 x 32 (full).
+SHAPES["q64"] = dict(
+    SHAPES["mixed"],
+    text_config=dict(
+        SHAPES["mixed"]["text_config"],
+        vocab_size=256,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        layer_types=[SLIDING, SLIDING, FULL, FULL],
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=64,
+        max_position_embeddings=1024,
+    ),
+)
 
 # The smallest Gemma-4 vision tower transformers accepts (it cannot build the model
 # without one); its weights are saved but no text test uses them.
