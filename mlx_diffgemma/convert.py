@@ -49,6 +49,7 @@ from .quantize import (
     add_output_args,
     make_recipe,
     module_quantization,
+    output_options,
     quantization_record,
 )
 from .weights import QUANT_SUFFIXES, expected_shapes, hf_to_mlx_name, is_vision_tensor
@@ -1098,14 +1099,9 @@ def main_convert(args: argparse.Namespace) -> int:
         args.hf_path,
         args.mlx_path,
         quantize=args.quantize,
-        q_bits=args.q_bits,
-        q_group_size=args.q_group_size,
         recipe=args.recipe,
-        dtype=args.dtype,
-        force=args.force,
         revision=args.revision,
-        max_shard_size=int(args.max_shard_size_gb * 2**30),
-        progress=not args.no_progress,
+        **output_options(args),
     )
 
 

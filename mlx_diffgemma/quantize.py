@@ -381,6 +381,18 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def output_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The keyword arguments of `convert`/`quantize` that `add_output_args` parsed."""
+    return dict(
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        dtype=args.dtype,
+        force=args.force,
+        max_shard_size=int(args.max_shard_size_gb * 2**30),
+        progress=not args.no_progress,
+    )
+
+
 def add_quantize_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `mlx-diffgemma quantize` options (also used by the top-level quantize/ script)."""
     p.add_argument("--mlx-path", "--model", dest="mlx_path", required=True,
@@ -401,10 +413,5 @@ def main_quantize(args: argparse.Namespace) -> int:
         args.mlx_path,
         args.out_path,
         recipe=args.recipe,
-        q_bits=args.q_bits,
-        q_group_size=args.q_group_size,
-        dtype=args.dtype,
-        force=args.force,
-        max_shard_size=int(args.max_shard_size_gb * 2**30),
-        progress=not args.no_progress,
+        **output_options(args),
     )
