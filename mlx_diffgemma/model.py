@@ -48,6 +48,9 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
+    """Used in three pieces, `project`, `keys_values` and `attend` (see
+    `DecoderLayer.__call__`), so that lanes can join their keys and values in between."""
+
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.is_sliding = args.layer_types[layer_idx] == "sliding_attention"
@@ -76,19 +79,6 @@ class Attention(nn.Module):
             scaling_config=rope,
             max_position_embeddings=args.max_position_embeddings,
         )
-
-    def __call__(
-        self,
-        x: mx.array,
-        cache: Optional[LayerCache],
-        offset: Union[int, mx.array],
-        encode: bool,
-        mask: Any = None,
-        context: Optional[Tuple[mx.array, mx.array]] = None,
-    ) -> mx.array:
-        q, k, v = self.project(x, offset)
-        k, v = self.keys_values(k, v, cache, encode, context)
-        return self.attend(q, k, v, None if not encode else mask)
 
     def project(self, x: mx.array, offset: Union[int, mx.array]):
         """Queries, keys and values of the tokens in `x` at positions offset, offset+1, ..:
