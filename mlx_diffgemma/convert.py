@@ -42,7 +42,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .quantize import (
-    DTYPE_NAMES,
     RECIPES,
     Recipe,
     RecipeError,

@@ -31,7 +31,6 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mlx_diffgemma as md  # noqa: E402
-import mlx_diffgemma.drafter as D  # noqa: E402
 import mlx_diffgemma.model as M  # noqa: E402
 import mlx_diffgemma.sampler as S  # noqa: E402
 from mlx_diffgemma.drafter import Draft, MLXDenoiser  # noqa: E402

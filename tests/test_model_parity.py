@@ -6,7 +6,6 @@ import pytest
 
 from hf_reference import reference_decoder_logits, reference_encoder_cache
 from mlx_diffgemma import load
-from mlx_diffgemma.loader import load_model
 
 # Two correct float32 implementations land near 1e-4 on logits of magnitude ~20.
 ATOL = 1e-3
