@@ -367,7 +367,7 @@ def memory_arithmetic(config: Dict[str, Any], recipe: str = "mixed-4", prompt: i
       full layer prompt + generated tokens (the conservative count: our drafter never
       encodes the last canvas);
     * one denoising step, counted in units of a [canvas x vocab] float32 array (268 MB at
-      the real shapes), live at the step's peak after this session's changes (measured
+      the real shapes), live at the step's peak (measured
       on the CPU backend at smaller shapes, see BENCHMARKS.md): the processed float32
       logits (which took the raw logits' buffer), the self-conditioning copy of them kept
       for the next step (bf16: half a unit), and two sampler temporaries (the Gumbel

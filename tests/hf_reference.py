@@ -415,27 +415,3 @@ def reference_encoder_cache(model, ids, chunks: Optional[Sequence[int]] = None) 
     for n in chunks:
         seen = _encode(model, cache, ids[:, seen : seen + n], seen)
     return [(_np(layer.keys), _np(layer.values)) for layer in cache.layers]
-
-
-# ------------------------------------------------------------ reference rules in numpy
-
-
-def entropy(logits: np.ndarray) -> np.ndarray:
-    """Per-position entropy of softmax(logits) over the last axis (float64)."""
-    x = logits.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
-    return -(np.exp(logp) * logp).sum(-1)
-
-
-def entropy_bound_mask(processed_logits: np.ndarray, entropy_bound: float) -> np.ndarray:
-    """The entropy-bound acceptance rule, restated in numpy: sort positions by entropy
-    ascending, accept the prefix whose cumulative entropy minus its last (largest)
-    entropy is <= the bound."""
-    h = entropy(processed_logits)
-    order = np.argsort(h, axis=-1, kind="stable")
-    hs = np.take_along_axis(h, order, -1)
-    sel = (np.cumsum(hs, -1) - hs) <= entropy_bound
-    mask = np.zeros_like(sel)
-    np.put_along_axis(mask, order, sel, -1)
-    return mask

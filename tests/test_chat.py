@@ -2,13 +2,14 @@
 turns, Ctrl-C, and model resolution (LM Studio folders, offline Hugging Face cache,
 packaged models). No network.
 
-The cache-reuse test is held to a fresh single-shot generation of the same conversation
-under the same noise (`SeededNoise`). The checkpoint is the "mixed" shape with its
-self-conditioning down_proj scaled by 0.1 and runs are kept to 12 denoising steps, so
-that the float rounding difference between encoding the prompt in pieces (the chat) and
-in one call (the fresh run) cannot be amplified into a different token; on MLX's CPU
-backend the two are in fact bit-identical. The comparison is shown to have teeth: a
-cache that kept turn 1's empty thought channel produces a different reply.
+The cache-reuse tests hold a turn generated on the session's reused cache to a fresh
+cache that encodes the same conversation in one call. The two hold the same tokens but
+encode them in different pieces, so their floats differ in the last bits and whole
+replies may part at a near-tie (self-conditioning then amplifies it): the comparison is
+teacher-forced (tests/teacher_forcing.py). The turn is recorded step by step, replayed on
+the fresh cache, and must give the same logits to float tolerance and every decision
+that is certain under that difference. The comparison is shown to have teeth: a cache
+that kept turn 1's empty thought channel fails it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import mlx_diffgemma as md
 from mlx_diffgemma import chat as chat_mod
 from mlx_diffgemma import loader
 from mlx_diffgemma.chat import ChatSession, Interrupted, Prefill, split_prompt
-from mlx_diffgemma.drafter import Commit, Summary
+from mlx_diffgemma.config import GenerationConfig
+from mlx_diffgemma.drafter import Commit, MLXDenoiser, Summary
+from teacher_forcing import recording, replay
 
 REPO = Path(__file__).resolve().parents[1]
 THOUGHT = "<|channel>thought\n<channel|>"  # the Gemma 4 empty thought channel
@@ -96,6 +99,20 @@ def mixed_sc01(ckpt_factory):
 
 
 GEN = dict(max_denoising_steps=12, max_new_tokens=48)  # up to 3 canvases of 16
+ATOL = 1e-3  # raw logits (~20): a reused and a fresh cache land near 1e-5
+
+
+def _fresh_denoiser(model, path, context_ids, seed, **gen):
+    """An MLX denoiser on a new cache that holds `context_ids`, encoded in one call."""
+    den = MLXDenoiser(model, GenerationConfig.from_model_dir(path, **gen), noise=md.SeededNoise(seed))
+    den.encode(context_ids)
+    return den
+
+
+def _stable_ids(tok, session) -> list:
+    """The last turn's prompt up to its stable boundary (the suffix is the drafter's)."""
+    split = split_prompt(tok, session.conversation()[:-1])
+    return split.ids[: split.stable]
 
 
 def _tight_cache(monkeypatch):
@@ -136,7 +153,8 @@ def test_second_turn_encodes_only_new_tokens_and_matches_fresh(mixed_sc01, rollb
     assert session.cached_tokens == len(stable1)
 
     spy.calls.clear()
-    ev2 = _run(session, user2)
+    with recording(monkeypatch, MLXDenoiser) as turn2:
+        ev2 = _run(session, user2)
     pre2, s2 = ev2[0], ev2[-1]
     assert isinstance(pre2, Prefill) and isinstance(s2, Summary)
     # Turn 2 re-renders turn 1 as history: "<|turn>model\n{reply}<turn|>\n" (no thought
@@ -153,23 +171,18 @@ def test_second_turn_encodes_only_new_tokens_and_matches_fresh(mixed_sc01, rollb
     new_tokens = len(stable2) - len(stable1)
     assert (pre2.reused, pre2.encoded, pre2.suffix) == (len(stable1), new_tokens, suffix)
     assert spy.calls == [new_tokens, suffix] + [C] * (s2.canvases - 1)
+    assert turn2[0].ids == _char_tokens(path, THOUGHT)  # the drafter's first encode
 
-    # Same conversation, fresh cache, one single-shot generation, same noise.
-    full2_ids = _char_tokens(path, full2)
-    fresh = list(md.stream_generate(model, tok, full2_ids, noise=md.SeededNoise(11), **GEN))[-1]
-    assert fresh.tokens == s2.tokens and fresh.text == s2.text
-    assert fresh.steps_per_canvas == s2.steps_per_canvas
+    # The same conversation on a fresh cache (encoded in one call) computes the same
+    # turn: teacher-forced, same logits and decisions.
+    fresh = _fresh_denoiser(model, path, stable2, 11, **GEN)
+    replay(fresh, turn2, md.SeededNoise(11), from_numpy=mx.array).check(ATOL)
 
     # Teeth: had turn 1's thought channel stayed in the cache (cut at the wrong place),
-    # the same delta would give another reply.
-    wrong = model.make_cache()
-    model.encode(mx.array([_char_tokens(path, full1)]), wrong)
-    model.encode(mx.array([stable2[len(stable1) :]]), wrong)
-    wrong_reply = list(
-        md.stream_generate(model, tok, full2_ids[len(stable2) :], cache=wrong,
-                           noise=md.SeededNoise(11), **GEN)
-    )[-1]
-    assert wrong_reply.tokens != s2.tokens
+    # the same turn would not be what that cache computes.
+    wrong = _fresh_denoiser(model, path, _char_tokens(path, full1), 11, **GEN)
+    wrong.encode(stable2[len(stable1) :])
+    assert replay(wrong, turn2, md.SeededNoise(11), from_numpy=mx.array).max_logit_diff > 100 * ATOL
 
 
 def test_interrupted_turn_leaves_session_as_before(mixed_sc01, monkeypatch):
@@ -184,15 +197,15 @@ def test_interrupted_turn_leaves_session_as_before(mixed_sc01, monkeypatch):
     assert s.messages == msgs and s.interrupted == 1
     # The cache still holds the dropped message's turn up to its stable boundary; the
     # next turn cuts it back to what it shares with the new render and goes on from there.
-    ev = _run(s, "second question")
-    pre, after = ev[0], ev[-1]
+    with recording(monkeypatch, MLXDenoiser) as turn:
+        ev = _run(s, "second question")
+    pre = ev[0]
     assert pre.reused > held and pre.rolled_back > 0 and pre.note is None
+    assert isinstance(ev[-1], Summary)
 
-    # The same conversation without the interrupted turn, in a fresh session.
-    ref = ChatSession(model, tok, gen_kwargs=kw, noise=md.SeededNoise(5))
-    _run(ref, "first question")
-    expected = _run(ref, "second question")[-1]
-    assert after.tokens == expected.tokens
+    # The same conversation without the interrupted turn, on a fresh cache.
+    fresh = _fresh_denoiser(model, mixed_sc01, _stable_ids(tok, s), 5, **kw)
+    replay(fresh, turn, md.SeededNoise(5), from_numpy=mx.array).check(ATOL)
 
 
 def test_changed_start_cuts_or_clears_cache_and_long_prompt_is_refused(mixed_sc01, monkeypatch):
@@ -255,17 +268,27 @@ def test_slash_commands(mixed_sc01, tmp_path):
     assert run("/exit")[0] is False
 
 
-def test_torch_backend_reuses_cache_too(mixed_sc01):
+def test_torch_backend_reuses_cache_too(mixed_sc01, monkeypatch):
+    import torch
+
     from mlx_diffgemma import torch_backend as tb
 
     model, tok = tb.load(mixed_sc01, device="cpu")
     s = ChatSession(model, tok, gen_kwargs=GEN, noise=md.SeededNoise(2))
     first = _run(s, "hello")
-    pre = _run(s, "and now?")
+    with recording(monkeypatch, tb.TorchDenoiser) as turn:
+        pre = _run(s, "and now?")
     assert pre[0].reused == first[0].encoded > 0
-    ids = split_prompt(tok, s.conversation()[:-1]).ids
-    fresh = list(tb.stream_generate(model, tok, ids, noise=md.SeededNoise(2), **GEN))[-1]
-    assert fresh.tokens == pre[-1].tokens
+    assert isinstance(pre[-1], Summary)
+    gen = GenerationConfig.from_model_dir(mixed_sc01, **GEN)
+    fresh = tb.TorchDenoiser(model, gen, noise=md.SeededNoise(2))
+    fresh.encode(_stable_ids(tok, s))
+
+    def from_numpy(a):
+        t = torch.as_tensor(a)
+        return t.long() if not t.is_floating_point() else t
+
+    replay(fresh, turn, md.SeededNoise(2), from_numpy=from_numpy).check(ATOL)
 
 
 def test_generate_command_plain_stdout(ckpt_factory, capsys):

@@ -1,16 +1,17 @@
 """The drafter held to the reference generate(), two ways.
 
-1. Per-step replay (teacher forcing), on ordinary random checkpoints: the reference's
-   recorded trajectory is fed step by step to our MLX denoiser; every decision (argmax,
-   sample, acceptance, next canvas, stop) must be identical and the logits close.
-2. Whole runs, token for token, on checkpoints whose self-conditioning output is scaled
-   down (random weights otherwise amplify float rounding 5-10x per step): MLX drafter
-   vs torch drafter, and torch drafter vs transformers' own generate() with its
-   randomness replaced by the same noise. Tokens and steps per canvas identical.
-   The scale is 0.02: measured on the "mixed" fixture (logits ~20), the MLX-vs-torch
-   difference of the fed-back logits then stays flat near 3e-4 (max 1.1e-3) over 36
-   steps, where 0.1 still let it grow ~2x per step and part the runs after ~25 steps
-   (both float32 paths are within 3.2e-4 of a float64 run of the reference).
+1. Teacher-forced replay (tests/teacher_forcing.py), wherever the two sides compute
+   different floats (MLX vs torch, one lane vs two): the reference's recorded
+   trajectory is fed step by step to our MLX denoiser; the logits must be close and
+   every decision that the measured difference cannot flip (argmax, sample, acceptance,
+   next canvas, stop) identical. Replay cannot compound a rounding difference, so it
+   runs on ordinary random checkpoints too.
+2. Whole runs, token for token, where both sides compute the same floats by
+   construction: our torch drafter vs transformers' own generate() (same network, same
+   torch ops, the context encoded in the same pieces) with its randomness replaced by
+   the same noise. Tokens and steps per canvas identical. These run on checkpoints
+   whose self-conditioning output is scaled down (0.02), so that the whole MLX runs
+   printed beside them stay comparable to the reference's for the closing statistics.
 """
 
 import mlx.core as mx
@@ -22,6 +23,9 @@ from hf_reference import hooked_generate
 from mlx_diffgemma import torch_backend as tb
 from mlx_diffgemma.config import GenerationConfig
 from mlx_diffgemma.drafter import MLXDenoiser, Summary
+from teacher_forcing import from_reference, recording, replay
+
+ATOL = 1e-3  # raw logits (~20); two float32 implementations land near 1e-4
 
 STATS = {}  # for the closing note: steps per canvas and tokens per forward side by side
 
@@ -56,31 +60,13 @@ def test_per_step_replay_matches_reference(shape, ckpt_factory):
 
     gen = GenerationConfig.from_model_dir(path, **kw)
     den = MLXDenoiser(model, gen, noise=noise)
-    den.encode(prompt)
-    worst = 0.0
-    for ci in range(result.n_canvases):
-        if ci:
-            den.encode(result.committed(ci - 1, C)[0].tolist())
-        recs = result.canvas_steps(ci)
-        assert [r.step for r in recs][0] == 10
-        start = den.start_canvas(ci)
-        np.testing.assert_array_equal(np.array(start), result.init_canvases[ci])
-        argmaxes = []
-        for r in recs:
-            # Feed the reference's inputs: canvas, self-conditioning logits, stop history.
-            den._sc_logits = None if r.sc_logits_in is None else mx.array(r.sc_logits_in)
-            den._history = None if not argmaxes else mx.array(np.stack(argmaxes[-1:]).astype(np.int32))
-            nxt, argmax, accepted, stop = den.step(mx.array(r.canvas_in), ci, r.step)
-            # The decoder logits of this step (processed = logits / temperature).
-            raw = np.array(den._sc_logits) * np.float32(r.temperature)
-            worst = max(worst, float(np.abs(raw - r.raw_logits).max()))
-            np.testing.assert_allclose(raw, r.raw_logits, atol=1e-3)
-            assert np.array(argmax).tolist() == r.argmax_canvas[0].tolist(), (ci, r.step)
-            assert np.array(accepted).tolist() == r.accepted_mask[0].tolist(), (ci, r.step)
-            np.testing.assert_array_equal(np.array(nxt), r.next_canvas, err_msg=f"{ci}/{r.step}")
-            assert stop == bool(r.stop_fired[0]), (ci, r.step)
-            argmaxes.append(r.argmax_canvas)
-    STATS[f"replay/{shape} worst |logit diff|"] = worst
+    for ci in range(result.n_canvases):  # same noise, same starting canvas
+        np.testing.assert_array_equal(np.array(den.start_canvas(ci)), result.init_canvases[ci])
+    record = from_reference(result, prompt, C, gen.stability_threshold)
+    report = replay(den, record, noise, from_numpy=mx.array)
+    report.check(ATOL)
+    assert report.steps == 2 * 10
+    STATS[f"replay/{shape} worst |logit diff|"] = report.max_logit_diff
 
 
 # -- 2. whole runs ------------------------------------------------------------------------
@@ -110,38 +96,43 @@ def damped(ckpt_factory):
 
 
 @pytest.mark.parametrize("seed, prompt_len, canvases, kw", RUNS)
-def test_whole_runs_token_for_token(seed, prompt_len, canvases, kw, damped):
+def test_whole_runs_token_for_token(seed, prompt_len, canvases, kw, damped, monkeypatch):
     path, model, tmodel, ref = damped
     C, V = model.canvas_length, model.vocab_size
     prompt = _prompt(V, prompt_len, 100 + seed)
     kw = dict(kw, max_new_tokens=canvases * C, eos_token_id=None)
     noise = md.SeededNoise(seed)
 
-    ours = _summary(md.stream_generate(model, None, prompt, noise=noise, **kw))
-    torch_ = _summary(tb.stream_generate(tmodel, None, prompt, noise=noise, **kw))
+    with recording(monkeypatch, tb.TorchDenoiser) as torch_run:
+        torch_ = _summary(tb.stream_generate(tmodel, None, prompt, noise=noise, **kw))
     reference = hooked_generate(ref, np.array([prompt]), noise, **kw)
 
-    # (b) torch drafter vs transformers' generate()
+    # (b) torch drafter vs transformers' generate(): the same floats, token for token
     assert torch_.tokens == reference.tokens[0].tolist()
     assert torch_.steps_per_canvas == reference.steps_per_canvas
     assert torch_.tokens_per_forward == pytest.approx(float(reference.tokens_per_forward[0]))
-    # (a) MLX drafter vs torch drafter
-    assert ours.tokens == torch_.tokens
-    assert ours.steps_per_canvas == torch_.steps_per_canvas
-    assert ours.canvases == canvases
+    assert torch_.canvases == canvases
     if "stability_threshold" in kw:
-        assert min(ours.steps_per_canvas) < kw["max_denoising_steps"], "expected an early stop"
+        assert min(torch_.steps_per_canvas) < kw["max_denoising_steps"], "expected an early stop"
+    # (a) MLX drafter vs torch drafter: the torch run replayed on MLX, every encode,
+    # step and stop of the loop included
+    gen = GenerationConfig.from_model_dir(path, **kw)
+    report = replay(MLXDenoiser(model, gen, noise=noise), torch_run, noise, from_numpy=mx.array)
+    report.check(ATOL)
+    assert report.steps == sum(torch_.steps_per_canvas)
+
+    ours = _summary(md.stream_generate(model, None, prompt, noise=noise, **kw))
     STATS[f"run seed {seed}"] = (
         f"steps/canvas MLX {ours.steps_per_canvas} transformers {reference.steps_per_canvas}; "
-        f"tokens/forward MLX {ours.tokens_per_forward:.3f} transformers {float(reference.tokens_per_forward[0]):.3f}"
+        f"tokens/forward MLX {ours.tokens_per_forward:.3f} transformers {float(reference.tokens_per_forward[0]):.3f}; "
+        f"replayed MLX-vs-torch worst |logit diff| {report.max_logit_diff:.2e}"
     )
 
 
 @pytest.mark.parametrize("seed, prompt_len, canvases, kw", [RUNS[2], RUNS[3]])
-def test_whole_runs_on_lanes_token_for_token(seed, prompt_len, canvases, kw, damped, monkeypatch):
-    """The same runs with the canvas and the prompt split into two lanes on two streams
-    (model.py; lanes shrunk to 8 tokens so the 16-token canvas splits): the tokens and the
-    steps are transformers' still."""
+def test_whole_runs_on_lanes_match_the_reference(seed, prompt_len, canvases, kw, damped, monkeypatch):
+    """The reference's runs replayed with the canvas and the prompt split into two lanes
+    on two streams (model.py; lanes shrunk to 8 tokens so the 16-token canvas splits)."""
     import mlx_diffgemma.model as M
 
     path, model, tmodel, ref = damped
@@ -152,10 +143,12 @@ def test_whole_runs_on_lanes_token_for_token(seed, prompt_len, canvases, kw, dam
     prompt = _prompt(V, prompt_len, 100 + seed)
     kw = dict(kw, max_new_tokens=canvases * C, eos_token_id=None)
     noise = md.SeededNoise(seed)
-    ours = _summary(md.stream_generate(model, None, prompt, noise=noise, **kw))
-    reference = hooked_generate(ref, np.array([prompt]), noise, **kw)
-    assert ours.tokens == reference.tokens[0].tolist()
-    assert ours.steps_per_canvas == reference.steps_per_canvas
+    reference = hooked_generate(ref, np.array([prompt]), noise, record=True, **kw)
+    gen = GenerationConfig.from_model_dir(path, **kw)
+    record = from_reference(reference, prompt, C, gen.stability_threshold)
+    report = replay(MLXDenoiser(model, gen, noise=noise), record, noise, from_numpy=mx.array)
+    report.check(ATOL)
+    assert report.steps == sum(reference.steps_per_canvas)
 
 
 def test_eos_ends_generation_like_the_reference(damped):
@@ -166,17 +159,24 @@ def test_eos_ends_generation_like_the_reference(damped):
     prompt = _prompt(V, 9, 55)
     noise = md.SeededNoise(5)
     kw = dict(max_new_tokens=4 * C, max_denoising_steps=8, eos_token_id=None)
-    free = _summary(md.stream_generate(model, None, prompt, noise=noise, **kw))
-    eos = free.tokens[C + 3]  # a token of the second canvas becomes "EOS"
-    kw["eos_token_id"] = [eos]
-    ours = _summary(md.stream_generate(model, None, prompt, noise=noise, **kw))
-    reference = hooked_generate(ref, np.array([prompt]), noise, **kw)
-    cut = free.tokens.index(eos) + 1
-    assert ours.tokens == free.tokens[:cut]
-    assert ours.finish_reason == "eos" and ours.canvases == cut // C + (cut % C > 0)
-    ref_tokens = reference.tokens[0].tolist()
-    assert ref_tokens[:cut] == ours.tokens
-    assert all(t == 0 for t in ref_tokens[cut:])  # the reference pads with pad_token_id
+    # Each side picks a token of its own second canvas as "EOS" and is held to its own
+    # free run (same floats up to the EOS canvas); the torch drafter is held to
+    # generate() under the same EOS (same floats), and pads where the reference pads.
+    for name, run in (
+        ("mlx", lambda **k: md.stream_generate(model, None, prompt, noise=noise, **k)),
+        ("torch", lambda **k: tb.stream_generate(tmodel, None, prompt, noise=noise, **k)),
+    ):
+        free = _summary(run(**kw))
+        eos = free.tokens[C + 3]
+        ours = _summary(run(**dict(kw, eos_token_id=[eos])))
+        cut = free.tokens.index(eos) + 1
+        assert ours.tokens == free.tokens[:cut], name
+        assert ours.finish_reason == "eos" and ours.canvases == cut // C + (cut % C > 0), name
+        if name == "torch":
+            reference = hooked_generate(ref, np.array([prompt]), noise, **dict(kw, eos_token_id=[eos]))
+            ref_tokens = reference.tokens[0].tolist()
+            assert ref_tokens[:cut] == ours.tokens
+            assert all(t == 0 for t in ref_tokens[cut:])  # the reference pads with pad_token_id
 
 
 def test_report_stats():
