@@ -263,9 +263,9 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
     (incl. norms), router + experts (incl. norms); then the final norm + LM head (with
     soft-capping), self-conditioning (softmax of the previous logits, the product with
     the embedding, its MLP) and the sampler (everything after the logits). Each piece
-    runs on the lanes the step runs on (model.py)."""
+    runs on the lanes the step runs on (lanes.py)."""
     from .drafter import MLXDenoiser
-    from .model import attention_inputs_on_lanes, join_lanes, layer_on_lanes, on_lanes, split_lanes
+    from .lanes import attention_inputs, join_lanes, on_lanes, run_layer, split_lanes
 
     den = MLXDenoiser(model, gen)
     den.encode(prompt.reshape(-1).tolist())
@@ -282,7 +282,7 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
         mx.eval(fn())
         return statistics.median(_timed(lambda: mx.eval(fn())) for _ in range(iters))
 
-    # Every piece runs on the lanes the step uses (model.py), as the step runs it.
+    # Every piece runs on the lanes the step uses (lanes.py), as the step runs it.
     lanes = model._lanes(C)
     hs = split_lanes(h, lanes)
 
@@ -302,7 +302,7 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
         layer, c = dec.layers[i], cache.layers[i]
 
         def attention():
-            qs, k, v = attention_inputs_on_lanes(layer, hs, lanes, c, offset, False)
+            qs, k, v = attention_inputs(layer, hs, lanes, offset=offset, cache=c)
             return on_lanes(
                 lanes, lambda q: layer.post_attention_layernorm(layer.self_attn.attend(q, k, v, None)), qs)
 
@@ -316,8 +316,8 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
             "dense_mlp": t(per_lane(
                 lambda x: layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(x))))),
             "experts": t(per_lane(moe)),
-            "layer": t(lambda: layer_on_lanes(
-                layer, hs, lanes, c, offset, False, [None] * len(lanes), layer.layer_scalar)),
+            "layer": t(lambda: run_layer(
+                layer, hs, lanes, offset=offset, layer_scalar=layer.layer_scalar, cache=c)),
         }
 
     def total(name):
@@ -564,7 +564,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      "on the CPU backend; see BENCHMARKS.md)")
     run.add_argument("--lanes", type=int, default=None,
                      help="split our forward's tokens into this many lanes on separate streams "
-                     "(default: one per CPU core on the CPU backend, one on a GPU; see model.py)")
+                     "(default: one per CPU core on the CPU backend, one on a GPU; see lanes.py)")
     run.add_argument("--torch-threads", type=int, default=None,
                      help="torch intra-op threads (default: OMP_NUM_THREADS, else 1)")
     run.add_argument("--torch-device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -9,9 +9,8 @@ convert with renames only and our output matches the mlx-community layout.
 
 from __future__ import annotations
 
-import os
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +19,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 
 from .cache import EncoderCache, LayerCache
 from .config import ModelArgs
+from .lanes import Lane, join_lanes, lane_masks, make_lanes, on_lanes, run_layer, split_lanes
 from .weights import hf_to_mlx_name
 
 
@@ -98,8 +98,9 @@ class Attention(nn.Module):
         self,
         k: mx.array,
         v: mx.array,
-        cache: Optional[LayerCache],
-        encode: bool,
+        *,
+        cache: Optional[LayerCache] = None,
+        encode: bool = False,
         context: Optional[Tuple[mx.array, mx.array]] = None,
     ) -> Tuple[mx.array, mx.array]:
         """The keys and values the new tokens attend to. The encoder appends them to the
@@ -188,10 +189,22 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, cache, offset, encode, mask, layer_scalar, context=None) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        *,
+        offset: Union[int, mx.array],
+        layer_scalar: mx.array,
+        cache: Optional[LayerCache] = None,
+        encode: bool = False,
+        mask: Any = None,
+        context: Optional[Tuple[mx.array, mx.array]] = None,
+    ) -> mx.array:
+        """Encoding (`encode=True`): causal over the cache, appending to it. Decoding: the
+        canvas attends to `context` (or the cache's view) and itself, unmasked."""
         attn = self.self_attn
         q, k, v = attn.project(self.input_layernorm(x), offset)
-        k, v = attn.keys_values(k, v, cache, encode, context)
+        k, v = attn.keys_values(k, v, cache=cache, encode=encode, context=context)
         return self.finish(x, q, k, v, mask if encode else None, layer_scalar)
 
     def finish(self, x, q, k, v, mask, layer_scalar) -> mx.array:
@@ -287,112 +300,6 @@ class DiffusionGemmaModel(nn.Module):
         self.encoder = Encoder(args)
 
 
-# -- lanes: the tokens split across streams -------------------------------------------
-#
-# Everything in a layer but attention's mixing is per token, so the tokens (a canvas, a
-# prefill chunk) can be cut into contiguous "lanes" that run on separate streams; only
-# the keys and values are joined before attention, and the logits after the LM head. On MLX's CPU backend each stream is a thread and the quantized
-# kernels are single-threaded, so lanes use the cores the kernels leave idle; each
-# token's arithmetic is unchanged, so the logits are bit-identical (tests hold this).
-# A GPU already runs each kernel on all its cores: there lanes would only add launches,
-# so they are on by default for the CPU alone.
-
-# Every lane holds at least this many tokens: with fewer, the per-lane overhead outweighs
-# the parallel work, and BLAS libraries may switch to small-matrix kernels that sum in
-# another order (OpenBLAS did at 16 rows: float32 logits moved in the last bits).
-MIN_LANE_TOKENS = 32
-
-Lane = Tuple[int, int, mx.Stream]
-_lane_streams: Dict[str, List[mx.Stream]] = {}
-
-
-def default_lanes() -> int:
-    """One lane per usable CPU core on the CPU backend, one elsewhere."""
-    if mx.default_device() != mx.cpu:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
-
-
-def make_lanes(tokens: int, n: int) -> List[Lane]:
-    """Up to `n` contiguous (start, stop, stream) spans covering `tokens`, each of at least
-    MIN_LANE_TOKENS tokens. The first lane runs on the default stream; the others on
-    streams of the default device made once and reused (MLX streams live as long as the
-    process)."""
-    n = max(1, min(n, tokens // MIN_LANE_TOKENS))
-    device = mx.default_device()
-    streams = _lane_streams.setdefault(str(device), [])
-    while len(streams) < n - 1:
-        streams.append(mx.new_stream(device))
-    all_streams = [mx.default_stream(device)] + streams[: n - 1]
-    bounds = [tokens * i // n for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1], all_streams[i]) for i in range(n)]
-
-
-def split_lanes(x: Optional[mx.array], lanes: Sequence[Lane]) -> List[Optional[mx.array]]:
-    """x [batch, tokens, ...] cut into the lanes' token spans."""
-    if x is None or len(lanes) == 1:
-        return [x] * len(lanes)
-    return [x[:, a:b] for a, b, _ in lanes]
-
-
-def join_lanes(xs: Sequence[mx.array], axis: int = 1) -> mx.array:
-    return xs[0] if len(xs) == 1 else mx.concatenate(list(xs), axis=axis)
-
-
-def on_lanes(lanes: Sequence[Lane], fn: Callable, *per_lane: Sequence) -> List:
-    """fn(lane's items of `per_lane`...) built on each lane's stream."""
-    if len(lanes) == 1:
-        return [fn(*(a[0] for a in per_lane))]
-    out = []
-    for i, (_, _, stream) in enumerate(lanes):
-        with mx.stream(stream):
-            out.append(fn(*(a[i] for a in per_lane)))
-    return out
-
-
-def attention_inputs_on_lanes(
-    layer: "DecoderLayer",
-    hs: List[mx.array],
-    lanes: Sequence[Lane],
-    cache: Optional[LayerCache],
-    offset: Union[int, mx.array],
-    encode: bool,
-    context: Optional[Tuple[mx.array, mx.array]] = None,
-) -> Tuple[List[mx.array], mx.array, mx.array]:
-    """Each lane's queries, and the keys and values all lanes attend to: the lanes' own,
-    joined (and, encoding, appended to the cache) after the cached context."""
-    attn = layer.self_attn
-    qkv = on_lanes(
-        lanes,
-        lambda h, lane: attn.project(layer.input_layernorm(h), offset + lane[0]),
-        hs,
-        lanes,
-    )
-    k = join_lanes([t[1] for t in qkv], axis=2)
-    v = join_lanes([t[2] for t in qkv], axis=2)
-    k, v = attn.keys_values(k, v, cache, encode, context)
-    return [t[0] for t in qkv], k, v
-
-
-def layer_on_lanes(
-    layer: "DecoderLayer",
-    hs: List[mx.array],
-    lanes: Sequence[Lane],
-    cache: Optional[LayerCache],
-    offset: Union[int, mx.array],
-    encode: bool,
-    masks: Sequence[Any],
-    layer_scalar: mx.array,
-    context: Optional[Tuple[mx.array, mx.array]] = None,
-) -> List[mx.array]:
-    """One layer over the lanes' hidden states `hs`."""
-    if len(lanes) == 1:
-        return [layer(hs[0], cache, offset, encode, masks[0], layer_scalar, context)]
-    qs, k, v = attention_inputs_on_lanes(layer, hs, lanes, cache, offset, encode, context)
-    return on_lanes(lanes, lambda h, q, m: layer.finish(h, q, k, v, m, layer_scalar), hs, qs, masks)
-
-
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -486,13 +393,12 @@ class Model(nn.Module):
     # Metal/CUDA run can measure it (`mlx-diffgemma bench --compile-decode`).
     compile_decode = False
 
-    # How many lanes a forward splits its tokens into (see `make_lanes`); None: one per
-    # CPU core on the CPU backend, one on a GPU (`default_lanes`).
+    # How many lanes a forward splits its tokens into (lanes.py); None: one per CPU core
+    # on the CPU backend, one on a GPU.
     lanes: Optional[int] = None
 
     def _lanes(self, tokens: int) -> List[Lane]:
-        n = default_lanes() if self.lanes is None else self.lanes
-        return make_lanes(tokens, n)
+        return make_lanes(tokens, self.lanes)
 
     def _decode(self, key, canvas_ids, offset, *inputs):
         has_sc, present, n_lanes = key
@@ -507,10 +413,9 @@ class Model(nn.Module):
             split_lanes(sc, lanes),
         )
         it = iter(inputs[1:] if has_sc else inputs)
-        no_masks = [None] * len(lanes)
         for layer, p in zip(dec.layers, present):
             kv = (next(it), next(it)) if p else None
-            hs = layer_on_lanes(layer, hs, lanes, None, offset, False, no_masks, layer.layer_scalar, kv)
+            hs = run_layer(layer, hs, lanes, offset=offset, layer_scalar=layer.layer_scalar, context=kv)
         return join_lanes(on_lanes(lanes, lambda h: self._logits(dec.norm(h)), hs))
 
     # -- internals -------------------------------------------------------------------
@@ -548,9 +453,10 @@ class Model(nn.Module):
         for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
             kind = self.args.layer_types[i]
             if kind not in masks:
-                masks[kind] = _lane_masks(_encoder_mask(L, offset, c), L, c.retained + L, lanes)
+                masks[kind] = lane_masks(_encoder_mask(L, offset, c), L, c.retained + L, lanes)
             scalar = self.model.encoder.language_model.layers[i].layer_scalar
-            hs = layer_on_lanes(layer, hs, lanes, c, offset, True, masks[kind], scalar)
+            hs = run_layer(layer, hs, lanes, offset=offset, layer_scalar=scalar, cache=c,
+                           encode=True, masks=masks[kind])
         # The encoder's output states are not used for generation: its product is the
         # cache. Keep the last layer's work in the graph via the cache arrays only.
 
@@ -578,14 +484,3 @@ def _encoder_mask(L: int, offset: int, cache: LayerCache):
     q = mx.arange(offset, offset + L)[:, None]
     k = mx.arange(offset - retained, offset + L)[None]
     return (k <= q) & (q - k < window)
-
-
-def _lane_masks(mask: Any, L: int, keys: int, lanes: Sequence[Lane]) -> List[Any]:
-    """Each lane's rows of an encoder mask over `keys` keys, the last L of them new.
-    "causal" (aligned to the last key) becomes an explicit mask once rows are split."""
-    if len(lanes) == 1 or mask is None:
-        return [mask] * len(lanes)
-    if isinstance(mask, str):
-        k = mx.arange(keys)[None]
-        return [k <= mx.arange(a + keys - L, b + keys - L)[:, None] for a, b, _ in lanes]
-    return [mask[a:b] for a, b, _ in lanes]

@@ -31,6 +31,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mlx_diffgemma as md  # noqa: E402
+import mlx_diffgemma.lanes as L  # noqa: E402
 import mlx_diffgemma.model as M  # noqa: E402
 import mlx_diffgemma.sampler as S  # noqa: E402
 from mlx_diffgemma.drafter import Draft, MLXDenoiser  # noqa: E402
@@ -233,7 +234,7 @@ def sampler_lanes(a):
     C, V = args.canvas_length, args.vocab_size
     p = mx.random.normal((1, C, V)) * 3
     mx.eval(p)
-    lanes = M.make_lanes(C, M.default_lanes())
+    lanes = L.make_lanes(C)
 
     def one():
         mx.random.seed(1)
@@ -242,10 +243,10 @@ def sampler_lanes(a):
     def on_lanes():
         mx.random.seed(1)
         g = mx.random.gumbel(p.shape, dtype=p.dtype)
-        parts = M.on_lanes(
+        parts = L.on_lanes(
             lanes, lambda x, gx: (mx.argmax(x, -1), mx.argmax(x + gx, -1), S.token_entropy(x)),
-            M.split_lanes(p, lanes), M.split_lanes(g, lanes))
-        return tuple(M.join_lanes([q[i] for q in parts]) for i in range(3))
+            L.split_lanes(p, lanes), L.split_lanes(g, lanes))
+        return tuple(L.join_lanes([q[i] for q in parts]) for i in range(3))
 
     x, y = one(), on_lanes()
     mx.eval(x, y)

@@ -13,7 +13,7 @@ weights are stored.
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         python scripts/memory_probe.py [--prompt-tokens 64] [--steps 3] [--lanes N]
 
-On the CPU backend the step runs on one lane per core (model.py; `--lanes 1` is what a
+On the CPU backend the step runs on one lane per core (lanes.py; `--lanes 1` is what a
 GPU runs); the decoder's logits are evaluated before the sampler there, which keeps the
 peak at one lane's (without that barrier this probe measured 4.05 units against 3.10).
 """

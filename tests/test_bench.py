@@ -70,11 +70,11 @@ def test_breakdown(report):
 def test_compiled_decoder_matches_eager(lanes, monkeypatch):
     """The `compile_decode` switch (offset passed as an array, cache views as inputs) gives
     the eager logits bit for bit, across canvases (the trace is redone per context shape),
-    on one lane and on two (model.py; 16-token lanes so the 32-token canvas splits)."""
-    import mlx_diffgemma.model as M
+    on one lane and on two (lanes.py; 16-token lanes so the 32-token canvas splits)."""
+    import mlx_diffgemma.lanes as lanes_mod
     from mlx_diffgemma.synthetic import preset_args, synthetic_model
 
-    monkeypatch.setattr(M, "MIN_LANE_TOKENS", 16)
+    monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 16)
     args = preset_args("tiny")
     model = synthetic_model(args, seed=3)
     model.lanes = lanes
@@ -109,12 +109,12 @@ def test_memory_arithmetic_of_the_real_model():
 def test_lanes_keep_the_step_peak_of_one_lane(monkeypatch):
     """On lanes `decode` evaluates its logits before the sampler runs: in one graph with
     the sampler the concurrent lanes kept one more [canvas x vocab] array alive."""
-    import mlx_diffgemma.model as M
+    import mlx_diffgemma.lanes as lanes_mod
     from mlx_diffgemma.drafter import MLXDenoiser
     from mlx_diffgemma.peers import bench_generation
     from mlx_diffgemma.synthetic import preset_args, synthetic_model
 
-    monkeypatch.setattr(M, "MIN_LANE_TOKENS", 16)
+    monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 16)
     args = preset_args("tiny", vocab_size=16384)
     model = synthetic_model(args, recipe="fp32", seed=1)
     unit = args.canvas_length * args.vocab_size * 4

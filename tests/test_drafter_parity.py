@@ -132,11 +132,11 @@ def test_whole_runs_token_for_token(seed, prompt_len, canvases, kw, damped, monk
 @pytest.mark.parametrize("seed, prompt_len, canvases, kw", [RUNS[2], RUNS[3]])
 def test_whole_runs_on_lanes_match_the_reference(seed, prompt_len, canvases, kw, damped, monkeypatch):
     """The reference's runs replayed with the canvas and the prompt split into two lanes
-    on two streams (model.py; lanes shrunk to 8 tokens so the 16-token canvas splits)."""
-    import mlx_diffgemma.model as M
+    on two streams (lanes.py; lanes shrunk to 8 tokens so the 16-token canvas splits)."""
+    import mlx_diffgemma.lanes as lanes_mod
 
     path, model, tmodel, ref = damped
-    monkeypatch.setattr(M, "MIN_LANE_TOKENS", 8)
+    monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 8)
     monkeypatch.setattr(model, "lanes", 2)
     C, V = model.canvas_length, model.vocab_size
     assert len(model._lanes(C)) == 2

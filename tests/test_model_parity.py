@@ -176,18 +176,18 @@ def test_report_worst_differences():
 
 
 def test_lanes_are_bit_identical_and_match_transformers(ckpt_factory):
-    """The tokens split into lanes on separate streams (model.py): encoder cache and
+    """The tokens split into lanes on separate streams (lanes.py): encoder cache and
     decoder logits bit-identical to one lane, for 2 and 3 lanes of >= 32 tokens, with the
     context past the sliding window, with and without self-conditioning; one lane and
     three held to transformers."""
-    import mlx_diffgemma.model as M
+    import mlx_diffgemma.lanes as lanes_mod
     from tiny_checkpoints import load_reference
 
     path = ckpt_factory("lanes")
     model, _ = load(path)
     ref = load_reference(path)
     V, C = model.vocab_size, model.canvas_length
-    assert C == 3 * M.MIN_LANE_TOKENS
+    assert C == 3 * lanes_mod.MIN_LANE_TOKENS
     prompt, canvas, sc = _inputs(V, C, 70, 6)
     first = np.random.default_rng(7).integers(0, V, (1, C))
     runs = {}

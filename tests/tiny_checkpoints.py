@@ -124,7 +124,7 @@ SHAPES: dict[str, dict] = {
         canvas_length=16,
     ),
 }
-# "mixed" with a canvas that splits into three lanes of MIN_LANE_TOKENS (model.py).
+# "mixed" with a canvas that splits into three lanes of MIN_LANE_TOKENS (lanes.py).
 SHAPES["lanes"] = dict(SHAPES["mixed"], canvas_length=96)
 # "mixed" with every quantizable input dim a multiple of 64, for the convert tests'
 # group-64 recipes: hidden 64, intermediate 128, experts' intermediate 64, attention
