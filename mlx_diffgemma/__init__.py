@@ -1,19 +1,32 @@
-"""mlx-diffgemma: Google's DiffusionGemma on Apple Silicon, with MLX."""
+"""mlx-diffgemma: Google's DiffusionGemma on Apple Silicon, with MLX.
 
-from .drafter import Commit, Draft, Summary, generate, stream_generate
-from .loader import load
-from .noise import NoiseSource, SeededNoise
+The names below are imported on first use, so that `mlx_diffgemma.torch_backend` (and
+the command line's `--help`) run without importing MLX.
+"""
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "load",
-    "generate",
-    "stream_generate",
-    "Draft",
-    "Commit",
-    "Summary",
-    "NoiseSource",
-    "SeededNoise",
-    "__version__",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "load": "loader",
+    "generate": "denoiser",
+    "stream_generate": "denoiser",
+    "Draft": "drafter",
+    "Commit": "drafter",
+    "Summary": "drafter",
+    "NoiseSource": "noise",
+    "SeededNoise": "noise",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -264,7 +264,7 @@ def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
     soft-capping), self-conditioning (softmax of the previous logits, the product with
     the embedding, its MLP) and the sampler (everything after the logits). Each piece
     runs on the lanes the step runs on (lanes.py)."""
-    from .drafter import MLXDenoiser
+    from .denoiser import MLXDenoiser
     from .lanes import attention_inputs, join_lanes, on_lanes, run_layer, split_lanes
 
     den = MLXDenoiser(model, gen)

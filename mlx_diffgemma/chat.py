@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .config import GenerationConfig
 from .drafter import Commit, Draft, Summary
-from .loader import DEFAULT_MODEL, resolve_model_path
+from .paths import DEFAULT_MODEL, resolve_model_path
 
 PREFILL_CHUNK = 2048  # tokens per encoder call while prefilling (bounded memory)
 
@@ -192,7 +192,7 @@ class MLXBackend:
         return cache
 
     def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
-        from .drafter import stream_generate
+        from .denoiser import stream_generate
 
         return stream_generate(
             self.model, tokenizer, prompt, cache=cache, noise=noise, seed=seed, **gen_kwargs

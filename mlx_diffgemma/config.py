@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -201,9 +201,6 @@ RELEASED_GENERATION = {
     "pad_token_id": 0,
 }
 
-_UNSET = object()
-
-
 @dataclass
 class GenerationConfig:
     """The drafter's parameters, under the reference's own names."""
@@ -259,11 +256,16 @@ class GenerationConfig:
         values = dict(RELEASED_GENERATION)
         if model_path is not None:
             values.update(_checkpoint_generation_values(Path(model_path)))
+        return cls(**values).with_overrides(**overrides)
+
+    def with_overrides(self, **overrides) -> "GenerationConfig":
+        """A copy with `overrides` applied (eos_token_id=None disables EOS), validated."""
+        values = asdict(self)
         for k, v in overrides.items():
             if k not in values:
                 raise TypeError(f"unknown generation parameter {k!r}; known: {', '.join(values)}")
-            values[k] = v  # includes eos_token_id=None, which disables EOS
-        return cls(**values)
+            values[k] = v
+        return type(self)(**values)
 
 
 def _checkpoint_generation_values(model_path: Path) -> Dict[str, Any]:

@@ -6,10 +6,10 @@ with self-conditioning from the previous step, linear temperature schedule,
 categorical sample, entropy-bound acceptance, renoising, stable-and-confident stop),
 commit its argmax, pad after the first EOS and stop there.
 
-The loop (`draft`) is framework-neutral: it drives a *denoiser* object that owns the
-network, the cache and the per-step array work. `MLXDenoiser` is ours; the torch
-reference path (`torch_backend`) supplies its own, so both products share one loop,
-one event stream and one set of statistics.
+The loop (`draft`) imports no array framework: it drives a *denoiser* object that owns
+the network, the cache and the per-step array work. `denoiser.MLXDenoiser` is ours; the
+torch reference path (`torch_backend`) supplies its own, so both products share one
+loop, one context check, one event stream and one set of statistics (`stream`, `collect`).
 """
 
 from __future__ import annotations
@@ -17,20 +17,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
-import mlx.core as mx
 import numpy as np
 
-from .cache import EncoderCache
 from .config import GenerationConfig
-from .noise import NoiseSource
-from .sampler import (
-    entropy_bound_accept,
-    pad_after_eos,
-    stable_and_confident,
-    token_entropy,
-)
 
 # -- events -------------------------------------------------------------------------
 
@@ -85,8 +76,11 @@ class Denoiser(Protocol):
     """What `draft` needs from a backend. Arrays stay the backend's own; `to_list`
     brings one canvas row to the host."""
 
+    gen: GenerationConfig
     canvas_length: int
     vocab_size: int
+    max_context: int  # the model's context, in tokens
+    cached_tokens: int  # tokens its cache holds now
 
     def encode(self, token_ids: Sequence[int]) -> None: ...
 
@@ -190,133 +184,69 @@ def _text_tokens(tokens: List[int], eos: Optional[Sequence[int]]) -> List[int]:
     return tokens
 
 
-# -- MLX ---------------------------------------------------------------------------
+def pad_after_eos(
+    tokens: Sequence[int], eos_token_ids: Optional[Sequence[int]], pad_token_id: int
+) -> Tuple[list, bool]:
+    """Committed canvas -> (tokens with everything after the first EOS set to pad, whether
+    an EOS was found). Runs on the host: the canvas is committed once per canvas."""
+    tokens = list(tokens)
+    if not eos_token_ids:
+        return tokens, False
+    eos = set(int(e) for e in eos_token_ids)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1] + [pad_token_id] * (len(tokens) - i - 1), True
+    return tokens, False
 
 
-class MLXDenoiser:
-    """The MLX model, its encoder cache and the sampler, one step at a time on device.
-
-    Randomness comes from `noise` when given (NumPy arrays, see noise.py; the sample is
-    the Gumbel-max argmax(logits / t + g)), otherwise from `mx.random` (seeded by the
-    caller), whose categorical draw is the same Gumbel-max.
-    """
-
-    def __init__(
-        self,
-        model,
-        gen: GenerationConfig,
-        cache: Optional[EncoderCache] = None,
-        noise: Optional[NoiseSource] = None,
-        batch_size: int = 1,
-    ):
-        self.model = model
-        self.gen = gen
-        self.noise = noise
-        self.cache = cache if cache is not None else model.make_cache()
-        self.batch_size = batch_size
-        self.canvas_length = model.canvas_length
-        self.vocab_size = model.vocab_size
-        self._sc_logits = None
-        self._history = None
-        mx.reset_peak_memory()
-
-    def encode(self, token_ids: Sequence[int]) -> None:
-        ids = mx.array(np.asarray(token_ids, dtype=np.int32).reshape(self.batch_size, -1))
-        self.model.encode(ids, self.cache)
-
-    def start_canvas(self, canvas_index: int) -> mx.array:
-        self._sc_logits = None
-        self._history = None
-        shape = (self.batch_size, self.canvas_length)
-        if self.noise is not None:
-            return mx.array(self.noise.init_canvas(canvas_index, shape, self.vocab_size).astype(np.int32))
-        return mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32)
-
-    def step(self, canvas: mx.array, canvas_index: int, step: int):
-        logits = self.model.decode(canvas, self.cache, self._sc_logits)
-        processed = logits / self.gen.temperature(step)
-        # Hold no reference to the raw logits: `processed` can then take their buffer
-        # ([canvas x vocab] float32, 268 MB at the real shapes) instead of a second one.
-        del logits
-        return self.sample(processed, canvas, canvas_index, step)
-
-    def sample(self, processed: mx.array, canvas: mx.array, canvas_index: int, step: int):
-        """The reference sampler on one step's processed (temperature-scaled) logits
-        (split from `step` so the bench can time it alone)."""
-        gen = self.gen
-        argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
-        if self.noise is not None:
-            g = mx.array(self.noise.gumbel(canvas_index, step, processed.shape))
-            sample = mx.argmax(processed + g, axis=-1).astype(mx.int32)
-            fresh = mx.array(
-                self.noise.renoise(canvas_index, step, canvas.shape, self.vocab_size).astype(np.int32)
-            )
-        else:
-            sample = mx.random.categorical(processed, axis=-1).astype(mx.int32)
-            fresh = mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32)
-        entropy = token_entropy(processed)
-        accepted = entropy_bound_accept(entropy, gen.entropy_bound)
-        # Accepted positions take the sample; every other position is renoised.
-        next_canvas = mx.where(accepted, sample, fresh)
-        stop, self._history = stable_and_confident(
-            argmax, self._history, entropy, gen.stability_threshold, gen.confidence_threshold
-        )
-        # The reference feeds the processed logits back, cast to the embedding dtype.
-        self._sc_logits = processed.astype(self.model.dtype)
-        mx.eval(next_canvas, argmax, accepted, stop, self._sc_logits, self._history)
-        return next_canvas, argmax[0], accepted[0], bool(stop.all().item())
-
-    def to_list(self, row) -> list:
-        return row.tolist()
-
-    def peak_memory_gb(self) -> float:
-        return mx.get_peak_memory() / 1e9
+# -- shared by both backends' stream_generate / generate ------------------------------
 
 
-# -- public API ---------------------------------------------------------------------
+def generation_config(model, **overrides) -> GenerationConfig:
+    """The model's generation defaults (read from its directory once, at load, into
+    `model.generation_defaults`) with per-call overrides under the reference's names."""
+    defaults = getattr(model, "generation_defaults", None)
+    if defaults is None:
+        return GenerationConfig.from_model_dir(getattr(model, "model_path", None), **overrides)
+    return defaults.with_overrides(**overrides)
 
 
-def _prompt_ids(tokenizer, prompt: Union[str, Sequence[int], mx.array]) -> List[int]:
+def prompt_ids(tokenizer, prompt) -> List[int]:
+    """Token ids of a prompt given as text (encoded as is, no chat template) or as ids (a
+    list, or any array with `tolist`: NumPy, MLX, torch)."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
-        return list(tokenizer.encode(prompt))
-    if isinstance(prompt, mx.array):
+        return [int(t) for t in tokenizer.encode(prompt)]
+    if hasattr(prompt, "tolist"):
         prompt = prompt.tolist()
-    ids = list(np.asarray(prompt).reshape(-1).tolist())
-    return [int(t) for t in ids]
+    return [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
 
 
-def stream_generate(
-    model,
-    tokenizer,
-    prompt: Union[str, Sequence[int]],
-    *,
-    cache: Optional[EncoderCache] = None,
-    noise: Optional[NoiseSource] = None,
-    seed: Optional[int] = None,
-    **generation_kwargs,
-) -> Iterator[Event]:
-    """Generates with block diffusion, yielding a `Draft` per denoising step, a `Commit`
-    per canvas and a final `Summary`.
+def check_context(denoiser: Denoiser, n_prompt: int) -> None:
+    """Refuses a generation that could run past the model's context: what the cache
+    holds, the new prompt and every canvas `max_new_tokens` may take."""
+    C = denoiser.canvas_length
+    reserve = math.ceil(denoiser.gen.max_new_tokens / C) * C
+    held = denoiser.cached_tokens + n_prompt
+    if held + reserve > denoiser.max_context:
+        raise ValueError(
+            f"prompt too long: {held} context tokens + up to {reserve} generated exceed the "
+            f"model's {denoiser.max_context}-token context; shorten the prompt or lower "
+            "max_new_tokens"
+        )
 
-    `prompt` is text (encoded with `tokenizer` as is, no chat template) or token ids.
-    With `cache`, only the tokens it does not hold yet are passed as `prompt`.
-    Generation parameters (`max_new_tokens`, `max_denoising_steps`, `entropy_bound`,
-    `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`, `eos_token_id`,
-    `pad_token_id`) default to the checkpoint's generation_config.json.
-    """
-    gen = GenerationConfig.from_model_dir(getattr(model, "model_path", None), **generation_kwargs)
-    ids = _prompt_ids(tokenizer, prompt)
-    _check_context(model, cache, len(ids), gen)
-    if seed is not None:
-        mx.random.seed(seed)
-    denoiser = MLXDenoiser(model, gen, cache=cache, noise=noise)
+
+def stream(denoiser: Denoiser, tokenizer, prompt) -> Iterator[Event]:
+    """The body of every backend's `stream_generate`: the prompt's ids, the context
+    check, then block diffusion on `denoiser`."""
+    ids = prompt_ids(tokenizer, prompt)
+    check_context(denoiser, len(ids))
     decode_text = tokenizer.decode if tokenizer is not None else None
-    yield from draft(denoiser, ids, gen, decode_text)
+    yield from draft(denoiser, ids, denoiser.gen, decode_text)
 
 
-def run_to_summary(events: Iterator[Event], on_commit=None) -> Summary:
+def run_to_summary(events: Iterator[Event], on_commit: Optional[Callable] = None) -> Summary:
     """Drains an event stream; returns its Summary (calling `on_commit` per Commit)."""
     summary = None
     for event in events:
@@ -327,10 +257,11 @@ def run_to_summary(events: Iterator[Event], on_commit=None) -> Summary:
     return summary
 
 
-def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
-    """Generates and returns the text (the token ids are in `stream_generate`'s Summary)."""
+def collect(events: Iterator[Event], verbose: bool = False) -> str:
+    """The body of every backend's `generate`: the text of an event stream (printed as
+    it commits, with a summary line, when `verbose`)."""
     show = (lambda e: print(e.text, end="", flush=True)) if verbose else None
-    summary = run_to_summary(stream_generate(model, tokenizer, prompt, **kwargs), show)
+    summary = run_to_summary(events, show)
     if verbose:
         print()
         print(
@@ -338,16 +269,3 @@ def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> st
             f"{summary.generation_tps:.1f} tok/s, peak {summary.peak_memory_gb:.2f} GB"
         )
     return summary.text
-
-
-def _check_context(model, cache, n_prompt: int, gen: GenerationConfig) -> None:
-    held = cache.offset if cache is not None else 0
-    C = model.canvas_length
-    needed = held + n_prompt + math.ceil(gen.max_new_tokens / C) * C
-    limit = model.args.max_position_embeddings
-    if needed > limit:
-        raise ValueError(
-            f"prompt too long: {held + n_prompt} context tokens + up to "
-            f"{math.ceil(gen.max_new_tokens / C) * C} generated exceed the model's "
-            f"{limit}-token context; shorten the prompt or lower max_new_tokens"
-        )

@@ -37,7 +37,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import GenerationConfig
-from .drafter import MLXDenoiser, run_to_summary, stream_generate
+from .denoiser import MLXDenoiser, stream_generate
+from .drafter import run_to_summary
 
 
 def bench_generation(steps: int, max_new_tokens: int, **overrides) -> GenerationConfig:

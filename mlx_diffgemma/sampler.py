@@ -7,7 +7,7 @@ stopping rule and EOS padding. Nothing here syncs with the host.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
@@ -62,18 +62,3 @@ def stable_and_confident(
         history = mx.concatenate([history[1:], argmax_canvas[None]], axis=0)
     confident = entropy.mean(axis=-1) < confidence_threshold
     return stable & confident, history
-
-
-def pad_after_eos(
-    tokens: Sequence[int], eos_token_ids: Optional[Sequence[int]], pad_token_id: int
-) -> Tuple[list, bool]:
-    """Committed canvas -> (tokens with everything after the first EOS set to pad, whether
-    an EOS was found). Runs on the host: the canvas is committed once per canvas."""
-    tokens = list(tokens)
-    if not eos_token_ids:
-        return tokens, False
-    eos = set(int(e) for e in eos_token_ids)
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1] + [pad_token_id] * (len(tokens) - i - 1), True
-    return tokens, False

@@ -29,7 +29,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_diffgemma.drafter import MLXDenoiser  # noqa: E402
+from mlx_diffgemma.denoiser import MLXDenoiser  # noqa: E402
 from mlx_diffgemma.peers import bench_generation  # noqa: E402
 from mlx_diffgemma.synthetic import preset_args, synthetic_model, weight_bytes  # noqa: E402
 

@@ -110,7 +110,7 @@ def test_lanes_keep_the_step_peak_of_one_lane(monkeypatch):
     """On lanes `decode` evaluates its logits before the sampler runs: in one graph with
     the sampler the concurrent lanes kept one more [canvas x vocab] array alive."""
     import mlx_diffgemma.lanes as lanes_mod
-    from mlx_diffgemma.drafter import MLXDenoiser
+    from mlx_diffgemma.denoiser import MLXDenoiser
     from mlx_diffgemma.peers import bench_generation
     from mlx_diffgemma.synthetic import preset_args, synthetic_model
 

@@ -29,10 +29,11 @@ import pytest
 
 import mlx_diffgemma as md
 from mlx_diffgemma import chat as chat_mod
-from mlx_diffgemma import loader
+from mlx_diffgemma import paths
 from mlx_diffgemma.chat import ChatSession, Interrupted, Prefill, split_prompt
 from mlx_diffgemma.config import GenerationConfig
-from mlx_diffgemma.drafter import Commit, MLXDenoiser, Summary
+from mlx_diffgemma.denoiser import MLXDenoiser
+from mlx_diffgemma.drafter import Commit, Summary
 from teacher_forcing import recording, replay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -498,20 +499,20 @@ def test_resolve_lmstudio_names(tmp_path, monkeypatch):
     _fake_model(root / "someone" / "dg-4bit")
     only = _fake_model(root / "someone" / "dg-8bit")
     (root / "someone" / "empty").mkdir()  # not a model: no config.json
-    assert loader.resolve_model_path("dg-4bit") == a  # mlx-community wins a tie
-    assert loader.resolve_model_path("dg-8bit") == only
-    assert loader.resolve_model_path("DG-8BIT") == only
-    assert loader.resolve_model_path("someone/dg-4bit") == root / "someone" / "dg-4bit"
+    assert paths.resolve_model_path("dg-4bit") == a  # mlx-community wins a tie
+    assert paths.resolve_model_path("dg-8bit") == only
+    assert paths.resolve_model_path("DG-8BIT") == only
+    assert paths.resolve_model_path("someone/dg-4bit") == root / "someone" / "dg-4bit"
     _fake_model(root / "other" / "dg-8bit")
     with pytest.raises(ValueError, match="ambiguous"):
-        loader.resolve_model_path("dg-8bit")
+        paths.resolve_model_path("dg-8bit")
     with pytest.raises(FileNotFoundError, match="LMSTUDIO_MODELS_DIR"):
-        loader.resolve_model_path("empty")
+        paths.resolve_model_path("empty")
     # Several roots, os.pathsep-separated.
     second = tmp_path / "lms2"
     b = _fake_model(second / "pub" / "dg-2bit")
     monkeypatch.setenv("LMSTUDIO_MODELS_DIR", f"{root}{os.pathsep}{second}")
-    assert loader.resolve_model_path("dg-2bit") == b
+    assert paths.resolve_model_path("dg-2bit") == b
 
 
 def test_resolve_default_lmstudio_locations(tmp_path, monkeypatch):
@@ -519,30 +520,30 @@ def test_resolve_default_lmstudio_locations(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     d = _fake_model(tmp_path / ".cache" / "lm-studio" / "models" / "pub" / "cached-one")
     e = _fake_model(tmp_path / ".lmstudio" / "models" / "mlx-community" / "diffusiongemma-26B-A4B-it-4bit")
-    assert loader.resolve_model_path("cached-one") == d
+    assert paths.resolve_model_path("cached-one") == d
     # The default hub id is taken from LM Studio's folder without touching the hub.
-    assert loader.resolve_model_path(loader.DEFAULT_MODEL) == e
+    assert paths.resolve_model_path(paths.DEFAULT_MODEL) == e
 
 
 def test_resolve_packaged_toy_sudoku(tmp_path, monkeypatch):
-    monkeypatch.setattr(loader, "ASSETS_DIR", tmp_path / "assets")
+    monkeypatch.setattr(paths, "ASSETS_DIR", tmp_path / "assets")
     toy = tmp_path / "assets" / "toy-sudoku"
     toy.mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no weights yet"):
-        loader.resolve_model_path("toy-sudoku")
+        paths.resolve_model_path("toy-sudoku")
     hf = _fake_model(toy / "hf")
-    assert loader.resolve_model_path("toy-sudoku") == hf
+    assert paths.resolve_model_path("toy-sudoku") == hf
     mlx = _fake_model(toy / "mlx")
-    assert loader.resolve_model_path("toy-sudoku") == mlx
-    assert loader.resolve_model_path("toy-sudoku", prefer="hf") == hf
+    assert paths.resolve_model_path("toy-sudoku") == mlx
+    assert paths.resolve_model_path("toy-sudoku", prefer="hf") == hf
 
 
 OFFLINE_SCRIPT = r"""
 import json, sys
-from mlx_diffgemma import loader
-print(json.dumps(str(loader.resolve_model_path("org/tiny-dg"))))
+from mlx_diffgemma import paths
+print(json.dumps(str(paths.resolve_model_path("org/tiny-dg"))))
 try:
-    loader.resolve_model_path(loader.DEFAULT_MODEL)
+    paths.resolve_model_path(paths.DEFAULT_MODEL)
 except FileNotFoundError as e:
     print(json.dumps(str(e)))
 """

@@ -22,7 +22,8 @@ import mlx_diffgemma as md
 from hf_reference import hooked_generate
 from mlx_diffgemma import torch_backend as tb
 from mlx_diffgemma.config import GenerationConfig
-from mlx_diffgemma.drafter import MLXDenoiser, Summary
+from mlx_diffgemma.denoiser import MLXDenoiser
+from mlx_diffgemma.drafter import Summary
 from teacher_forcing import from_reference, recording, replay
 
 ATOL = 1e-3  # raw logits (~20); two float32 implementations land near 1e-4

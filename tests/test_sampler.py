@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma.config import GenerationConfig
+from mlx_diffgemma.drafter import pad_after_eos
 from mlx_diffgemma.sampler import (
     entropy_bound_accept,
-    pad_after_eos,
     stable_and_confident,
     token_entropy,
 )

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma.loader import ASSETS_DIR, resolve_model_path
+from mlx_diffgemma.drafter import run_to_summary
+from mlx_diffgemma.paths import ASSETS_DIR, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -107,7 +108,7 @@ def test_training_script_smoke_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     model, tok = md.load(out)
-    s = md.drafter.run_to_summary(md.stream_generate(model, tok, "1.3.", max_denoising_steps=2, seed=0))
+    s = run_to_summary(md.stream_generate(model, tok, "1.3.", max_denoising_steps=2, seed=0))
     assert s.canvases >= 1 and len(s.steps_per_canvas) == s.canvases
 
 

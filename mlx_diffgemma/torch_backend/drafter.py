@@ -1,4 +1,7 @@
-"""The drafter's per-step work on torch, around transformers' DiffusionGemmaForBlockDiffusion."""
+"""The drafter's per-step work on torch, around transformers' DiffusionGemmaForBlockDiffusion.
+
+Imports torch and transformers only (no MLX): the reference path runs on a CUDA machine
+without MLX installed."""
 
 from __future__ import annotations
 
@@ -8,9 +11,16 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    EntropyBoundSampler,
+    EntropyBoundSamplerConfig,
+    LinearTemperatureScheduleLogitsProcessor,
+    StableAndConfidentStoppingCriteria,
+)
+
 from ..config import GenerationConfig
-from ..drafter import Event, _prompt_ids, draft, run_to_summary
-from ..loader import resolve_model_path
+from ..drafter import Event, collect, generation_config, stream
+from ..paths import resolve_model_path
 from ..noise import NoiseSource
 
 
@@ -36,18 +46,34 @@ def load(path_or_repo: Union[str, Path], device: Optional[str] = None, dtype=Non
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype or "auto")
     model = model.to(device).eval()
     model.model_path = path
+    model.generation_defaults = GenerationConfig.from_model_dir(path)  # read once, at load
     tokenizer = None
     if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
 
+class _NoiseSampler(EntropyBoundSampler):
+    """transformers' entropy-bound sampler (acceptance and renoising as the reference
+    runs them) whose fresh ids come from the drafter's noise source or generator."""
+
+    def __init__(self, gen: GenerationConfig, canvas_length: int, vocab_size: int, fresh_ids):
+        super().__init__(EntropyBoundSamplerConfig(entropy_bound=float(gen.entropy_bound)),
+                         canvas_length, vocab_size, gen.max_denoising_steps)
+        self.fresh_ids = fresh_ids  # (batch, device) -> [batch, canvas] ids for this step
+
+    def initialize_canvas(self, batch_size: int, device) -> torch.LongTensor:
+        return self.fresh_ids(batch_size, device)
+
+
 class TorchDenoiser:
-    """transformers' network with a DynamicCache; sampling as in the reference generate().
+    """transformers' network with a DynamicCache, stepped with transformers' own sampler
+    pieces: the linear temperature schedule, the entropy-bound sampler and the
+    stable-and-confident stop.
 
     With `noise`, the categorical draw is the Gumbel-max argmax(processed + g) and the
     canvas init / renoise ids come from the noise source; otherwise torch's own
-    `randint` and `multinomial` are used, as the reference does.
+    `randint` and `multinomial` are used (with `generator`), as the reference does.
     """
 
     def __init__(
@@ -56,7 +82,6 @@ class TorchDenoiser:
         gen: GenerationConfig,
         cache=None,
         noise: Optional[NoiseSource] = None,
-        batch_size: int = 1,
         generator: Optional[torch.Generator] = None,
     ):
         from transformers.cache_utils import DynamicCache
@@ -64,80 +89,86 @@ class TorchDenoiser:
         self.model = model
         self.gen = gen
         self.noise = noise
-        self.batch_size = batch_size
         self.generator = generator
         self.device = next(model.parameters()).device
-        self.cache = cache or DynamicCache(config=model.config.get_text_config(decoder=True))
-        self.canvas_length = model.config.canvas_length
-        self.vocab_size = model.config.text_config.vocab_size
+        self.cache = cache if cache is not None else DynamicCache(config=model.config.get_text_config(decoder=True))
+        self.canvas_length = int(model.config.canvas_length)
+        self.vocab_size = int(model.config.text_config.vocab_size)
+        self.max_context = int(model.config.get_text_config().max_position_embeddings)
         self._embed_dtype = model.model.decoder.embed_tokens.weight.dtype
+        self._temperature = LinearTemperatureScheduleLogitsProcessor(
+            gen.t_min, gen.t_max, gen.max_denoising_steps)
+        self._sampler = _NoiseSampler(gen, self.canvas_length, self.vocab_size, self._renoise_ids)
+        self._stop = StableAndConfidentStoppingCriteria(gen.stability_threshold, gen.confidence_threshold)
         self._sc_logits = None
-        self._history = None
+        self._where = (0, 0)  # (canvas, step) of the step being taken, for the noise source
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    @property
+    def cached_tokens(self) -> int:
+        return int(self.cache.get_seq_length()) if len(self.cache.layers) else 0
+
+    @property
+    def _history(self):
+        """The stop rule's argmax history (None at a canvas's first step)."""
+        return self._stop.argmax_canvas_history
+
+    @_history.setter
+    def _history(self, value) -> None:
+        self._stop.argmax_canvas_history = value
 
     def _ids(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array), dtype=torch.long, device=self.device)
 
     def _random_ids(self, shape) -> torch.Tensor:
-        return torch.randint(
-            0, self.vocab_size, shape, device=self.device, generator=self.generator
-        )
+        return torch.randint(0, self.vocab_size, shape, device=self.device, generator=self.generator)
+
+    def _renoise_ids(self, batch: int, device) -> torch.Tensor:
+        shape = (batch, self.canvas_length)
+        if self.noise is None:
+            return self._random_ids(shape)
+        canvas_index, step = self._where
+        return self._ids(self.noise.renoise(canvas_index, step, shape, self.vocab_size))
 
     @torch.no_grad()
     def encode(self, token_ids: Sequence[int]) -> None:
-        ids = self._ids(np.asarray(token_ids).reshape(self.batch_size, -1))
+        ids = self._ids(np.asarray(token_ids).reshape(1, -1))
         self.model.model.encoder(input_ids=ids, past_key_values=self.cache)
 
     def start_canvas(self, canvas_index: int) -> torch.Tensor:
         self._sc_logits = None
-        self._history = None
-        shape = (self.batch_size, self.canvas_length)
+        self._stop.reset()
+        shape = (1, self.canvas_length)
         if self.noise is not None:
             return self._ids(self.noise.init_canvas(canvas_index, shape, self.vocab_size))
         return self._random_ids(shape)
 
     @torch.no_grad()
     def step(self, canvas: torch.Tensor, canvas_index: int, step: int):
-        gen = self.gen
         logits = self.model(
             decoder_input_ids=canvas,
             past_key_values=self.cache,
             self_conditioning_logits=self._sc_logits,
         ).logits
-        temperature = torch.tensor(gen.temperature(step), dtype=torch.float32, device=self.device)
-        processed = logits / temperature
-        argmax = processed.argmax(dim=-1)
+        # The step as an int32 tensor, as generate() passes it: the schedule then runs in
+        # float32 op by op, and the processed logits are generate()'s to the bit.
+        cur_step = torch.tensor(step, dtype=torch.int32, device=self.device)
+        processed = self._temperature(canvas, logits, cur_step=cur_step)
         B, C, V = processed.shape
         if self.noise is not None:
             g = torch.as_tensor(self.noise.gumbel(canvas_index, step, (B, C, V)), device=self.device)
             sample = (processed + g).argmax(dim=-1)
-            fresh = self._ids(self.noise.renoise(canvas_index, step, (B, C), V))
         else:
             probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
             sample = torch.multinomial(probs.view(-1, V), 1, generator=self.generator).view(B, C)
-            fresh = self._random_ids((B, C))
-
-        entropy = torch.distributions.Categorical(logits=processed).entropy()
-        sorted_h, order = torch.sort(entropy, dim=-1)
-        selected = (torch.cumsum(sorted_h, dim=-1) - sorted_h) <= gen.entropy_bound
-        accepted = torch.zeros_like(selected).scatter(-1, order, selected)
-        next_canvas = torch.where(accepted, sample, fresh)
-
-        if gen.stability_threshold == 0:
-            stable = torch.ones(B, dtype=torch.bool, device=self.device)
-        else:
-            if self._history is None:
-                self._history = torch.full(
-                    (gen.stability_threshold, B, C), -1, dtype=argmax.dtype, device=self.device
-                )
-            stable = (self._history == argmax[None]).all(dim=-1).all(dim=0)
-            self._history = torch.cat([self._history[1:], argmax[None]], dim=0)
-        confident = entropy.mean(dim=-1) < gen.confidence_threshold
-        stop = bool((stable & confident).all())
-
+        argmax = processed.argmax(dim=-1)
+        self._where = (canvas_index, step)
+        accepted_canvas = self._sampler.accept_canvas(canvas, sample, processed, cur_step)
+        next_canvas = self._sampler.renoise_canvas(accepted_canvas, cur_step)
+        stop = bool(self._stop(argmax, processed).all())
         self._sc_logits = processed.to(self._embed_dtype)
-        return next_canvas, argmax[0], accepted[0], stop
+        return next_canvas, argmax[0], self._sampler.accepted_token_mask[0], stop
 
     def to_list(self, row: torch.Tensor) -> list:
         return row.tolist()
@@ -159,16 +190,14 @@ def stream_generate(
     **generation_kwargs,
 ) -> Iterator[Event]:
     """As `mlx_diffgemma.stream_generate`, on torch."""
-    gen = GenerationConfig.from_model_dir(getattr(model, "model_path", None), **generation_kwargs)
-    ids = _prompt_ids(tokenizer, prompt)
+    gen = generation_config(model, **generation_kwargs)
     generator = None
     if seed is not None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
     denoiser = TorchDenoiser(model, gen, cache=cache, noise=noise, generator=generator)
-    decode_text = tokenizer.decode if tokenizer is not None else None
-    yield from draft(denoiser, ids, gen, decode_text)
+    yield from stream(denoiser, tokenizer, prompt)
 
 
-def generate(model, tokenizer, prompt, **kwargs) -> str:
-    return run_to_summary(stream_generate(model, tokenizer, prompt, **kwargs)).text
+def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
+    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)

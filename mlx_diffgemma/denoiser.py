@@ -1,0 +1,127 @@
+"""Block diffusion on MLX: the denoiser our drafter loop drives, and the public
+`stream_generate` / `generate`."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import EncoderCache
+from .config import GenerationConfig
+from .drafter import Event, collect, generation_config, stream
+from .noise import NoiseSource
+from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
+
+
+class MLXDenoiser:
+    """The MLX model, its encoder cache and the sampler, one step at a time on device.
+
+    Randomness comes from `noise` when given (NumPy arrays, see noise.py; the sample is
+    the Gumbel-max argmax(logits / t + g)), otherwise from `mx.random` (seeded by the
+    caller), whose categorical draw is the same Gumbel-max.
+    """
+
+    def __init__(
+        self,
+        model,
+        gen: GenerationConfig,
+        cache: Optional[EncoderCache] = None,
+        noise: Optional[NoiseSource] = None,
+    ):
+        self.model = model
+        self.gen = gen
+        self.noise = noise
+        self.cache = cache if cache is not None else model.make_cache()
+        self.canvas_length = model.canvas_length
+        self.vocab_size = model.vocab_size
+        self.max_context = int(model.args.max_position_embeddings)
+        self._sc_logits = None
+        self._history = None
+        mx.reset_peak_memory()
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cache.offset
+
+    def encode(self, token_ids: Sequence[int]) -> None:
+        self.model.encode(mx.array(np.asarray(token_ids, dtype=np.int32).reshape(1, -1)), self.cache)
+
+    def start_canvas(self, canvas_index: int) -> mx.array:
+        self._sc_logits = None
+        self._history = None
+        shape = (1, self.canvas_length)
+        if self.noise is not None:
+            return mx.array(self.noise.init_canvas(canvas_index, shape, self.vocab_size).astype(np.int32))
+        return mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32)
+
+    def step(self, canvas: mx.array, canvas_index: int, step: int):
+        logits = self.model.decode(canvas, self.cache, self._sc_logits)
+        processed = logits / self.gen.temperature(step)
+        # Hold no reference to the raw logits: `processed` can then take their buffer
+        # ([canvas x vocab] float32, 268 MB at the real shapes) instead of a second one.
+        del logits
+        return self.sample(processed, canvas, canvas_index, step)
+
+    def sample(self, processed: mx.array, canvas: mx.array, canvas_index: int, step: int):
+        """The reference sampler on one step's processed (temperature-scaled) logits
+        (split from `step` so the bench can time it alone)."""
+        gen = self.gen
+        argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
+        if self.noise is not None:
+            g = mx.array(self.noise.gumbel(canvas_index, step, processed.shape))
+            sample = mx.argmax(processed + g, axis=-1).astype(mx.int32)
+            fresh = mx.array(
+                self.noise.renoise(canvas_index, step, canvas.shape, self.vocab_size).astype(np.int32)
+            )
+        else:
+            sample = mx.random.categorical(processed, axis=-1).astype(mx.int32)
+            fresh = mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32)
+        entropy = token_entropy(processed)
+        accepted = entropy_bound_accept(entropy, gen.entropy_bound)
+        # Accepted positions take the sample; every other position is renoised.
+        next_canvas = mx.where(accepted, sample, fresh)
+        stop, self._history = stable_and_confident(
+            argmax, self._history, entropy, gen.stability_threshold, gen.confidence_threshold
+        )
+        # The reference feeds the processed logits back, cast to the embedding dtype.
+        self._sc_logits = processed.astype(self.model.dtype)
+        mx.eval(next_canvas, argmax, accepted, stop, self._sc_logits, self._history)
+        return next_canvas, argmax[0], accepted[0], bool(stop.all().item())
+
+    def to_list(self, row) -> list:
+        return row.tolist()
+
+    def peak_memory_gb(self) -> float:
+        return mx.get_peak_memory() / 1e9
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, Sequence[int], mx.array],
+    *,
+    cache: Optional[EncoderCache] = None,
+    noise: Optional[NoiseSource] = None,
+    seed: Optional[int] = None,
+    **generation_kwargs,
+) -> Iterator[Event]:
+    """Generates with block diffusion, yielding a `Draft` per denoising step, a `Commit`
+    per canvas and a final `Summary`.
+
+    `prompt` is text (encoded with `tokenizer` as is, no chat template) or token ids.
+    With `cache`, only the tokens it does not hold yet are passed as `prompt`.
+    Generation parameters (`max_new_tokens`, `max_denoising_steps`, `entropy_bound`,
+    `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`, `eos_token_id`,
+    `pad_token_id`) default to the checkpoint's generation_config.json.
+    """
+    gen = generation_config(model, **generation_kwargs)
+    if seed is not None:
+        mx.random.seed(seed)
+    yield from stream(MLXDenoiser(model, gen, cache=cache, noise=noise), tokenizer, prompt)
+
+
+def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
+    """Generates and returns the text (the token ids are in `stream_generate`'s Summary)."""
+    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
