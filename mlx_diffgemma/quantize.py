@@ -199,6 +199,35 @@ def quantization_record(recipe: Recipe, quantized: Mapping[str, Tuple[int, int]]
     return record
 
 
+def _check_params(entry: Mapping[str, Any], where: str) -> None:
+    for key, allowed in (("bits", SUPPORTED_BITS), ("group_size", SUPPORTED_GROUPS)):
+        if key not in entry:
+            continue
+        v = entry[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v not in allowed:
+            raise RecipeError(f"{where}.{key} is {v!r}; expected one of {allowed}")
+
+
+def check_quantization_record(record: Any, where: str = "quantization") -> None:
+    """Raises RecipeError naming the field when a config's `quantization` record is not
+    one `module_quantization` can read: an object whose `bits`/`group_size` (top level
+    and per module) are supported integers and whose module entries are objects or
+    false. `where` prefixes the field names in the message (e.g. the file)."""
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise RecipeError(f"{where} must be an object (found {type(record).__name__})")
+    _check_params(record, where)
+    mode = record.get("mode", "affine")
+    if not isinstance(mode, str):
+        raise RecipeError(f"{where}.mode is {mode!r}; expected a string such as 'affine'")
+    for key, entry in record.items():
+        if key in ("bits", "group_size", "mode") or entry is False:
+            continue
+        if isinstance(entry, dict):
+            _check_params(entry, f"{where}[{key!r}]")
+
+
 def module_quantization(record: Optional[Mapping[str, Any]], path: str) -> Optional[Tuple[int, int]]:
     """(bits, group) a config `quantization` record gives module `path`: its own entry,
     else the defaults. None when there is no record or the entry says False."""
