@@ -64,9 +64,11 @@ from .quantize import (
     RecipeError,
     add_output_args,
     check_quantization_record,
+    fraction,
     make_recipe,
     module_quantization,
     output_options,
+    positive_int,
     quantization_record,
 )
 from .weights import QUANT_SUFFIXES, expected_shapes, hf_to_mlx_name, is_vision_tensor
@@ -246,7 +248,7 @@ def read_header(path: Union[str, Path]) -> Tuple[Dict[str, TensorRef], Dict[str,
         end = e
     if end > data_len:
         raise ConversionError(
-            f"{path} is truncated: its header describes {end + data_start} bytes but the "
+            f"{path} is corrupt or truncated: its header describes {end + data_start} bytes but the "
             f"file has {size} (an interrupted download?); download it again"
         )
     if end < data_len:
@@ -1505,8 +1507,8 @@ def add_verify_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--against", default=None,
                    help="an unquantized (HF) directory to compare the logits of random canvases with")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--canvases", type=int, default=4, help="random canvases to compare (default 4)")
-    p.add_argument("--min-agreement", type=float, default=None,
+    p.add_argument("--canvases", type=positive_int, default=4, help="random canvases to compare (default 4)")
+    p.add_argument("--min-agreement", type=fraction, default=None,
                    help="fail when the argmax agreement is below this fraction")
     return p
 

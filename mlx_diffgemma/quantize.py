@@ -397,6 +397,40 @@ def quantize(
     )
 
 
+# -- command-line value types: one argparse error line for a value out of range -----------
+
+
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    v = _number(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text})")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text})")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    v = _number(text)
+    if not 0 <= v <= 1:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (got {text})")
+    return v
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     """The options `convert` and `quantize` share: widths, dtype, sharding, overwrite."""
     p.add_argument("--q-bits", type=int, default=None,
@@ -405,7 +439,7 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
                    help="float dtype of unquantized tensors and of scales/biases (default: the source's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0,
+    p.add_argument("--max-shard-size-gb", type=positive_float, default=5.0,
                    help="largest shard file (default 5 GiB, as mlx-lm/mlx-vlm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -417,7 +451,8 @@ def output_options(args: argparse.Namespace) -> Dict[str, Any]:
         q_group_size=args.q_group_size,
         dtype=args.dtype,
         force=args.force,
-        max_shard_size=int(args.max_shard_size_gb * 2**30),
+        # capped at 1 EiB so that a huge finite value cannot overflow to infinity
+        max_shard_size=int(min(args.max_shard_size_gb, 2.0**30) * 2**30),
         progress=not args.no_progress,
     )
 
