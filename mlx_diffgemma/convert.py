@@ -520,12 +520,13 @@ def plan_jobs(
     config: Dict[str, Any],
     recipe: Recipe,
     warn: Callable[[str], None] = lambda m: None,
+    config_path: Path = Path("config.json"),
 ) -> Tuple[List[Job], Dict[str, Tuple[int, int]]]:
     """Maps source tensors to output jobs (renamed, checked against the config's shapes,
     quantization decided per module). Returns the jobs and {module: (bits, group)} of
     those quantized."""
-    _, expected = model_args(config, Path("config.json"))
-    src_record = source_record(config, "config.json")
+    _, expected = model_args(config, config_path)
+    src_record = source_record(config, str(config_path))
     if src_record and src_record.get("mode", "affine") != "affine":
         raise ConversionError(
             f"source is quantized with mode {src_record.get('mode')!r}; only affine is supported"
@@ -1140,8 +1141,9 @@ def convert(
         raise ConversionError(str(e)) from e
     out = Path(mlx_path).expanduser().absolute()
     dest = Path(os.path.realpath(out))
-    if Path(hf_path).expanduser().is_dir():  # before "already exists": say the real problem
-        check_no_overlap(Path(hf_path).expanduser(), dest)
+    local = Path(hf_path).expanduser()
+    if local.is_dir():  # before "already exists": say the real problem
+        check_no_overlap(local, dest, sorted(local.iterdir()))
     target = output_target(out, force)
     src = resolve_source(hf_path, revision=revision).absolute()
 
@@ -1150,7 +1152,7 @@ def convert(
     tensors = scan_checkpoint(src)
     check_no_overlap(src, dest, sorted({t.file for t in tensors.values()}))
     warnings: List[str] = [f"removed {n}, left by a conversion that was killed" for n in remove_stale_tmp(dest)]
-    jobs, quantized = plan_jobs(tensors, config, r, warn=warnings.append)
+    jobs, quantized = plan_jobs(tensors, config, r, warn=warnings.append, config_path=src / "config.json")
     warnings += [f"the output will be incomplete: {p}" for p in check_sidecars(src)]
     for w in warnings:
         say(f"[yellow]warning:[/yellow] {w}")

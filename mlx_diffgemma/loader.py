@@ -74,7 +74,8 @@ def _check_float_labels(
     for name, param in expected.items():
         if mx.issubdtype(param.dtype, mx.floating) and not mx.issubdtype(weights[name].dtype, mx.floating):
             raise WeightsError(
-                f"{files.get(name, 'the checkpoint')}: tensor {name} is labelled {weights[name].dtype} "
+                f"{files.get(name, 'the checkpoint')}: tensor {name} is labelled "
+                f"{str(weights[name].dtype).rsplit('.', 1)[-1]} "
                 "but the model expects a float; the file is damaged: download or convert it again"
             )
 
