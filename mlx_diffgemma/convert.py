@@ -248,8 +248,8 @@ def read_header(path: Union[str, Path]) -> Tuple[Dict[str, TensorRef], Dict[str,
         end = e
     if end > data_len:
         raise ConversionError(
-            f"{path} is corrupt or truncated: its header describes {end + data_start} bytes but the "
-            f"file has {size} (an interrupted download?); download it again"
+            f"{path} is truncated: its header describes {end + data_start} bytes but the "
+            f"file has {size} (a corrupt or truncated download?); download it again"
         )
     if end < data_len:
         raise ConversionError(
