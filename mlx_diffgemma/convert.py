@@ -1308,11 +1308,14 @@ def verify(
     atol: float = 1e-3,
     min_agreement: Optional[float] = None,
 ) -> Dict[str, Any]:
-    """Checks an MLX directory: config.json parses and describes a DiffusionGemma model;
-    the index names only files that exist and every key it lists is in its shard; every
-    shard's header parses and the file holds all its bytes; every tensor the config
-    implies is present with the implied shape (quantized ones: packed width and scales
-    matching the recorded bits and group size), nothing else but the vision tower.
+    """Checks an MLX directory: config.json parses and describes a DiffusionGemma model
+    and its quantization record is well formed; the index names only files that exist
+    and every key it lists is in its shard (the same scan as `convert`'s); every shard's
+    header is valid safetensors (contiguous, non-overlapping, covering the file); every
+    tensor the config implies is present with the implied shape and a float dtype
+    (quantized ones: packed width and scales matching the recorded bits and group size),
+    nothing else but the vision tower; the tokenizer loads, its chat template compiles
+    and the generation parameters are valid (what `load` and chat need).
 
     With `against=<unquantized HF dir>` both are loaded by the runtime and the logits of
     `canvases` random canvases after a random prompt are compared: returns the max
