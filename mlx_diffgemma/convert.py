@@ -21,19 +21,36 @@ written at its offset. Peak memory is one block (64 MiB of float32 by default) p
 interpreter, whatever the size of the largest tensor.
 
 Atomic: everything is written into `<out>.tmp-<pid>` beside the output and renamed at the
-end; any failure (bad input, Ctrl-C, disk full) removes it and raises one error saying why.
+end; any failure (bad input, Ctrl-C, SIGTERM/SIGHUP, disk full) removes it and raises one
+error saying why, and a later run removes the `.tmp-<pid>` of a run that was killed
+(SIGKILL). Publishing never removes what was not checked at the start: a directory that
+appeared at the output meanwhile is left alone (the finished output is kept beside it),
+`--force` replaces only the directory found at the start, and an output that is, holds
+or lies inside the source is refused. A symlinked output is written at the link's target.
+
+Checked inputs: every safetensors header as the reference library checks it (contiguous,
+non-overlapping tensors covering the data exactly), float tensors labelled as floats,
+config.json / the index / the quantization record field by field; a broken tokenizer,
+chat template or generation config is copied with a warning (`verify` reports it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
 import errno
+import functools
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import struct
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +63,12 @@ from .quantize import (
     Recipe,
     RecipeError,
     add_output_args,
+    check_quantization_record,
+    fraction,
     make_recipe,
     module_quantization,
     output_options,
+    positive_int,
     quantization_record,
 )
 from .weights import QUANT_SUFFIXES, expected_shapes, hf_to_mlx_name, is_vision_tensor
@@ -70,7 +90,12 @@ class ConversionError(RuntimeError):
 
 
 class ConversionInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a conversion; the partial output has been removed."""
+    """Ctrl-C, SIGTERM or SIGHUP during a conversion; the partial output has been removed.
+    `exit_code` is the shell's for that signal (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 class VerifyError(ValueError):
@@ -124,8 +149,42 @@ class TensorRef:
         return math.prod(self.shape) * ST_DTYPES[self.dtype][0]
 
 
+# The reference safetensors library's limit on the JSON header.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _parse_entry(path: Path, key: str, info: Any) -> Tuple[str, Tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field type-checked."""
+
+    def is_count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict):
+        raise ConversionError(f"{path}: malformed header entry for {key!r} (not an object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in ST_DTYPES:
+        raise ConversionError(f"{path}: tensor {key} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise ConversionError(f"{path}: tensor {key} has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)):
+        raise ConversionError(f"{path}: tensor {key} has malformed data_offsets {offsets!r}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
 def read_header(path: Union[str, Path]) -> Tuple[Dict[str, TensorRef], Dict[str, str]]:
-    """Parses a safetensors header and checks the file holds every byte it promises.
+    """Parses a safetensors header and checks it as the reference `safetensors` library
+    does: the tensors' byte ranges are contiguous, do not overlap, and cover the data
+    buffer exactly, so no two tensors alias the same bytes and the file holds every byte
+    it promises. Only the header is read.
 
     Raises ConversionError naming the file when it is truncated, corrupt or not a
     safetensors file at all."""
@@ -140,46 +199,62 @@ def read_header(path: Union[str, Path]) -> Tuple[Dict[str, TensorRef], Dict[str,
                     "download it again"
                 )
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 1 << 30):
+            if n > min(size - 8, MAX_HEADER_BYTES):
                 raise ConversionError(
                     f"{path} is corrupt or truncated: its header claims {n} bytes but the file "
-                    f"has {size}; download it again"
+                    f"has {size} (the limit is {MAX_HEADER_BYTES}); download it again"
                 )
             raw = f.read(n)
     except OSError as e:
         raise ConversionError(f"cannot read {path}: {e}") from e
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
+    except RecursionError:  # hostile nesting: json recurses once per bracket
+        raise ConversionError(
+            f"{path} is not a valid safetensors file (its header nests too deeply); download it again"
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ConversionError(
             f"{path} is not a valid safetensors file (unreadable header: {e}); download it again"
         ) from e
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise ConversionError(f"{path}: __metadata__ is not a JSON object; download it again")
     data_start = 8 + n
     data_len = size - data_start
     tensors: Dict[str, TensorRef] = {}
-    end_max = 0
+    ranges = []
     for key, info in header.items():
-        try:
-            dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ConversionError(f"{path}: malformed header entry for {key!r} ({err})") from err
-        if dtype not in ST_DTYPES:
-            raise ConversionError(f"{path}: tensor {key} has unsupported dtype {dtype}")
+        dtype, shape, b, e = _parse_entry(path, key, info)
         want = math.prod(shape) * ST_DTYPES[dtype][0]
-        if e - b != want or b < 0:
+        if e - b != want:
             raise ConversionError(
                 f"{path} is corrupt: tensor {key} {dtype}{list(shape)} needs {want} bytes, "
                 f"header gives {e - b}"
             )
-        end_max = max(end_max, e)
+        ranges.append((b, e, key))
         tensors[key] = TensorRef(path, key, dtype, shape, data_start + b)
-    if end_max > data_len:
+    # Sorted by offset, each tensor must start where the previous one ended.
+    end = 0
+    for b, e, key in sorted(ranges):
+        if b != end:
+            what = "overlaps the previous tensor" if b < end else f"leaves a gap of {b - end} bytes"
+            raise ConversionError(
+                f"{path} is corrupt: tensor {key} at bytes {b}..{e} {what} (safetensors "
+                "requires contiguous, non-overlapping tensors); download or convert it again"
+            )
+        end = e
+    if end > data_len:
         raise ConversionError(
-            f"{path} is truncated: its header describes {end_max + data_start} bytes but the "
-            f"file has {size} (an interrupted download?); download it again"
+            f"{path} is truncated: its header describes {end + data_start} bytes but the "
+            f"file has {size} (a corrupt or truncated download?); download it again"
+        )
+    if end < data_len:
+        raise ConversionError(
+            f"{path} is corrupt: {data_len - end} bytes after the last tensor are not "
+            "described by its header; download or convert it again"
         )
     return tensors, meta
 
@@ -226,38 +301,91 @@ def resolve_source(path_or_repo: Union[str, Path], revision: Optional[str] = Non
         ) from e
 
 
-def scan_checkpoint(src: Path) -> Dict[str, TensorRef]:
+def read_json(path: Path, what: str = "a JSON object") -> Dict[str, Any]:
+    """A JSON object from `path`; ConversionError naming the file when it is unreadable,
+    not JSON, or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except RecursionError:
+        raise ConversionError(f"{path} nests too deeply to be {what}; download it again") from None
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); download it again") from e
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} is not {what} (found a JSON {type(data).__name__}); download it again")
+    return data
+
+
+def read_index(path: Path) -> Dict[str, str]:
+    """The `weight_map` of a model.safetensors.index.json: tensor name -> shard file name,
+    every shard a plain file name in the same directory."""
+    weight_map = read_json(path, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConversionError(
+            f"{path}: field weight_map must map tensor names to shard files (found "
+            f"{type(weight_map).__name__}); download it again"
+        )
+    for k, f in weight_map.items():
+        if not isinstance(f, str) or not f or f != Path(f).name or f in (".", ".."):
+            raise ConversionError(
+                f"{path}: field weight_map[{k!r}] must be a shard file name in the same "
+                f"directory (found {f!r}); download it again"
+            )
+    return weight_map
+
+
+def scan_checkpoint(src: Path, problems: Optional[List[str]] = None) -> Dict[str, TensorRef]:
     """Every tensor of the checkpoint in `src`, from its index (every shard it names must
-    exist and hold the keys it lists) or, without an index, from its *.safetensors."""
+    exist and hold the keys it lists) or, without an index, from its *.safetensors.
+
+    Raises ConversionError at the first problem, or, given a `problems` list, appends
+    each problem to it and returns what could be read (what `verify` reports)."""
+
+    def problem(msg: str) -> None:
+        if problems is None:
+            raise ConversionError(msg)
+        problems.append(msg)
+
     index_path = src / INDEX_FILE
+    weight_map: Optional[Dict[str, str]] = None
     if index_path.exists():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConversionError(f"{index_path} is not a valid index ({e}); download it again") from e
+        weight_map = read_index(index_path)
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (src / f).is_file()]
         if missing:
-            raise ConversionError(
+            problem(
                 f"missing shard {', '.join(missing)} in {src}: {INDEX_FILE} lists {len(files)} "
                 "shard file(s); the download is incomplete, fetch the missing file(s) again"
             )
+        files = [f for f in files if f not in missing]
     else:
         files = sorted(p.name for p in src.glob("*.safetensors"))
         if not files:
-            raise ConversionError(f"no .safetensors files in {src}")
-        weight_map = None
+            problem(f"no {INDEX_FILE} and no .safetensors files in {src}")
     tensors: Dict[str, TensorRef] = {}
     for f in files:
-        found, _ = read_header(src / f)
+        try:
+            found, _ = read_header(src / f)
+        except ConversionError as e:
+            problem(str(e))
+            continue
         for k, ref in found.items():
             if k in tensors:
-                raise ConversionError(f"tensor {k} appears in both {tensors[k].file.name} and {f}")
+                problem(f"tensor {k} appears in both {tensors[k].file.name} and {f}")
             tensors[k] = ref
     if weight_map is not None:
-        absent = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file.name != f]
+        unlisted = [k for k, ref in tensors.items() if weight_map.get(k) != ref.file.name]
+        if unlisted:
+            problem(
+                f"{INDEX_FILE} in {src} does not list {len(unlisted)} tensor(s) where its shards "
+                f"hold them (e.g. {unlisted[0]} in {tensors[unlisted[0]].file.name}); the files "
+                "do not belong together"
+            )
+        absent = [
+            k for k, f in weight_map.items()
+            if f in files and (k not in tensors or tensors[k].file.name != f)
+        ]
         if absent:
-            raise ConversionError(
+            problem(
                 f"{INDEX_FILE} in {src} lists {len(absent)} tensor(s) its shards do not hold "
                 f"(e.g. {absent[0]} in {weight_map[absent[0]]}); the files do not belong together"
             )
@@ -270,10 +398,22 @@ def read_config(src: Path) -> Dict[str, Any]:
         raise ConversionError(
             f"{path} not found: a model directory needs its config.json (is {src} the right path?)"
         )
+    return read_json(path, "a model config")
+
+
+def model_args(config: Dict[str, Any], path: Path):
+    """(ModelArgs, expected text shapes) of a config.json, or ConversionError naming the
+    file: the config parser and the module tree reject hostile values with whatever
+    Python raises, so every failure is turned into one line here."""
+    from .config import ConfigError, ModelArgs
+
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ConversionError(f"{path} is not valid JSON ({e}); download it again") from e
+        args = ModelArgs.from_dict(config)
+        return args, expected_shapes(args)
+    except ConfigError as e:
+        raise ConversionError(f"{path}: {e}") from e
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        raise ConversionError(f"{path} has a field of the wrong kind or range ({type(e).__name__}: {e})") from e
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -335,6 +475,8 @@ def _infer_source_quant(base, w: TensorRef, s: TensorRef, expected, src_record):
     against the config's record where the config does not fix the input dimension."""
     if w.dtype != "U32":
         raise ConversionError(f"{base}.weight is {w.dtype}, expected packed uint32 next to {base}.scales")
+    if not w.shape or not s.shape or not w.shape[-1] or not s.shape[-1]:
+        raise ConversionError(f"{base}: packed shape {list(w.shape)} / scales {list(s.shape)} are empty")
     words, ngroups = w.shape[-1], s.shape[-1]
     if expected is not None:
         cols = expected[-1]
@@ -353,25 +495,38 @@ def _infer_source_quant(base, w: TensorRef, s: TensorRef, expected, src_record):
     return bits, cols // ngroups, tuple(w.shape[:-1]) + (cols,)
 
 
+def source_record(config: Dict[str, Any], where: str) -> Optional[Dict[str, Any]]:
+    """The quantization record of a config.json, checked (ConversionError naming `where`
+    and the field when it is malformed)."""
+    key = "quantization" if config.get("quantization") else "quantization_config"
+    record = config.get(key) or None
+    try:
+        check_quantization_record(record, f"{where}: {key}")
+    except RecipeError as e:
+        raise ConversionError(f"{e}; fix or re-download the config") from e
+    return record
+
+
+def _require_float(ref: TensorRef) -> None:
+    if ref.dtype not in FLOAT_DTYPES:
+        raise ConversionError(
+            f"{ref.file}: tensor {ref.key} is labelled {ref.dtype} but the model expects a float "
+            f"({'/'.join(FLOAT_DTYPES)}); the file is damaged: download or convert it again"
+        )
+
+
 def plan_jobs(
     tensors: Dict[str, TensorRef],
     config: Dict[str, Any],
     recipe: Recipe,
     warn: Callable[[str], None] = lambda m: None,
+    config_path: Path = Path("config.json"),
 ) -> Tuple[List[Job], Dict[str, Tuple[int, int]]]:
     """Maps source tensors to output jobs (renamed, checked against the config's shapes,
     quantization decided per module). Returns the jobs and {module: (bits, group)} of
     those quantized."""
-    from .config import ConfigError, ModelArgs
-
-    try:
-        args = ModelArgs.from_dict(config)
-    except ConfigError as e:
-        raise ConversionError(f"config.json: {e}") from e
-    except TypeError as e:
-        raise ConversionError(f"config.json has a field of the wrong kind: {e}") from e
-    expected = expected_shapes(args)
-    src_record = config.get("quantization") or config.get("quantization_config")
+    _, expected = model_args(config, config_path)
+    src_record = source_record(config, str(config_path))
     if src_record and src_record.get("mode", "affine") != "affine":
         raise ConversionError(
             f"source is quantized with mode {src_record.get('mode')!r}; only affine is supported"
@@ -404,14 +559,14 @@ def plan_jobs(
                 raise ConversionError(f"{base} has scales but no biases: only affine quantization is supported")
             bits, group, shape = _infer_source_quant(base, ref, s, expected.get(name), src_record)
             job.shape, job.src_scales, job.src_biases, job.src_quant = shape, s, b, (bits, group)
-            src_float = s.dtype
+            floats = (s, b)
         else:
-            src_float = ref.dtype
-        if src_float in FLOAT_DTYPES:
-            job.out_dtype = _NAME_TO_ST[recipe.dtype] if recipe.dtype else src_float
-        else:
-            job.out_dtype = src_float
-        if not is_vision_tensor(name) and src_float in FLOAT_DTYPES:
+            floats = (ref,)
+        for f in floats:  # every tensor of the model is float but the packed weights
+            _require_float(f)
+        src_float = floats[0].dtype
+        job.out_dtype = _NAME_TO_ST[recipe.dtype] if recipe.dtype else src_float
+        if not is_vision_tensor(name):
             job.quant = recipe.params_for(name, job.shape)
         job.plan_outputs()
         jobs.append(job)
@@ -622,10 +777,10 @@ def build_config(
     gen_path = src / "generation_config.json"
     if gen_path.is_file():
         try:
-            gen = json.loads(gen_path.read_text())
-        except ValueError as e:
-            raise ConversionError(f"{gen_path} is not valid JSON ({e})") from e
-        if isinstance(gen, dict) and gen:
+            gen = read_json(gen_path)
+        except ConversionError:  # copied as it is; check_sidecars warns about it
+            gen = None
+        if gen:
             cfg["generation_config"] = gen
             for k in GENERATION_TOP_LEVEL_KEYS:
                 if k in gen:
@@ -634,6 +789,62 @@ def build_config(
         cfg["quantization"] = record
         cfg["quantization_config"] = copy.deepcopy(record)
     return dict(sorted(cfg.items()))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _check_generation(path: Path) -> List[str]:
+    from .config import GenerationConfig
+
+    gen_path = path / "generation_config.json"
+    try:
+        if gen_path.exists():
+            read_json(gen_path, "a generation config")
+        GenerationConfig.from_model_dir(path)  # what chat builds its parameters with
+    except ConversionError as e:
+        return [str(e)]
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        return [f"generation parameters of {path} (generation_config.json, config.json): {_first_line(e)}"]
+    return []
+
+
+def _check_tokenizer(path: Path) -> List[str]:
+    from .loader import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(path)  # what `load` does
+    except Exception as e:  # tokenizers/transformers raise many kinds on damaged files
+        return [f"the tokenizer in {path} cannot be loaded ({_first_line(e)})"]
+    if tokenizer is None:
+        return [f"no tokenizer in {path} (tokenizer.json, tokenizer.model or tokenizer_config.json)"]
+    template = getattr(tokenizer, "chat_template", None)
+    jinja = path / "chat_template.jinja"
+    if not template and jinja.is_file():
+        template = jinja.read_text(errors="replace")
+    if isinstance(template, dict):
+        templates = list(template.values())
+    elif isinstance(template, list):  # transformers' [{"name": ..., "template": ...}]
+        templates = [t.get("template") if isinstance(t, dict) else t for t in template]
+    else:
+        templates = [template] if template else []
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    for t in templates:
+        try:
+            _compile_jinja_template(t)  # the environment apply_chat_template renders with
+        except Exception as e:  # jinja2.TemplateSyntaxError, TypeError for a non-string
+            return [f"the chat template in {path} does not compile ({_first_line(e)})"]
+    return []
+
+
+def check_sidecars(path: Path) -> List[str]:
+    """What `load` and chat need besides the weights, checked as they use it: the
+    tokenizer loads, its chat template compiles, the generation parameters parse and are
+    valid. Returns one line per problem (empty when all is well)."""
+    return _check_tokenizer(path) + _check_generation(path)
 
 
 def copy_sidecars(src: Path, dst: Path) -> List[str]:
@@ -645,6 +856,219 @@ def copy_sidecars(src: Path, dst: Path) -> List[str]:
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     return copied
+
+
+# -- where the output goes, and publishing it safely ---------------------------------------
+
+
+@dataclass
+class OutputTarget:
+    """The output directory: `path` as the user named it, `dest` the real directory
+    written (a symlinked output is published at the link's target, keeping the link),
+    and `identity` (st_dev, st_ino) of the directory found there at the start (None when
+    there was none): publishing replaces only that directory."""
+
+    path: Path
+    dest: Path
+    identity: Optional[Tuple[int, int]]
+
+    @property
+    def tmp(self) -> Path:
+        return self.dest.parent / f"{self.dest.name}.tmp-{os.getpid()}"
+
+
+def _identity(p: Path) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(p)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _lineage(p: Path) -> set:
+    """Identities of `p` and of each of its existing ancestors. Compared by inode, not
+    by name, so case-insensitive file systems, bind mounts and hard links cannot hide
+    that two paths are the same directory."""
+    ids = set()
+    for a in (p, *p.parents):
+        i = _identity(a)
+        if i is not None:
+            ids.add(i)
+    return ids
+
+
+def check_no_overlap(src: Path, dest: Path, files: Sequence[Path] = ()) -> None:
+    """Refuses an output that is the source, lies inside it, or contains it (or any of
+    the source's files, which may be symlinks elsewhere, as in the hub cache): replacing
+    it would delete the checkpoint being read."""
+    src = Path(os.path.realpath(src))
+    src_id, dest_id = _identity(src), _identity(dest)
+    if dest_id is not None and dest_id == src_id:
+        how = "is"
+    elif src_id is not None and src_id in _lineage(dest):
+        how = "is inside"
+    elif dest_id is not None and any(dest_id in _lineage(Path(os.path.realpath(f))) for f in (src, *files)):
+        how = "contains"
+    else:
+        return
+    raise ConversionError(
+        f"refusing to write {dest}: it {how} the source {src}, which would be deleted; "
+        "choose an --mlx-path outside the source directory"
+    )
+
+
+def output_target(mlx_path: Union[str, Path], force: bool) -> OutputTarget:
+    out = Path(mlx_path).expanduser().absolute()
+    dest = Path(os.path.realpath(out))
+    if not os.path.lexists(dest):
+        return OutputTarget(out, dest, None)
+    if not force:
+        raise ConversionError(f"{out} already exists; pass --force (force=True) to overwrite it")
+    if not dest.is_dir():
+        raise ConversionError(f"{out} exists and is not a directory")
+    return OutputTarget(out, dest, _identity(dest))
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there; keep the directory
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_tmp(dest: Path) -> List[str]:
+    """Removes `<dest>.tmp-<pid>` directories left by conversions killed beyond cleanup
+    (SIGKILL, power loss): those whose process is gone. Returns what it removed."""
+    pattern = re.compile(re.escape(dest.name) + r"\.tmp-(\d+)")
+    removed = []
+    if not dest.parent.is_dir():
+        return removed
+    for p in sorted(dest.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue  # a conversion in progress
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
+@functools.lru_cache(maxsize=None)
+def _noreplace_rename() -> Optional[Callable[[bytes, bytes], int]]:
+    """The C call that renames without replacing: macOS renamex_np(RENAME_EXCL), Linux
+    renameat2(RENAME_NOREPLACE); None where neither exists."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover
+        return None
+    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        f = libc.renamex_np
+        f.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        return lambda a, b: f(a, b, 0x4)
+    if hasattr(libc, "renameat2"):
+        f = libc.renameat2
+        f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return lambda a, b: f(-100, a, -100, b, 1)  # AT_FDCWD, RENAME_NOREPLACE
+    return None  # pragma: no cover
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """os.rename that raises FileExistsError instead of replacing `dst` (plain rename
+    silently replaces an empty directory or a file). Atomic where the OS supports it;
+    elsewhere checks first, leaving a window of microseconds."""
+    fn = _noreplace_rename()
+    if fn is not None:
+        if fn(os.fsencode(src), os.fsencode(dst)) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EINVAL)):
+            raise OSError(err, os.strerror(err), str(src))
+        # the file system does not support the flag: fall through
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _keep_finished(tmp: Path, dest: Path, why: str) -> ConversionError:
+    """The error for a publish that would replace what was not checked: the finished
+    output is kept under a name no cleanup removes."""
+    kept = dest.parent / f"{dest.name}.converted-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    try:
+        rename_noreplace(tmp, kept)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ConversionError(f"{why}; left it untouched and removed the new output")
+    return ConversionError(f"{why}; left it untouched and kept the new output at {kept}")
+
+
+def publish(tmp: Path, target: OutputTarget) -> None:
+    """Moves the finished `tmp` to `target.dest`. Never removes what was not checked at
+    the start: with nothing there then, the rename refuses to replace whatever appeared
+    since; with a directory there then (--force), only that same directory (same inode)
+    is moved aside and removed."""
+    dest, old = target.dest, None
+    if target.identity is not None:
+        old = dest.parent / f"{dest.name}.old-{os.getpid()}"
+        try:
+            rename_noreplace(dest, old)
+        except FileNotFoundError:
+            old = None  # gone meanwhile: nothing to replace
+        else:
+            if _identity(old) != target.identity:
+                rename_noreplace(old, dest)
+                raise _keep_finished(tmp, dest, f"{dest} was replaced by another directory during the conversion")
+    try:
+        rename_noreplace(tmp, dest)
+    except FileExistsError:
+        if old is not None:
+            raise _keep_finished(
+                tmp, dest, f"{dest} appeared during the conversion (the previous output is at {old})"
+            ) from None
+        raise _keep_finished(tmp, dest, f"{dest} appeared during the conversion") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the conversion was, as Ctrl-C's KeyboardInterrupt is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """For its duration, SIGTERM and SIGHUP (a closed terminal, `kill`, a service
+    manager) interrupt the conversion as Ctrl-C does, so its partial output is removed
+    instead of left behind. The first signal only: cleanup is not interrupted again.
+    Handlers can only be installed from the main thread; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise _Terminated(signum)
+
+    sigs = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -716,17 +1140,20 @@ def convert(
     except RecipeError as e:
         raise ConversionError(str(e)) from e
     out = Path(mlx_path).expanduser().absolute()
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists; pass --force (force=True) to overwrite it")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out} exists and is not a directory")
+    dest = Path(os.path.realpath(out))
+    local = Path(hf_path).expanduser()
+    if local.is_dir():  # before "already exists": say the real problem
+        check_no_overlap(local, dest, sorted(local.iterdir()))
+    target = output_target(out, force)
     src = resolve_source(hf_path, revision=revision).absolute()
 
     # Read and check everything before writing anything.
     config = read_config(src)
     tensors = scan_checkpoint(src)
-    warnings: List[str] = []
-    jobs, quantized = plan_jobs(tensors, config, r, warn=warnings.append)
+    check_no_overlap(src, dest, sorted({t.file for t in tensors.values()}))
+    warnings: List[str] = [f"removed {n}, left by a conversion that was killed" for n in remove_stale_tmp(dest)]
+    jobs, quantized = plan_jobs(tensors, config, r, warn=warnings.append, config_path=src / "config.json")
+    warnings += [f"the output will be incomplete: {p}" for p in check_sidecars(src)]
     for w in warnings:
         say(f"[yellow]warning:[/yellow] {w}")
     record = quantization_record(r, quantized)
@@ -735,14 +1162,16 @@ def convert(
     total_out = sum(j.out_bytes for j in jobs)
     total_in = sum(j.src_bytes for j in jobs)
 
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    tmp = target.tmp
     files = _Files()
+    signals = contextlib.ExitStack()
+    signals.enter_context(terminate_as_interrupt())
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(out.parent).free
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(tmp.parent).free
         if free < total_out + (64 << 20):
             raise ConversionError(
-                f"not enough disk space in {out.parent}: the output needs {_human(total_out)}, "
+                f"not enough disk space in {tmp.parent}: the output needs {_human(total_out)}, "
                 f"{_human(free)} free"
             )
         if tmp.exists():
@@ -786,18 +1215,13 @@ def convert(
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
         copied = copy_sidecars(src, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=4))
-        # Publish: move an existing output aside only now that the new one is complete.
-        old = None
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, target)
     except KeyboardInterrupt as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        how = f"terminated by {e.args[0]}" if isinstance(e, _Terminated) else "interrupted"
         raise ConversionInterrupted(
-            f"conversion interrupted; removed the partial output {tmp.name}, {out} untouched"
+            f"conversion {how}; removed the partial output {tmp.name}, {out} untouched",
+            signum=getattr(e, "signum", signal.SIGINT),
         ) from e
     except ConversionError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -817,12 +1241,13 @@ def convert(
         ) from e
     finally:
         files.close()
+        signals.close()
 
     params = sum(j.params for j in jobs)
     text = [j for j in jobs if not is_vision_tensor(j.name)]
     text_params = sum(j.params for j in text)
     text_bytes = sum(j.out_bytes for j in text)
-    disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    disk = sum(p.stat().st_size for p in target.dest.iterdir() if p.is_file())
     by_bits: Dict[str, int] = {}
     for j in jobs:
         key = f"{j.quant[0]}-bit" if j.quant else j.out_dtype.lower()
@@ -866,6 +1291,8 @@ def _print_summary(console, s: Dict[str, Any]) -> None:
     t.add_row("parameters", f"{_count(s['params'])} ({', '.join(f'{k}: {_count(v)}' for k, v in s['params_by_format'].items())})")
     t.add_row("tensors", f"{s['tensors']} ({s['quantized_modules']} quantized modules)")
     t.add_row("time", f"{s['seconds']:.1f} s")
+    for w in s["warnings"]:  # repeated here: the progress bar has scrolled them away
+        t.add_row("[yellow]warning[/yellow]", w)
     console.print(t)
 
 
@@ -881,11 +1308,14 @@ def verify(
     atol: float = 1e-3,
     min_agreement: Optional[float] = None,
 ) -> Dict[str, Any]:
-    """Checks an MLX directory: config.json parses and describes a DiffusionGemma model;
-    the index names only files that exist and every key it lists is in its shard; every
-    shard's header parses and the file holds all its bytes; every tensor the config
-    implies is present with the implied shape (quantized ones: packed width and scales
-    matching the recorded bits and group size), nothing else but the vision tower.
+    """Checks an MLX directory: config.json parses and describes a DiffusionGemma model
+    and its quantization record is well formed; the index names only files that exist
+    and every key it lists is in its shard (the same scan as `convert`'s); every shard's
+    header is valid safetensors (contiguous, non-overlapping, covering the file); every
+    tensor the config implies is present with the implied shape and a float dtype
+    (quantized ones: packed width and scales matching the recorded bits and group size),
+    nothing else but the vision tower; the tokenizer loads, its chat template compiles
+    and the generation parameters are valid (what `load` and chat need).
 
     With `against=<unquantized HF dir>` both are loaded by the runtime and the logits of
     `canvases` random canvases after a random prompt are compared: returns the max
@@ -893,59 +1323,27 @@ def verify(
     directory of the same dtype differs by more than `atol`, or if the agreement is
     below `min_agreement` (when given). Returns a report dict.
     """
-    from .config import ConfigError, ModelArgs
-
     path = Path(mlx_path)
-    problems: List[str] = []
     cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise VerifyError(f"{cfg_path} not found")
     try:
-        config = json.loads(cfg_path.read_text())
-        args = ModelArgs.from_dict(config)
-    except (ValueError, ConfigError) as e:
-        raise VerifyError(f"{cfg_path}: {e}") from e
-
-    index_path = path / INDEX_FILE
-    tensors: Dict[str, TensorRef] = {}
-    shard_files: List[str]
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise VerifyError(f"{index_path} is not a valid index ({e})") from e
-        shard_files = sorted(set(weight_map.values()))
-    else:
-        weight_map = None
-        shard_files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not shard_files:
-            raise VerifyError(f"no {INDEX_FILE} and no .safetensors files in {path}")
-    for f in shard_files:
-        if not (path / f).is_file():
-            problems.append(f"missing shard {f} (named by the index)")
-            continue
-        try:
-            found, _ = read_header(path / f)
-        except ConversionError as e:
-            problems.append(str(e))
-            continue
-        for k, ref in found.items():
-            tensors[k] = ref
-            if weight_map is not None and weight_map.get(k) != f:
-                problems.append(f"{f} holds {k} but the index does not list it there")
-    if weight_map is not None:
-        for k, f in weight_map.items():
-            if k not in tensors and (path / f).is_file():
-                problems.append(f"index lists {k} in {f} but the shard does not hold it")
-
-    record = config.get("quantization") or config.get("quantization_config")
-    expected = expected_shapes(args)
+        config = read_config(path)
+        _, expected = model_args(config, cfg_path)
+        record = source_record(config, str(cfg_path))
+    except ConversionError as e:
+        raise VerifyError(str(e)) from e
+    problems: List[str] = []
+    try:
+        tensors = scan_checkpoint(path, problems)
+    except ConversionError as e:  # an unreadable index: nothing else can be checked
+        raise VerifyError(str(e)) from e
+    shard_files = sorted({t.file.name for t in tensors.values()})
+    problems += check_sidecars(path)
     names = {hf_to_mlx_name(k, keep_vision=True): k for k in tensors}
     names.pop(None, None)
     quantized = 0
     for name, shape in expected.items():
         base = name[: -len(".weight")] if name.endswith(".weight") else None
-        if base is not None and f"{base}.scales" in names:
+        if base is not None and f"{base}.scales" in names and name in names:
             w, s = tensors[names[name]], tensors[names[f"{base}.scales"]]
             b = tensors.get(names.get(f"{base}.biases", ""), None)
             qp = module_quantization(record, base)
@@ -960,13 +1358,17 @@ def verify(
                 problems.append(f"{base}.weight is {w.dtype}{list(w.shape)}, expected U32{list(want_w)} ({bits}-bit)")
             if s.shape != want_s or b is None or b.shape != want_s:
                 problems.append(f"{base}.scales/.biases do not match group size {group}: expected {list(want_s)}")
+            problems += [
+                f"{t.file.name}: {t.key} is {t.dtype}, expected a float dtype"
+                for t in (s, b) if t is not None and t.dtype not in FLOAT_DTYPES
+            ]
             quantized += 1
         elif name in names:
             ref = tensors[names[name]]
             if ref.shape != tuple(shape):
                 problems.append(f"{name} has shape {list(ref.shape)}, config implies {list(shape)}")
             if ref.dtype not in FLOAT_DTYPES:
-                problems.append(f"{name} is {ref.dtype}, expected a float dtype")
+                problems.append(f"{ref.file.name}: {name} is {ref.dtype}, expected a float dtype")
         else:
             problems.append(f"missing tensor {name}")
     extra = [
@@ -1071,7 +1473,7 @@ def _run_cli(fn, *args, **kwargs) -> int:
         return 0
     except ConversionInterrupted as e:
         err.print(f"[red]interrupted:[/red] {e}")
-        return 130
+        return e.exit_code
     except (ConversionError, VerifyError) as e:
         err.print(f"[red]error:[/red] {e}")
         return 1
@@ -1110,8 +1512,8 @@ def add_verify_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--against", default=None,
                    help="an unquantized (HF) directory to compare the logits of random canvases with")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--canvases", type=int, default=4, help="random canvases to compare (default 4)")
-    p.add_argument("--min-agreement", type=float, default=None,
+    p.add_argument("--canvases", type=positive_int, default=4, help="random canvases to compare (default 4)")
+    p.add_argument("--min-agreement", type=fraction, default=None,
                    help="fail when the argmax agreement is below this fraction")
     return p
 

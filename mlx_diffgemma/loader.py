@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -15,6 +14,7 @@ from mlx_lm.utils import infer_quant_config
 from .config import GenerationConfig, ModelArgs, load_config
 from .model import Model
 from .paths import resolve_model_path
+from .weights import hf_to_mlx_name
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -25,13 +25,14 @@ class WeightsError(ValueError):
 
 def weight_files(model_path: Path) -> List[Path]:
     """The safetensors shards of a directory, checked against its index when it has one."""
+    from .convert import ConversionError, read_index
+
     index_path = model_path / INDEX_FILE
     if index_path.exists():
         try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{index_path} is not valid JSON ({e})") from e
-        shards = sorted(set(index.get("weight_map", {}).values()))
+            shards = sorted(set(read_index(index_path).values()))
+        except ConversionError as e:
+            raise WeightsError(str(e)) from e
         missing = [s for s in shards if not (model_path / s).exists()]
         if missing:
             raise WeightsError(
@@ -46,7 +47,15 @@ def weight_files(model_path: Path) -> List[Path]:
 
 
 def load_safetensors(path: Path) -> Dict[str, mx.array]:
-    """mx.load with an error that names the file (truncated downloads are common)."""
+    """mx.load with an error that names the file (truncated downloads are common). The
+    header is checked first as the converter checks it (cheap: the header only), so a
+    file whose tensors overlap, leave gaps or nest absurdly never reaches mx.load."""
+    from .convert import ConversionError, read_header
+
+    try:
+        read_header(path)
+    except ConversionError as e:
+        raise WeightsError(str(e)) from e
     try:
         return mx.load(str(path))
     except Exception as e:  # mlx raises RuntimeError/ValueError with terse text
@@ -54,6 +63,21 @@ def load_safetensors(path: Path) -> Dict[str, mx.array]:
             f"cannot read {path} ({e}); the file is corrupt or truncated: download or "
             "convert it again"
         ) from e
+
+
+def _check_float_labels(
+    expected: Dict[str, mx.array], weights: Dict[str, mx.array], origin: Dict[str, Path]
+) -> None:
+    """Refuses an integer tensor where the model holds a float one (a damaged header that
+    relabels the bytes would otherwise load as garbage of the right shape)."""
+    files = {hf_to_mlx_name(k): f for k, f in origin.items()}
+    for name, param in expected.items():
+        if mx.issubdtype(param.dtype, mx.floating) and not mx.issubdtype(weights[name].dtype, mx.floating):
+            raise WeightsError(
+                f"{files.get(name, 'the checkpoint')}: tensor {name} is labelled "
+                f"{str(weights[name].dtype).rsplit('.', 1)[-1]} "
+                "but the model expects a float; the file is damaged: download or convert it again"
+            )
 
 
 def _quantize_like_checkpoint(model: Model, config: Dict[str, Any], weights: Dict[str, mx.array]):
@@ -91,8 +115,11 @@ def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model,
     model = Model(args)
 
     weights: Dict[str, mx.array] = {}
+    origin: Dict[str, Path] = {}
     for f in weight_files(model_path):
-        weights.update(load_safetensors(f))
+        loaded = load_safetensors(f)
+        weights.update(loaded)
+        origin.update(dict.fromkeys(loaded, f))
     weights = model.sanitize(weights)
 
     _quantize_like_checkpoint(model, config, weights)
@@ -116,6 +143,7 @@ def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model,
                 f"tensor {name} has shape {tuple(weights[name].shape)} but the config implies "
                 f"{tuple(param.shape)}: the weights and config.json do not belong together"
             )
+    _check_float_labels(expected, weights, origin)
     model.update(tree_unflatten(list(weights.items())))
     if not lazy:
         mx.eval(model.parameters())

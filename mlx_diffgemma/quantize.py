@@ -199,6 +199,35 @@ def quantization_record(recipe: Recipe, quantized: Mapping[str, Tuple[int, int]]
     return record
 
 
+def _check_params(entry: Mapping[str, Any], where: str) -> None:
+    for key, allowed in (("bits", SUPPORTED_BITS), ("group_size", SUPPORTED_GROUPS)):
+        if key not in entry:
+            continue
+        v = entry[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v not in allowed:
+            raise RecipeError(f"{where}.{key} is {v!r}; expected one of {allowed}")
+
+
+def check_quantization_record(record: Any, where: str = "quantization") -> None:
+    """Raises RecipeError naming the field when a config's `quantization` record is not
+    one `module_quantization` can read: an object whose `bits`/`group_size` (top level
+    and per module) are supported integers and whose module entries are objects or
+    false. `where` prefixes the field names in the message (e.g. the file)."""
+    if record is None:
+        return
+    if not isinstance(record, dict):
+        raise RecipeError(f"{where} must be an object (found {type(record).__name__})")
+    _check_params(record, where)
+    mode = record.get("mode", "affine")
+    if not isinstance(mode, str):
+        raise RecipeError(f"{where}.mode is {mode!r}; expected a string such as 'affine'")
+    for key, entry in record.items():
+        if key in ("bits", "group_size", "mode") or entry is False:
+            continue
+        if isinstance(entry, dict):
+            _check_params(entry, f"{where}[{key!r}]")
+
+
 def module_quantization(record: Optional[Mapping[str, Any]], path: str) -> Optional[Tuple[int, int]]:
     """(bits, group) a config `quantization` record gives module `path`: its own entry,
     else the defaults. None when there is no record or the entry says False."""
@@ -368,6 +397,40 @@ def quantize(
     )
 
 
+# -- command-line value types: one argparse error line for a value out of range -----------
+
+
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    v = _number(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text})")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text})")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    v = _number(text)
+    if not 0 <= v <= 1:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (got {text})")
+    return v
+
+
 def add_output_args(p: argparse.ArgumentParser) -> None:
     """The options `convert` and `quantize` share: widths, dtype, sharding, overwrite."""
     p.add_argument("--q-bits", type=int, default=None,
@@ -376,7 +439,7 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
                    help="float dtype of unquantized tensors and of scales/biases (default: the source's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0,
+    p.add_argument("--max-shard-size-gb", type=positive_float, default=5.0,
                    help="largest shard file (default 5 GiB, as mlx-lm/mlx-vlm)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -388,7 +451,8 @@ def output_options(args: argparse.Namespace) -> Dict[str, Any]:
         q_group_size=args.q_group_size,
         dtype=args.dtype,
         force=args.force,
-        max_shard_size=int(args.max_shard_size_gb * 2**30),
+        # capped at 1 EiB so that a huge finite value cannot overflow to infinity
+        max_shard_size=int(min(args.max_shard_size_gb, 2.0**30) * 2**30),
         progress=not args.no_progress,
     )
 

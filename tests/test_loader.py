@@ -72,6 +72,18 @@ def test_missing_shard(tmp_path, sharded):
         load(path)
 
 
+@pytest.mark.parametrize("weight_map, message", [
+    ([], "field weight_map must map tensor names to shard files"),
+    ({"model.decoder.norm.weight": 3}, r"field weight_map\['model.decoder.norm.weight'\] must be a shard file name"),
+    ({"model.decoder.norm.weight": "/etc/passwd"}, "must be a shard file name in the same directory"),
+])
+def test_malformed_index(tmp_path, sharded, weight_map, message):
+    path = _copy(sharded, tmp_path / "m")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(WeightsError, match=message):
+        load(path)
+
+
 def test_tensor_of_the_wrong_shape(tmp_path, ckpt_tiny):
     from safetensors.numpy import load_file, save_file
 
