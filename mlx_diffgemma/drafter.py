@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import EncoderCache
-from .config import GenerationConfig
+from .config import GenerationConfig, check_seed
 from .noise import NoiseSource
 from .sampler import (
     entropy_bound_accept,
@@ -184,6 +184,19 @@ def _strip_eos_padding(tokens: List[int], finished: bool, pad: int) -> List[int]
     return tokens[:end]
 
 
+def text_decoder(tokenizer):
+    """Ids -> reply text, or None without a tokenizer. Special tokens (`<pad>`, `<eos>`,
+    the turn markers: whatever the tokenizer marks special) are left out of the text;
+    the ids keep them."""
+    if tokenizer is None:
+        return None
+
+    def decode(ids: List[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return decode
+
+
 def _text_tokens(tokens: List[int], eos: Optional[Sequence[int]]) -> List[int]:
     if eos and tokens and tokens[-1] in set(eos):
         return tokens[:-1]
@@ -309,11 +322,10 @@ def stream_generate(
     gen = GenerationConfig.from_model_dir(getattr(model, "model_path", None), **generation_kwargs)
     ids = _prompt_ids(tokenizer, prompt)
     _check_context(model, cache, len(ids), gen)
-    if seed is not None:
+    if check_seed(seed) is not None:
         mx.random.seed(seed)
     denoiser = MLXDenoiser(model, gen, cache=cache, noise=noise)
-    decode_text = tokenizer.decode if tokenizer is not None else None
-    yield from draft(denoiser, ids, gen, decode_text)
+    yield from draft(denoiser, ids, gen, text_decoder(tokenizer))
 
 
 def run_to_summary(events: Iterator[Event], on_commit=None) -> Summary:
