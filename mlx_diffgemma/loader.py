@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import infer_quant_config
 
-from .config import ModelArgs, load_config
+from .config import ConfigError, ModelArgs, load_config, read_json_object
 from .model import Model
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -87,8 +87,15 @@ def _quantize_like_checkpoint(model: Model, config: Dict[str, Any], weights: Dic
 def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model, Dict[str, Any]]:
     model_path = Path(model_path)
     config = load_config(model_path)
-    args = ModelArgs.from_dict(config)
-    model = Model(args)
+    config_path = model_path / "config.json"
+    args = ModelArgs.from_dict(config, source=str(config_path))
+    for key in ("quantization", "quantization_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ConfigError(f"{config_path}: {key} must be an object (got {config[key]!r}); fix the file")
+    try:
+        model = Model(args)
+    except (ValueError, TypeError, KeyError) as e:  # e.g. a RoPE type mlx-lm does not know
+        raise ConfigError(f"{config_path}: the config does not describe a buildable model ({e})") from None
 
     weights: Dict[str, mx.array] = {}
     for f in weight_files(model_path):
@@ -123,6 +130,48 @@ def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model,
     return model, config
 
 
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def check_tokenizer_files(model_path: Path) -> None:
+    """The tokenizer's JSON files and chat templates parse, else a ConfigError naming the
+    file (transformers would fail later with a bare JSONDecodeError or TemplateSyntaxError)."""
+    for name in TOKENIZER_JSON_FILES:
+        if (model_path / name).exists():
+            data = read_json_object(model_path / name)
+            if name == "tokenizer_config.json" and data.get("chat_template") is not None:
+                _check_chat_template(data["chat_template"], f"{model_path / name}: chat_template")
+    template = model_path / CHAT_TEMPLATE_FILE
+    if template.exists():
+        try:
+            text = template.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{template} is not UTF-8 text ({e.reason}); fix or remove it") from None
+        _check_chat_template(text, str(template))
+
+
+def _check_chat_template(template: Any, where: str) -> None:
+    """A chat template (a string, or transformers' list of {name, template}) compiles."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    if isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("template"), str) for t in template
+    ):
+        sources = [t["template"] for t in template]
+    elif isinstance(template, str):
+        sources = [template]
+    else:
+        raise ConfigError(f"{where} must be a string or a list of {{name, template}} objects")
+    for source in sources:
+        try:
+            _compile_jinja_template(source)
+        except TemplateError as e:
+            line = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+            raise ConfigError(f"{where} is not a valid Jinja template ({e}{line}); fix it") from None
+
+
 def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
     """mlx-lm's TokenizerWrapper (streaming detokenizer included), or None when the
     directory carries no tokenizer."""
@@ -131,7 +180,17 @@ def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
         return None
     from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
 
-    return load_mlx_tokenizer(model_path, eos_token_ids=eos_token_ids)
+    check_tokenizer_files(model_path)
+    try:
+        return load_mlx_tokenizer(model_path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # transformers' errors vary by file and version
+        raise ConfigError(f"cannot load the tokenizer in {model_path} ({_first_line(e)}); "
+                          "re-download or re-convert the model") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # The default model of `mlx-diffgemma chat` / `generate`: mlx-community's 4-bit conversion
@@ -284,7 +343,7 @@ def resolve_model_path(path_or_repo: Union[str, Path], prefer: str = "mlx") -> P
         what = "the default model " if text == DEFAULT_MODEL else ""
         raise FileNotFoundError(
             f"cannot find {what}{text!r} {where}, nor in LM Studio's folders "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"({_first_line(e)}); "
             + convert_hint()
         ) from e
 

@@ -8,9 +8,9 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import GenerationConfig
-from ..drafter import Event, _prompt_ids, draft, run_to_summary
-from ..loader import resolve_model_path
+from ..config import GenerationConfig, ModelArgs, check_seed, load_config
+from ..drafter import Event, _prompt_ids, draft, run_to_summary, text_decoder
+from ..loader import WeightsError, check_tokenizer_files, resolve_model_path
 from ..noise import NoiseSource
 
 
@@ -19,25 +19,36 @@ def _default_device() -> str:
 
 
 def load(path_or_repo: Union[str, Path], device: Optional[str] = None, dtype=None):
-    """(transformers model in eval mode, transformers tokenizer or None)."""
+    """(transformers model in eval mode, transformers tokenizer or None). Weights come
+    from safetensors only: pickled `.bin` checkpoints can run code when loaded."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     path = resolve_model_path(path_or_repo)
-    if (path / "config.json").exists():
-        import json
-
-        cfg = json.loads((path / "config.json").read_text())
-        if "quantization" in cfg:
-            raise ValueError(
-                f"{path} is an MLX quantized conversion; the torch backend loads Hugging Face "
-                "checkpoints (pass the original model directory or hub id)"
-            )
+    # The same checks as the MLX path, so a malformed file is one line naming it.
+    cfg = load_config(path)
+    ModelArgs.from_dict(cfg, source=str(path / "config.json"))
+    GenerationConfig.from_model_dir(path)
+    if "quantization" in cfg:
+        raise ValueError(
+            f"{path} is an MLX quantized conversion; the torch backend loads Hugging Face "
+            "checkpoints (pass the original model directory or hub id)"
+        )
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin"))
+        raise WeightsError(
+            f"no .safetensors weights in {path}"
+            + (f" (only {', '.join(found)}: pickled weights are not loaded)" if found else "")
+            + "; use a checkpoint saved as safetensors"
+        )
     device = device or _default_device()
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype or "auto")
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        path, dtype=dtype or "auto", use_safetensors=True
+    )
     model = model.to(device).eval()
     model.model_path = path
     tokenizer = None
     if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+        check_tokenizer_files(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -162,12 +173,11 @@ def stream_generate(
     gen = GenerationConfig.from_model_dir(getattr(model, "model_path", None), **generation_kwargs)
     ids = _prompt_ids(tokenizer, prompt)
     generator = None
-    if seed is not None:
+    if check_seed(seed) is not None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
     denoiser = TorchDenoiser(model, gen, cache=cache, noise=noise, generator=generator)
-    decode_text = tokenizer.decode if tokenizer is not None else None
-    yield from draft(denoiser, ids, gen, decode_text)
+    yield from draft(denoiser, ids, gen, text_decoder(tokenizer))
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:
