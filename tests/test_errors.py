@@ -331,3 +331,29 @@ def test_special_tokens_are_ids_not_text(ckpt_factory):
     assert view.token_text(0) == "" and view.token_text(summary.tokens[0]) is not None
     rendered = chat_mod.render(tok, [{"role": "user", "content": "hi"}], True)
     assert "<|turn>user" in rendered
+
+
+def test_stop_during_prefill_keeps_what_was_encoded(ckpt_factory, monkeypatch):
+    """Ctrl-C while a prefill chunk is encoded: feedback at once, the next chunk is not
+    started, and the cache holds exactly the chunks already encoded."""
+    model, tok = md.load(ckpt_factory("tiny"))
+    monkeypatch.setattr(chat_mod, "PREFILL_CHUNK", 8)
+    s = ChatSession(model, tok, gen_kwargs=dict(max_denoising_steps=2, max_new_tokens=16))
+    flag, told, encoded = chat_mod.StopFlag(), [], []
+    flag.on_set = lambda: told.append("stopping…")
+    real = s.backend.encode
+
+    def encode(cache, ids):
+        encoded.append(len(ids))
+        real(cache, ids)
+        if len(encoded) >= 2:  # the user presses Ctrl-C (twice) during the second chunk
+            flag.set()
+            flag.set()
+
+    monkeypatch.setattr(s.backend, "encode", encode)
+    events = list(s.send("a message long enough for several prefill chunks", should_stop=flag.is_set))
+    assert [type(e).__name__ for e in events] == ["Interrupted"]
+    assert encoded == [8, 8] and told == ["stopping…"]
+    assert s.cached_tokens == 16 and s.backend.offset(s.cache) == 16 and s.messages == []
+    monkeypatch.setattr(s.backend, "encode", real)
+    assert type(list(s.send("hi"))[-1]).__name__ == "Summary" and len(s.messages) == 2
