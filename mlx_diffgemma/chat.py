@@ -369,7 +369,9 @@ def parse_seed(value) -> Optional[int]:
     try:
         seed = int(str(value).strip())
     except ValueError:
-        raise ValueError(f"seed must be none or an integer from 0 to {SEED_MAX} (got {value!r})") from None
+        raise ValueError(
+            f"seed must be none or an integer from 0 to {SEED_MAX} (got {value!r})"
+        ) from None
     return check_seed(seed)
 
 

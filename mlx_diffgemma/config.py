@@ -99,7 +99,8 @@ def _check_text_fields(kwargs: Dict[str, Any], where: str) -> None:
             bad(name, "a token id (an integer >= 0)")
     if kwargs.get("eos_token_id") is not None and not is_token_ids(kwargs["eos_token_id"]):
         bad("eos_token_id", "a token id or a list of token ids")
-    if "rms_norm_eps" in kwargs and not (is_finite_number(kwargs["rms_norm_eps"]) and kwargs["rms_norm_eps"] > 0):
+    eps = kwargs.get("rms_norm_eps", 1e-6)
+    if not (is_finite_number(eps) and eps > 0):
         bad("rms_norm_eps", "a number > 0")
     cap = kwargs.get("final_logit_softcapping")
     if cap is not None and not (is_finite_number(cap) and cap > 0):
@@ -239,7 +240,9 @@ class ModelArgs:
         if "canvas_length" in config:
             canvas = config["canvas_length"]
             if not (is_int(canvas) and canvas >= 1):
-                raise ConfigError(f"canvas_length must be a positive integer (got {canvas!r}); fix the file")
+                raise ConfigError(
+                    f"canvas_length must be a positive integer (got {canvas!r}); fix the file"
+                )
             kwargs["canvas_length"] = canvas
         # Full-attention overrides: the released config says global_head_dim /
         # num_global_key_value_heads, transformers' save_pretrained writes per_layer_config.
@@ -295,19 +298,17 @@ def _global_overrides_from_per_layer(per_layer, layer_types, text) -> Dict[str, 
 
 def read_json_object(path: Path) -> Dict[str, Any]:
     """A JSON file that must hold an object; anything else is a ConfigError naming it."""
+    fix = "re-download or re-convert the model"
     try:
         data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-download or re-convert the model") from None
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert the model") from None
+        raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
     except RecursionError:
-        raise ConfigError(f"{path} is nested too deeply to be a config; re-download or re-convert the model") from None
+        raise ConfigError(f"{path} is nested too deeply to be a config; {fix}") from None
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} holds a JSON {type(data).__name__}, not an object; re-download or "
-            "re-convert the model"
-        )
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data
 
 

@@ -91,11 +91,15 @@ def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model,
     args = ModelArgs.from_dict(config, source=str(config_path))
     for key in ("quantization", "quantization_config"):
         if config.get(key) is not None and not isinstance(config[key], dict):
-            raise ConfigError(f"{config_path}: {key} must be an object (got {config[key]!r}); fix the file")
+            raise ConfigError(
+                f"{config_path}: {key} must be an object (got {config[key]!r}); fix the file"
+            )
     try:
         model = Model(args)
     except (ValueError, TypeError, KeyError) as e:  # e.g. a RoPE type mlx-lm does not know
-        raise ConfigError(f"{config_path}: the config does not describe a buildable model ({e})") from None
+        raise ConfigError(
+            f"{config_path}: the config does not describe a buildable model ({e})"
+        ) from None
 
     weights: Dict[str, mx.array] = {}
     for f in weight_files(model_path):

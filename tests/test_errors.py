@@ -17,7 +17,7 @@ import pytest
 import mlx_diffgemma as md
 from mlx_diffgemma import chat as chat_mod
 from mlx_diffgemma.chat import ChatSession, parse_temp
-from mlx_diffgemma.config import ConfigError, GenerationConfig
+from mlx_diffgemma.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
