@@ -40,11 +40,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .config import GenerationConfig
+from .config import SEED_MAX, GenerationConfig, check_seed
 from .drafter import Commit, Draft, Summary
 from .paths import DEFAULT_MODEL, resolve_model_path
 
-PREFILL_CHUNK = 2048  # tokens per encoder call while prefilling (bounded memory)
+# Tokens per encoder call while prefilling: bounds memory, and how long a Ctrl-C waits
+# for the stop flag to be checked (about a second for the 26B model on CPU).
+PREFILL_CHUNK = 512
 
 # Used only when a tokenizer ships no chat template at all (the released model has one).
 GEMMA4_FALLBACK_TEMPLATE = (
@@ -86,9 +88,24 @@ def ensure_chat_template(tokenizer, model_path: Optional[Path]) -> str:
 
 
 def render(tokenizer, messages: Sequence[Dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except TemplateError as e:  # e.g. the template's raise_exception on a role it refuses
+        raise ValueError(f"the chat template rejects this conversation: {e}") from None
+
+
+def check_text(text: str, what: str) -> str:
+    """`text`, when it can be encoded: undecodable input bytes reach Python as lone
+    surrogates (surrogateescape), which no tokenizer or terminal takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text; type or paste it again") from None
+    return text
 
 
 def encode_text(tokenizer, text: str) -> List[int]:
@@ -333,15 +350,37 @@ SETTING_ALIASES = {
 
 
 def parse_temp(text: str) -> Tuple[float, float]:
-    """`a-b` -> (t_min, t_max); a single value sets both."""
+    """`a-b` -> (t_min, t_max); a single value sets both. The range's dash is the first
+    one that is neither the leading sign nor an exponent's (`1e-3-0.5`)."""
     text = str(text).strip()
-    i = text.find("-", 1)
-    parts = [text] if i < 0 else [text[:i], text[i + 1 :]]
+    cut = next((i for i in range(1, len(text)) if text[i] == "-" and text[i - 1] not in "eE"), -1)
+    parts = [text] if cut < 0 else [text[:cut], text[cut + 1 :]]
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise ValueError(f"temp must be a-b or one number (got {text!r})") from None
+        raise ValueError(f"temp must be a-b or one number, e.g. 0.4-0.8 (got {text!r})") from None
     return (values[0], values[-1])
+
+
+def parse_seed(value) -> Optional[int]:
+    """`none`/`off` (no seed) or an integer in [0, 2**64-1]."""
+    if value is None or str(value).strip().lower() in ("none", "off", ""):
+        return None
+    try:
+        seed = int(str(value).strip())
+    except ValueError:
+        raise ValueError(
+            f"seed must be none or an integer from 0 to {SEED_MAX} (got {value!r})"
+        ) from None
+    return check_seed(seed)
+
+
+def _parse_number(key: str, kind: type, value) -> Any:
+    try:
+        return kind(str(value).strip())
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key} must be {what} (got {value!r})") from None
 
 
 def _parse_eos(value) -> Optional[List[int]]:
@@ -392,16 +431,18 @@ class ChatSession:
         self.model_path = getattr(model, "model_path", None)
         self.model_name = model_name or str(self.model_path)
         self.template_source = ensure_chat_template(tokenizer, self.model_path)
-        self.system = system
-        self.seed = seed
+        self.system = check_text(system, "the system prompt") if system else None
         self.noise = noise
         # False: every message is sent as a fresh conversation (single-turn models such as
         # toy-sudoku); the transcript still keeps every turn.
         self.keep_history = keep_history
+        limit = self.backend.max_context
+        if max_context is not None and max_context < 1:
+            raise ValueError(f"max_context must be a positive number of tokens (got {max_context})")
+        self.max_context = min(max_context, limit) if max_context else limit
+        self.seed = check_seed(seed)
         self.gen_kwargs: Dict[str, Any] = {}
         self.update_settings(**(gen_kwargs or {}))
-        limit = self.backend.max_context
-        self.max_context = min(max_context, limit) if max_context else limit
         self.messages: List[Dict[str, str]] = []
         self.turns: List[TurnStats] = []
         self.interrupted = 0
@@ -425,20 +466,21 @@ class ChatSession:
             if key == "temp":
                 new["t_min"], new["t_max"] = parse_temp(str(value))
             elif key == "seed":
-                seed = None if str(value).lower() in ("none", "off", "") else int(value)
+                seed = parse_seed(value)
             elif key in ("eos", "eos_token_id"):
                 new["eos_token_id"] = _parse_eos(value)
             elif key in SETTING_ALIASES:
                 name = SETTING_ALIASES[key]
-                kind = type(getattr(GenerationConfig(), name))
-                try:
-                    new[name] = kind(value) if kind is not float else float(value)
-                except ValueError:
-                    raise ValueError(f"{key} must be a {kind.__name__} (got {value!r})") from None
+                new[name] = _parse_number(key, type(getattr(GenerationConfig(), name)), value)
             else:
                 known = ", ".join(sorted(set(SETTING_ALIASES) | {"temp", "seed", "eos"}))
                 raise ValueError(f"unknown setting {key!r}; known: {known}")
-        GenerationConfig.from_model_dir(self.model_path, **new)  # raises ValueError when invalid
+        gen = GenerationConfig.from_model_dir(self.model_path, **new)  # ValueError when invalid
+        if self._reserve(gen) >= self.max_context:
+            raise ValueError(
+                f"max_new_tokens={gen.max_new_tokens} reserves {self._reserve(gen)} tokens, "
+                f"the whole {self.max_context}-token context; lower it"
+            )
         self.gen_kwargs, self.seed = new, seed
 
     def settings(self) -> Dict[str, Any]:
@@ -469,7 +511,7 @@ class ChatSession:
     def set_system(self, text: Optional[str]) -> None:
         # The conversation now renders differently from its start: the next turn cuts the
         # cache back to the common prefix (<bos><|turn>) or clears it (and says so).
-        self.system = text or None
+        self.system = check_text(text, "the system prompt") if text else None
 
     @property
     def cached_tokens(self) -> int:
@@ -483,9 +525,13 @@ class ChatSession:
             msgs.append({"role": "user", "content": user_text})
         return msgs
 
-    def _check_context(self, n_prompt: int) -> None:
+    def _reserve(self, gen: GenerationConfig) -> int:
+        """Context tokens a reply may take: whole canvases."""
         C = self.backend.canvas_length
-        reserve = math.ceil(self.gen.max_new_tokens / C) * C
+        return math.ceil(gen.max_new_tokens / C) * C
+
+    def _check_context(self, n_prompt: int) -> None:
+        reserve = self._reserve(self.gen)
         if n_prompt + reserve > self.max_context:
             raise ValueError(
                 f"prompt too long: {n_prompt} context tokens + up to {reserve} generated "
@@ -520,7 +566,7 @@ class ChatSession:
 
     def send(self, user_text: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Any]:
         """One turn. Yields Prefill, then Draft/Commit/Summary, or ends with Interrupted."""
-        msgs = self.conversation(user_text)
+        msgs = self.conversation(check_text(user_text, "the message"))
         split = split_prompt(self.tokenizer, msgs)
         self._check_context(len(split.ids))
         gen = self.gen
@@ -576,7 +622,7 @@ class ChatSession:
 
         # 4. Generate from the suffix; whatever happens, go back to the stable boundary.
         stats = TurnStats(keep, len(new), len(split.suffix), prefill_time, prefill_time, note=note)
-        seed = None if self.seed is None else self.seed + len(self.turns)
+        seed = None if self.seed is None else (self.seed + len(self.turns)) % (SEED_MAX + 1)
         events = b.stream_generate(self.tokenizer, split.suffix, self.cache, self.noise, seed, self.gen_kwargs)
         canvases = 0
         finished = False
@@ -675,13 +721,16 @@ class CanvasView:
         self._canvas = -1
 
     def token_text(self, t: int) -> str:
+        """How token `t` is drawn: special tokens (`<pad>`...) not at all, as in the reply."""
         s = self._text.get(t)
         if s is None:
             try:
-                s = self.tokenizer.decode([t])
+                s = self.tokenizer.decode([t], skip_special_tokens=True)
+                special = not s and self.tokenizer.decode([t])
             except Exception:
-                s = f"<{t}>"
-            s = s.replace("\n", "↵").replace("\r", "↵").replace("\t", "⇥") or "∅"
+                s, special = f"<{t}>", False
+            s = s.replace("\n", "↵").replace("\r", "↵").replace("\t", "⇥")
+            s = s or ("" if special else "∅")
             self._text[t] = s
         return s
 
@@ -727,11 +776,29 @@ Ctrl-C while a reply is being generated stops it: the partial reply and your mes
 are dropped (the conversation is as before it) and you can type again."""
 
 
+class StopFlag:
+    """Set by Ctrl-C while a reply runs. `on_set` gives feedback at once: the flag is
+    only read between prefill chunks and denoising steps, up to a second or two later."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.on_set: Optional[Callable[[], None]] = None
+
+    def set(self) -> None:
+        first = not self._event.is_set()
+        self._event.set()
+        if first and self.on_set is not None:
+            self.on_set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
 @contextmanager
 def _interrupt_flag():
     """While generating, Ctrl-C sets a flag (checked between denoising steps and prefill
     chunks) instead of raising in the middle of an encoder call."""
-    flag = threading.Event()
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -772,6 +839,8 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
 
     live = Live(console=console, auto_refresh=False, transient=True, vertical_overflow="visible")
     live.start()
+    if hasattr(flag, "on_set"):
+        flag.on_set = lambda: live.console.print(Text("stopping…", style="yellow"))
     summary = None
     try:
         for ev in session.send(text, should_stop=flag.is_set):
@@ -824,6 +893,13 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
         console.print(Text(f"  ({turn.note})", style="yellow"))
 
 
+def format_memory(gb: float) -> str:
+    """A peak-memory reading; 0 means the backend does not measure it (torch on CPU)."""
+    if gb <= 0:
+        return "unavailable"
+    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.1f} MB"
+
+
 def _stats_text(session: ChatSession) -> str:
     lines = [
         f"model: {session.model_name} ({session.backend.name})",
@@ -840,7 +916,7 @@ def _stats_text(session: ChatSession) -> str:
             f"last reply: {t.tokens} tokens, {t.canvases} canvases, steps {t.steps_per_canvas}, "
             f"{t.tokens_per_forward:.2f} tok/forward, {t.generation_tps:.1f} tok/s, "
             f"prompt {t.encoded + t.suffix} new + {t.reused} cached tokens in {t.prompt_time:.3f} s, "
-            f"peak {t.peak_memory_gb:.2f} GB, finish {t.finish_reason}"
+            f"peak memory {format_memory(t.peak_memory_gb)}, finish {t.finish_reason}"
         )
         lines.append(
             "prompt encode per turn: "
@@ -922,7 +998,7 @@ def run_repl(session: ChatSession, console=None, read: Optional[Callable[[], str
     )
     while True:
         try:
-            line = read()
+            line = check_text(read(), "the line").strip()
         except EOFError:
             console.print()
             console.print(Text("bye", style="dim"))
@@ -931,22 +1007,86 @@ def run_repl(session: ChatSession, console=None, read: Optional[Callable[[], str
             console.print()
             console.print(Text("(Ctrl-D or /exit to quit)", style="dim"))
             continue
-        line = line.strip()
+        except ValueError as e:  # UnicodeDecodeError included: undecodable input bytes
+            if isinstance(e, UnicodeDecodeError):
+                e = ValueError("the line is not valid UTF-8 text; type or paste it again")
+            _print_error(console, e)
+            continue
         if not line:
             continue
+        # Whatever goes wrong in one command or turn is reported and the chat goes on:
+        # the session keeps its conversation (a failed turn leaves it as before).
         if line.startswith("/"):
-            if not _command(session, console, line):
-                console.print(Text("bye", style="dim"))
-                return 0
+            try:
+                if not _command(session, console, line):
+                    console.print(Text("bye", style="dim"))
+                    return 0
+            except Exception as e:
+                _print_error(console, e)
             continue
         with _interrupt_flag() as flag:
             try:
                 _stream_reply(session, console, line, flag)
-            except ValueError as e:
-                console.print(Text(f"error: {e}", style="red"))
+            except Exception as e:
+                _print_error(console, e)
+
+
+def _print_error(console, e: Exception) -> None:
+    """One red line: the message of an expected error (bad input), the type too otherwise."""
+    from rich.text import Text
+
+    text = " ".join(str(e).split()) or "(no message)"
+    if not isinstance(e, (ValueError, OSError)):
+        text = f"{type(e).__name__}: {text}"
+    console.print(Text(f"error: {text}", style="red"), soft_wrap=True)
 
 
 # -- command line --------------------------------------------------------------------------
+
+
+def _flag_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse type from a parser that raises ValueError: argparse then prints
+    `argument --flag: <the message>` and exits 2, instead of a traceback later."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _setting_type(name: str, kind: type):
+    """A flag for one GenerationConfig field, held to the same rules as /set and the API."""
+
+    def parse(text: str):
+        value = _parse_number(name, kind, text)
+        GenerationConfig(**{name: value})
+        return value
+
+    return _flag_type(parse, name)
+
+
+def _temp_arg(text: str) -> str:
+    t_min, t_max = parse_temp(text)
+    GenerationConfig(t_min=t_min, t_max=t_max)
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = _parse_number("the value", int, text)
+    if value < 1:
+        raise ValueError(f"must be an integer >= 1 (got {text!r})")
+    return value
+
+
+def _seed_arg(text: str) -> int:
+    seed = parse_seed(text)
+    if seed is None:
+        raise ValueError(f"seed must be an integer from 0 to {SEED_MAX} (got {text!r})")
+    return seed
 
 
 def _add_common_args(p: argparse.ArgumentParser) -> None:
@@ -956,13 +1096,13 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
         help=f"model directory, Hugging Face id or LM Studio / packaged model name (default {DEFAULT_MODEL})",
     )
     p.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="mlx (default) or the torch reference path")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply (default: chat 1024, or the checkpoint's for small-context models; generate the checkpoint's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per canvas (default: the checkpoint's, 48)")
-    p.add_argument("--temp", default=None, metavar="A-B", help="temperature range t_min-t_max (e.g. 0.4-0.8) or one value")
-    p.add_argument("--entropy-bound", type=float, default=None, help="acceptance entropy bound (default 0.1)")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--max-new-tokens", type=_setting_type("max_new_tokens", int), default=None, help="tokens per reply (default: chat 1024, or the checkpoint's for small-context models; generate the checkpoint's)")
+    p.add_argument("--steps", type=_setting_type("max_denoising_steps", int), default=None, help="denoising steps per canvas (default: the checkpoint's, 48)")
+    p.add_argument("--temp", type=_flag_type(_temp_arg, "temp"), default=None, metavar="A-B", help="temperature range t_min-t_max (e.g. 0.4-0.8) or one value")
+    p.add_argument("--entropy-bound", type=_setting_type("entropy_bound", float), default=None, help="acceptance entropy bound (default 0.1)")
+    p.add_argument("--seed", type=_flag_type(_seed_arg, "seed"), default=None, help="random seed")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-context", type=int, default=None, help="context limit in tokens (default: the model's, 262,144)")
+    p.add_argument("--max-context", type=_flag_type(_positive_int, "max_context"), default=None, help="context limit in tokens (default: the model's, 262,144)")
 
 
 def add_chat_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -1004,7 +1144,13 @@ def load_for(model_arg: str, backend: str):
     """(model, tokenizer, resolved path) for a --model value and backend."""
     path = resolve_model_path(model_arg, prefer="hf" if backend == "torch" else "mlx")
     if backend == "torch":
-        from .torch_backend import load as torch_load
+        try:
+            from .torch_backend import load as torch_load
+        except ImportError as e:
+            raise ValueError(
+                f"--backend torch needs PyTorch and transformers ({e}): pip install torch "
+                "transformers, or use --backend mlx"
+            ) from None
 
         model, tokenizer = torch_load(path)
     else:
@@ -1059,12 +1205,27 @@ def main_chat(args) -> int:
     return run_repl(session, console)
 
 
+def _read_stdin() -> str:
+    """The prompt from stdin, which must be UTF-8 text."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return check_text(data, "stdin")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"stdin is not UTF-8 text ({e.reason} at byte {e.start}); pass UTF-8 text"
+        ) from None
+
+
 def main_generate(args) -> int:
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = check_text(args.prompt, "--prompt") if args.prompt is not None else _read_stdin()
+    if args.system:
+        check_text(args.system, "--system")
     model, tokenizer, path = load_for(args.model, args.backend)
     overrides = _to_generation_overrides(_gen_kwargs(args))
     gen = GenerationConfig.from_model_dir(getattr(model, "model_path", path), **overrides)

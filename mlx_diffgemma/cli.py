@@ -49,9 +49,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as e:
-        # Bad input: one clear line, no traceback.
-        print(f"mlx-diffgemma {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        # Bad input (arguments, files, model directories): one clear line, no traceback.
+        message = " ".join(str(e).splitlines())
+        print(f"mlx-diffgemma {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -44,6 +45,102 @@ def default_layer_types(num_layers: int) -> List[str]:
 
 class ConfigError(ValueError):
     """A config.json that does not describe a DiffusionGemma model."""
+
+
+# -- field checks: a config's values are checked for type and range before use, so a
+# malformed file gives one line naming the file and field, never a TypeError deep inside.
+
+_POSITIVE_INT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_experts",
+    "top_k_experts",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "global_head_dim",
+    "num_global_key_value_heads",
+    "sliding_window",
+    "vocab_size",
+    "max_position_embeddings",
+    "canvas_length",
+)
+_TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id")
+_LAYER_KINDS = ("sliding_attention", "full_attention")
+
+
+def is_int(value: Any) -> bool:
+    """An integer proper: JSON's true/false are bools, which Python counts as ints."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def is_token_ids(value: Any) -> bool:
+    """An id or a list of ids, each >= 0."""
+    items = value if isinstance(value, list) else [value]
+    return all(is_int(t) and t >= 0 for t in items)
+
+
+def _check_text_fields(kwargs: Dict[str, Any], where: str) -> None:
+    def bad(name: str, what: str):
+        raise ConfigError(f"{where}.{name} must be {what} (got {kwargs[name]!r}); fix the file")
+
+    for name in _POSITIVE_INT_FIELDS:
+        if name in kwargs and kwargs[name] is not None:
+            if not is_int(kwargs[name]) or kwargs[name] < 1:
+                bad(name, "a positive integer")
+    for name in _TOKEN_ID_FIELDS:
+        if name in kwargs and not (is_int(kwargs[name]) and kwargs[name] >= 0):
+            bad(name, "a token id (an integer >= 0)")
+    if kwargs.get("eos_token_id") is not None and not is_token_ids(kwargs["eos_token_id"]):
+        bad("eos_token_id", "a token id or a list of token ids")
+    eps = kwargs.get("rms_norm_eps", 1e-6)
+    if not (is_finite_number(eps) and eps > 0):
+        bad("rms_norm_eps", "a number > 0")
+    cap = kwargs.get("final_logit_softcapping")
+    if cap is not None and not (is_finite_number(cap) and cap > 0):
+        bad("final_logit_softcapping", "a number > 0 or null")
+    if "hidden_activation" in kwargs and not isinstance(kwargs["hidden_activation"], str):
+        bad("hidden_activation", "a string")
+    if "attention_bias" in kwargs and not isinstance(kwargs["attention_bias"], bool):
+        bad("attention_bias", "true or false")
+    layer_types = kwargs.get("layer_types")
+    if layer_types is not None and not (
+        isinstance(layer_types, list) and all(t in _LAYER_KINDS for t in layer_types)
+    ):
+        bad("layer_types", f"a list of {' / '.join(_LAYER_KINDS)}")
+    if kwargs.get("rope_parameters") is not None:
+        _check_rope(kwargs["rope_parameters"], f"{where}.rope_parameters")
+    if kwargs["top_k_experts"] > kwargs["num_experts"]:
+        bad("top_k_experts", f"at most num_experts ({kwargs['num_experts']})")
+    if kwargs["num_attention_heads"] % kwargs["num_key_value_heads"]:
+        bad("num_key_value_heads", "a divisor of num_attention_heads")
+
+
+def _check_rope(rope: Any, where: str) -> None:
+    if not isinstance(rope, dict) or not all(isinstance(v, dict) for v in rope.values()):
+        raise ConfigError(
+            f"{where} must map each layer type ({', '.join(_LAYER_KINDS)}) to its RoPE "
+            f"settings (got {rope!r}); fix the file"
+        )
+    for kind in _LAYER_KINDS:
+        if kind not in rope:
+            raise ConfigError(f"{where} has no {kind!r} entry; fix the file")
+        theta = rope[kind].get("rope_theta", 10_000.0)
+        if not (is_finite_number(theta) and theta > 0):
+            raise ConfigError(f"{where}.{kind}.rope_theta must be a number > 0 (got {theta!r})")
+        factor = rope[kind].get("partial_rotary_factor", 1.0)
+        if not (is_finite_number(factor) and 0 < factor <= 1):
+            raise ConfigError(
+                f"{where}.{kind}.partial_rotary_factor must be in (0, 1] (got {factor!r})"
+            )
+        if not isinstance(rope[kind].get("rope_type", "default"), str):
+            raise ConfigError(f"{where}.{kind}.rope_type must be a string")
 
 
 @dataclass
@@ -104,8 +201,18 @@ class ModelArgs:
         return self.num_global_key_value_heads if full else self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, config: Dict[str, Any]) -> "ModelArgs":
-        """Builds the args from an HF `config.json` dict (nested `text_config`)."""
+    def from_dict(cls, config: Dict[str, Any], source: str = "config.json") -> "ModelArgs":
+        """Builds the args from an HF `config.json` dict (nested `text_config`); `source`
+        names the file in errors."""
+        try:
+            return cls._from_dict(config)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def _from_dict(cls, config: Dict[str, Any]) -> "ModelArgs":
+        if not isinstance(config, dict):
+            raise ConfigError(f"expected a JSON object, got {type(config).__name__}")
         model_type = config.get("model_type")
         if model_type != MODEL_TYPE:
             raise ConfigError(
@@ -114,14 +221,14 @@ class ModelArgs:
             )
         text = config.get("text_config")
         if not isinstance(text, dict):
-            raise ConfigError("config.json has no 'text_config' section")
+            raise ConfigError("text_config is missing or not an object")
         if text.get("model_type", TEXT_MODEL_TYPE) != TEXT_MODEL_TYPE:
             raise ConfigError(
                 f"text_config.model_type is {text.get('model_type')!r}, expected {TEXT_MODEL_TYPE!r}"
             )
         missing = [k for k in _REQUIRED_TEXT_KEYS if text.get(k) is None]
         if missing:
-            raise ConfigError(f"config.json text_config is missing required keys: {', '.join(missing)}")
+            raise ConfigError(f"text_config is missing required keys: {', '.join(missing)}")
         if text.get("use_bidirectional_attention") == "all":
             raise ConfigError(
                 "use_bidirectional_attention='all' (a bidirectional encoder) is not supported"
@@ -129,14 +236,25 @@ class ModelArgs:
 
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in text.items() if k in names and k != "model_type"}
+        _check_text_fields(kwargs, "text_config")
         if "canvas_length" in config:
-            kwargs["canvas_length"] = config["canvas_length"]
+            canvas = config["canvas_length"]
+            if not (is_int(canvas) and canvas >= 1):
+                raise ConfigError(
+                    f"canvas_length must be a positive integer (got {canvas!r}); fix the file"
+                )
+            kwargs["canvas_length"] = canvas
         # Full-attention overrides: the released config says global_head_dim /
         # num_global_key_value_heads, transformers' save_pretrained writes per_layer_config.
         layer_types = kwargs.get("layer_types") or default_layer_types(kwargs["num_hidden_layers"])
         per_layer = text.get("per_layer_config") or {}
+        if not isinstance(per_layer, dict) or not all(
+            isinstance(v, dict) for v in per_layer.values()
+        ):
+            raise ConfigError("text_config.per_layer_config must map layers to objects")
         if per_layer:
             kwargs.update(_global_overrides_from_per_layer(per_layer, layer_types, text))
+            _check_text_fields(kwargs, "text_config.per_layer_config")
         return cls(**kwargs)
 
 
@@ -147,9 +265,13 @@ def _global_overrides_from_per_layer(per_layer, layer_types, text) -> Dict[str, 
     for key, overrides in per_layer.items():
         if key in ("sliding_attention", "full_attention"):
             kind = key
+        elif str(key).isdigit() and int(key) < len(layer_types):
+            kind = layer_types[int(key)]
         else:
-            idx = int(key)
-            kind = layer_types[idx] if layer_types else None
+            raise ConfigError(
+                f"text_config.per_layer_config key {key!r} is neither a layer type nor a "
+                f"layer index below {len(layer_types)}"
+            )
         if kind != "full_attention":
             if overrides:
                 raise ConfigError(
@@ -163,6 +285,7 @@ def _global_overrides_from_per_layer(per_layer, layer_types, text) -> Dict[str, 
         )
         seen.add(item)
     if len(seen) > 1:
+        seen = {tuple(str(x) for x in item) for item in seen}  # sortable whatever the types
         raise ConfigError(f"full-attention layers disagree in per_layer_config: {sorted(seen)}")
     if seen:
         head_dim, kv_heads = seen.pop()
@@ -173,17 +296,29 @@ def _global_overrides_from_per_layer(per_layer, layer_types, text) -> Dict[str, 
     return out
 
 
+def read_json_object(path: Path) -> Dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a ConfigError naming it."""
+    fix = "re-download or re-convert the model"
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config; {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
 def load_config(model_path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(model_path) / "config.json"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: a model directory needs its config.json (is this the right path?)"
         )
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert the model") from e
+    return read_json_object(path)
 
 
 # -- generation ---------------------------------------------------------------------
@@ -201,6 +336,29 @@ RELEASED_GENERATION = {
     "pad_token_id": 0,
 }
 
+# Seeds are unsigned 64-bit: what mx.random.seed and torch's manual_seed both take
+# (NumPy's SeedSequence takes any integer >= 0).
+SEED_MAX = 2**64 - 1
+
+
+def check_seed(seed: Any) -> Optional[int]:
+    """`seed` when it is None or an integer in [0, 2**64-1], else a ValueError."""
+    if seed is None:
+        return None
+    if not is_int(seed) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an integer from 0 to 2**64-1 = {SEED_MAX} (got {seed!r})")
+    return seed
+
+
+class GenerationConfigError(ValueError):
+    """An invalid generation parameter; `field` names it (so a caller can name the file
+    the value came from)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"invalid generation parameter: {message}")
+        self.field = field
+
+
 @dataclass
 class GenerationConfig:
     """The drafter's parameters, under the reference's own names."""
@@ -216,31 +374,36 @@ class GenerationConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
-        if isinstance(self.eos_token_id, int):
+        if is_int(self.eos_token_id):
             self.eos_token_id = [self.eos_token_id]
         self.validate()
 
     def validate(self) -> None:
-        def bad(msg):
-            raise ValueError(f"invalid generation parameter: {msg}")
+        def bad(name, rule):
+            value = getattr(self, name)
+            raise GenerationConfigError(name, f"{name} {rule} (got {value!r})")
 
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:
-            bad(f"max_denoising_steps must be an integer >= 1 (got {self.max_denoising_steps!r})")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            bad(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
-        if not self.entropy_bound > 0:
-            bad(f"entropy_bound must be > 0 (got {self.entropy_bound!r})")
-        if self.t_min < 0 or self.t_max < 0:
-            bad(f"temperatures must be >= 0 (got t_min={self.t_min}, t_max={self.t_max})")
+        for name in ("max_denoising_steps", "max_new_tokens"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
+                bad(name, "must be an integer >= 1")
+        for name in ("entropy_bound", "confidence_threshold"):
+            if not (is_finite_number(getattr(self, name)) and getattr(self, name) > 0):
+                bad(name, "must be > 0 and finite")
+        for name in ("t_min", "t_max"):
+            if not (is_finite_number(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, "must be a temperature >= 0 and finite")
         if self.t_min > self.t_max:
-            bad(f"t_min must not exceed t_max (got t_min={self.t_min} > t_max={self.t_max})")
+            bad("t_min", f"must not exceed t_max ({self.t_max})")
         if self.t_min == 0:
             # The last step runs at t_min; a zero temperature divides the logits by zero.
-            bad("t_min must be > 0: the temperature at the last step is t_min")
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
-            bad(f"stability_threshold must be an integer >= 0 (got {self.stability_threshold!r})")
-        if not self.confidence_threshold > 0:
-            bad(f"confidence_threshold must be > 0 (got {self.confidence_threshold!r})")
+            bad("t_min", "must be > 0: the temperature at the last step is t_min")
+        if not (is_int(self.stability_threshold) and self.stability_threshold >= 0):
+            bad("stability_threshold", "must be an integer >= 0")
+        if not (is_int(self.pad_token_id) and self.pad_token_id >= 0):
+            bad("pad_token_id", "must be a token id (an integer >= 0)")
+        eos = self.eos_token_id
+        if eos is not None and not (isinstance(eos, list) and is_token_ids(eos)):
+            bad("eos_token_id", "must be a token id, a list of token ids, or null")
 
     def temperature(self, step: int) -> float:
         """The reference's linear schedule, t_min + (t_max - t_min) * step / N, where `step`
@@ -252,11 +415,17 @@ class GenerationConfig:
 
     @classmethod
     def from_model_dir(cls, model_path: Union[str, Path, None], **overrides) -> "GenerationConfig":
-        """Checkpoint defaults (generation_config.json, else config.json) with per-call overrides."""
-        values = dict(RELEASED_GENERATION)
+        """Checkpoint defaults (generation_config.json, else config.json) with per-call
+        overrides. A bad checkpoint value is a ConfigError naming its file."""
+        values, origin = dict(RELEASED_GENERATION), {}
         if model_path is not None:
-            values.update(_checkpoint_generation_values(Path(model_path)))
-        return cls(**values).with_overrides(**overrides)
+            found, origin = _checkpoint_generation_values(Path(model_path))
+            values.update(found)
+        try:
+            defaults = cls(**values)
+        except GenerationConfigError as e:
+            raise ConfigError(f"{origin.get(e.field, model_path)}: {e}") from None
+        return defaults.with_overrides(**overrides)
 
     def with_overrides(self, **overrides) -> "GenerationConfig":
         """A copy with `overrides` applied (eos_token_id=None disables EOS), validated."""
@@ -268,34 +437,29 @@ class GenerationConfig:
         return type(self)(**values)
 
 
-def _checkpoint_generation_values(model_path: Path) -> Dict[str, Any]:
+def _checkpoint_generation_values(model_path: Path) -> Tuple[Dict[str, Any], Dict[str, Path]]:
+    """The generation values a checkpoint sets, and the file each came from."""
     out: Dict[str, Any] = {}
+    origin: Dict[str, Path] = {}
     sources = []
-    cfg_path = model_path / "config.json"
-    if cfg_path.exists():
-        try:
-            sources.append(json.loads(cfg_path.read_text()))
-        except json.JSONDecodeError:
-            pass
-    gen_path = model_path / "generation_config.json"
-    if gen_path.exists():
-        try:
-            sources.append(json.loads(gen_path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{gen_path} is not valid JSON ({e})") from e
-    for src in sources:  # generation_config.json wins over config.json
+    for name in ("config.json", "generation_config.json"):  # the latter wins
+        path = model_path / name
+        if path.exists():
+            sources.append((path, read_json_object(path)))
+    for path, src in sources:
         for k in RELEASED_GENERATION:
             if k == "eos_token_id":
                 continue
             if src.get(k) is not None:
-                out[k] = src[k]
+                out[k], origin[k] = src[k], path
         sampler = src.get("sampler_config")
         if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
-            out["entropy_bound"] = sampler["entropy_bound"]
+            out["entropy_bound"], origin["entropy_bound"] = sampler["entropy_bound"], path
     # eos: the generation config's list (which adds <turn|> and <|tool_response>) wins.
-    for src in reversed(sources):
+    for path, src in reversed(sources):
         if src.get("eos_token_id") is not None:
             eos = src["eos_token_id"]
-            out["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
+            out["eos_token_id"] = [eos] if is_int(eos) else eos
+            origin["eos_token_id"] = path
             break
-    return out
+    return out, origin

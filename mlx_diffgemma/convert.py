@@ -58,6 +58,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .checkpoint import first_line
 from .quantize import (
     RECIPES,
     Recipe,
@@ -791,60 +792,25 @@ def build_config(
     return dict(sorted(cfg.items()))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _check_generation(path: Path) -> List[str]:
-    from .config import GenerationConfig
-
-    gen_path = path / "generation_config.json"
-    try:
-        if gen_path.exists():
-            read_json(gen_path, "a generation config")
-        GenerationConfig.from_model_dir(path)  # what chat builds its parameters with
-    except ConversionError as e:
-        return [str(e)]
-    except (ValueError, TypeError, AttributeError, KeyError) as e:
-        return [f"generation parameters of {path} (generation_config.json, config.json): {_first_line(e)}"]
-    return []
-
-
-def _check_tokenizer(path: Path) -> List[str]:
-    from .loader import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(path)  # what `load` does
-    except Exception as e:  # tokenizers/transformers raise many kinds on damaged files
-        return [f"the tokenizer in {path} cannot be loaded ({_first_line(e)})"]
-    if tokenizer is None:
-        return [f"no tokenizer in {path} (tokenizer.json, tokenizer.model or tokenizer_config.json)"]
-    template = getattr(tokenizer, "chat_template", None)
-    jinja = path / "chat_template.jinja"
-    if not template and jinja.is_file():
-        template = jinja.read_text(errors="replace")
-    if isinstance(template, dict):
-        templates = list(template.values())
-    elif isinstance(template, list):  # transformers' [{"name": ..., "template": ...}]
-        templates = [t.get("template") if isinstance(t, dict) else t for t in template]
-    else:
-        templates = [template] if template else []
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    for t in templates:
-        try:
-            _compile_jinja_template(t)  # the environment apply_chat_template renders with
-        except Exception as e:  # jinja2.TemplateSyntaxError, TypeError for a non-string
-            return [f"the chat template in {path} does not compile ({_first_line(e)})"]
-    return []
-
-
 def check_sidecars(path: Path) -> List[str]:
     """What `load` and chat need besides the weights, checked as they use it: the
-    tokenizer loads, its chat template compiles, the generation parameters parse and are
-    valid. Returns one line per problem (empty when all is well)."""
-    return _check_tokenizer(path) + _check_generation(path)
+    tokenizer loads and its chat templates compile (`loader.load_tokenizer`), the
+    generation parameters parse and are valid. Returns one line per problem (empty when
+    all is well)."""
+    from .config import GenerationConfig
+    from .loader import load_tokenizer
+
+    problems = []
+    try:
+        if load_tokenizer(path) is None:
+            problems.append(f"no tokenizer in {path} (tokenizer.json, tokenizer.model or tokenizer_config.json)")
+    except Exception as e:  # tokenizers/transformers raise many kinds on damaged files
+        problems.append(f"the tokenizer in {path} cannot be loaded ({first_line(e)})")
+    try:
+        GenerationConfig.from_model_dir(path)  # what chat builds its parameters with
+    except (ValueError, TypeError) as e:
+        problems.append(f"generation parameters of {path} (generation_config.json, config.json): {first_line(e)}")
+    return problems
 
 
 def copy_sidecars(src: Path, dst: Path) -> List[str]:

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import EncoderCache
-from .config import GenerationConfig
+from .config import GenerationConfig, check_seed
 from .drafter import Event, collect, generation_config, stream
 from .noise import NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
@@ -117,7 +117,7 @@ def stream_generate(
     `pad_token_id`) default to the checkpoint's generation_config.json.
     """
     gen = generation_config(model, **generation_kwargs)
-    if seed is not None:
+    if check_seed(seed) is not None:
         mx.random.seed(seed)
     yield from stream(MLXDenoiser(model, gen, cache=cache, noise=noise), tokenizer, prompt)
 

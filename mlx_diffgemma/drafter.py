@@ -178,6 +178,19 @@ def _strip_eos_padding(tokens: List[int], finished: bool, pad: int) -> List[int]
     return tokens[:end]
 
 
+def text_decoder(tokenizer):
+    """Ids -> reply text, or None without a tokenizer. Special tokens (`<pad>`, `<eos>`,
+    the turn markers: whatever the tokenizer marks special) are left out of the text;
+    the ids keep them."""
+    if tokenizer is None:
+        return None
+
+    def decode(ids: List[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return decode
+
+
 def _text_tokens(tokens: List[int], eos: Optional[Sequence[int]]) -> List[int]:
     if eos and tokens and tokens[-1] in set(eos):
         return tokens[:-1]
@@ -242,8 +255,7 @@ def stream(denoiser: Denoiser, tokenizer, prompt) -> Iterator[Event]:
     check, then block diffusion on `denoiser`."""
     ids = prompt_ids(tokenizer, prompt)
     check_context(denoiser, len(ids))
-    decode_text = tokenizer.decode if tokenizer is not None else None
-    yield from draft(denoiser, ids, denoiser.gen, decode_text)
+    yield from draft(denoiser, ids, denoiser.gen, text_decoder(tokenizer))
 
 
 def run_to_summary(events: Iterator[Event], on_commit: Optional[Callable] = None) -> Summary:

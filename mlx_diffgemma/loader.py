@@ -11,16 +11,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import infer_quant_config
 
-from .config import GenerationConfig, ModelArgs, load_config
+from .config import ConfigError, GenerationConfig, ModelArgs, load_config
+from .checkpoint import WeightsError, check_tokenizer_files, first_line
 from .model import Model
 from .paths import resolve_model_path
 from .weights import hf_to_mlx_name
 
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class WeightsError(ValueError):
-    """A checkpoint whose tensors do not match the model its config describes."""
 
 
 def weight_files(model_path: Path) -> List[Path]:
@@ -111,8 +108,19 @@ def _quantize_like_checkpoint(model: Model, config: Dict[str, Any], weights: Dic
 def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model, Dict[str, Any]]:
     model_path = Path(model_path)
     config = load_config(model_path)
-    args = ModelArgs.from_dict(config)
-    model = Model(args)
+    config_path = model_path / "config.json"
+    args = ModelArgs.from_dict(config, source=str(config_path))
+    for key in ("quantization", "quantization_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ConfigError(
+                f"{config_path}: {key} must be an object (got {config[key]!r}); fix the file"
+            )
+    try:
+        model = Model(args)
+    except (ValueError, TypeError, KeyError) as e:  # e.g. a RoPE type mlx-lm does not know
+        raise ConfigError(
+            f"{config_path}: the config does not describe a buildable model ({e})"
+        ) from None
 
     weights: Dict[str, mx.array] = {}
     origin: Dict[str, Path] = {}
@@ -159,7 +167,12 @@ def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
         return None
     from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
 
-    return load_mlx_tokenizer(model_path, eos_token_ids=eos_token_ids)
+    check_tokenizer_files(model_path)
+    try:
+        return load_mlx_tokenizer(model_path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # transformers' errors vary by file and version
+        raise ConfigError(f"cannot load the tokenizer in {model_path} ({first_line(e)}); "
+                          "re-download or re-convert the model") from e
 
 
 def load(path_or_repo: Union[str, Path], lazy: bool = False):

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import List, Optional, Union
 
+from .checkpoint import first_line
+
 # The default model of `mlx-diffgemma chat` / `generate`: mlx-community's 4-bit conversion
 # of the released checkpoint, and that checkpoint itself (for the convert hint).
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
@@ -158,6 +160,6 @@ def resolve_model_path(path_or_repo: Union[str, Path], prefer: str = "mlx") -> P
         what = "the default model " if text == DEFAULT_MODEL else ""
         raise FileNotFoundError(
             f"cannot find {what}{text!r} {where}, nor in LM Studio's folders "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"({first_line(e)}); "
             + convert_hint()
         ) from e

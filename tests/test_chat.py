@@ -357,7 +357,7 @@ class _Pexpect:
         import pexpect
 
         self.p = pexpect.spawn(cmd[0], cmd[1:], env=env, dimensions=(size[1], size[0]),
-                               encoding="utf-8", cwd=str(REPO))
+                               encoding="utf-8", codec_errors="replace", cwd=str(REPO))
         self.buf = ""
 
     def screen(self) -> str:
@@ -478,6 +478,37 @@ def test_repl_two_turns_slash_command_ctrl_c_exit(ckpt_factory, tmp_path, termin
         term.key("C-d")
         screen = _wait(term, lambda s: term.dead(), "exit on Ctrl-D", timeout=15)
         assert "bye" in term.screen()
+    finally:
+        term.close()
+
+
+def test_repl_in_a_terminal_survives_bad_input(ckpt_factory, tmp_path):
+    """Bad settings, undecodable bytes and a directory as /save target, typed into a real
+    terminal: each is one red error line, and the conversation goes on with its turns."""
+    term, _ = drive_two_turn_session(tmp_path, ckpt_factory("tiny"), _Pexpect)
+    try:
+        _wait(term, lambda s: PROMPT in s, "the first prompt", timeout=60)
+        term.type("hello there")
+        _wait(term, lambda s: len(SUMMARY.findall(s)) == 1 and _prompts(s) == 2, "reply 1")
+        bad = ["/set seed=-5", None, "/set temp=nan", "/set steps=0", "/set bogus=1",
+               f"/save {tmp_path}"]
+        for i, line in enumerate(bad):
+            if line is None:
+                os.write(term.p.child_fd, b"\xff\xfe\n")  # pasted non-UTF-8 bytes
+            else:
+                term.type(line)
+            _wait(term, lambda s: s.count("error: ") == i + 1 and _prompts(s) == i + 3, f"error {i}")
+        term.type("and a second question")
+        _wait(term, lambda s: len(SUMMARY.findall(s)) == 2, "reply 2")
+        term.type("/stats")
+        screen = _wait(term, lambda s: "interrupted replies" in s, "/stats")
+        assert "Traceback" not in screen and not term.dead()
+        assert "conversation: 2 turns" in screen and "peak memory 0.00 GB" not in screen
+        errors = [line for line in screen.splitlines() if "error: " in line]
+        assert "seed must be an integer from 0 to" in errors[0]
+        assert "not valid UTF-8" in errors[1] and "t_min" in errors[2]
+        assert "max_denoising_steps" in errors[3] and "unknown setting" in errors[4]
+        assert "cannot write" in errors[5]
     finally:
         term.close()
 

@@ -18,7 +18,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from ..config import GenerationConfig
+from ..checkpoint import WeightsError, check_tokenizer_files
+from ..config import GenerationConfig, ModelArgs, check_seed, load_config
 from ..drafter import Event, collect, generation_config, stream
 from ..paths import resolve_model_path
 from ..noise import NoiseSource
@@ -29,26 +30,37 @@ def _default_device() -> str:
 
 
 def load(path_or_repo: Union[str, Path], device: Optional[str] = None, dtype=None):
-    """(transformers model in eval mode, transformers tokenizer or None)."""
+    """(transformers model in eval mode, transformers tokenizer or None). Weights come
+    from safetensors only: pickled `.bin` checkpoints can run code when loaded."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     path = resolve_model_path(path_or_repo)
-    if (path / "config.json").exists():
-        import json
-
-        cfg = json.loads((path / "config.json").read_text())
-        if "quantization" in cfg:
-            raise ValueError(
-                f"{path} is an MLX quantized conversion; the torch backend loads Hugging Face "
-                "checkpoints (pass the original model directory or hub id)"
-            )
+    # The same checks as the MLX path, so a malformed file is one line naming it.
+    cfg = load_config(path)
+    ModelArgs.from_dict(cfg, source=str(path / "config.json"))
+    generation_defaults = GenerationConfig.from_model_dir(path)
+    if "quantization" in cfg:
+        raise ValueError(
+            f"{path} is an MLX quantized conversion; the torch backend loads Hugging Face "
+            "checkpoints (pass the original model directory or hub id)"
+        )
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin"))
+        raise WeightsError(
+            f"no .safetensors weights in {path}"
+            + (f" (only {', '.join(found)}: pickled weights are not loaded)" if found else "")
+            + "; use a checkpoint saved as safetensors"
+        )
     device = device or _default_device()
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype or "auto")
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        path, dtype=dtype or "auto", use_safetensors=True
+    )
     model = model.to(device).eval()
     model.model_path = path
-    model.generation_defaults = GenerationConfig.from_model_dir(path)  # read once, at load
+    model.generation_defaults = generation_defaults  # read once, at load
     tokenizer = None
     if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+        check_tokenizer_files(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -192,7 +204,7 @@ def stream_generate(
     """As `mlx_diffgemma.stream_generate`, on torch."""
     gen = generation_config(model, **generation_kwargs)
     generator = None
-    if seed is not None:
+    if check_seed(seed) is not None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
     denoiser = TorchDenoiser(model, gen, cache=cache, noise=noise, generator=generator)
