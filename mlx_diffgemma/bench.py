@@ -362,7 +362,7 @@ def memory_arithmetic(config: Dict[str, Any], recipe: str = "mixed-4", prompt: i
     """Peak-memory arithmetic of a generation (`prompt` tokens, then `new_tokens`) with the
     model `config` quantized by `recipe`, activations in a 2-byte float (bf16).
 
-    * weights: from the recipe (`quantize.estimate`);
+    * weights: from the recipe (`sizes.estimate`);
     * KV cache: every sliding layer keeps window-1 + slack (one canvas) tokens, every
       full layer prompt + generated tokens (the conservative count: our drafter never
       encodes the last canvas);
@@ -377,7 +377,7 @@ def memory_arithmetic(config: Dict[str, Any], recipe: str = "mixed-4", prompt: i
       chunk), which is smaller than the step's and so not added.
     """
     from .config import ModelArgs
-    from .quantize import estimate
+    from .sizes import estimate
 
     a = ModelArgs.from_dict(config)
     est = estimate(config, recipe)

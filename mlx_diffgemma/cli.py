@@ -13,11 +13,11 @@ from typing import List, Optional
 
 # subcommand -> (module, help)
 _COMMANDS = {
-    "chat": ("mlx_diffgemma.chat", "chat with the model, watching each canvas settle"),
-    "generate": ("mlx_diffgemma.chat", "generate a reply to one prompt (for scripts)"),
+    "chat": ("mlx_diffgemma.repl", "chat with the model, watching each canvas settle"),
+    "generate": ("mlx_diffgemma.repl", "generate a reply to one prompt (for scripts)"),
     "convert": ("mlx_diffgemma.convert", "convert Hugging Face weights to an MLX directory"),
     "quantize": ("mlx_diffgemma.quantize", "re-quantize an existing MLX directory"),
-    "verify": ("mlx_diffgemma.convert", "check an MLX directory's files (and logits)"),
+    "verify": ("mlx_diffgemma.verify", "check an MLX directory's files (and logits)"),
     "bench": ("mlx_diffgemma.bench", "measure prefill, denoising step and generation speed"),
 }
 

@@ -296,19 +296,22 @@ def _global_overrides_from_per_layer(per_layer, layer_types, text) -> Dict[str, 
     return out
 
 
-def read_json_object(path: Path) -> Dict[str, Any]:
-    """A JSON file that must hold an object; anything else is a ConfigError naming it."""
+def read_json_object(path: Path, what: str = "an object") -> Dict[str, Any]:
+    """A JSON file that must hold an object (`what` says which kind, for the message);
+    anything else is a ConfigError naming the file."""
     fix = "re-download or re-convert the model"
     try:
         data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
     except RecursionError:
-        raise ConfigError(f"{path} is nested too deeply to be a config; {fix}") from None
+        raise ConfigError(f"{path} nests too deeply to be {what}; {fix}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not {what}; {fix}")
     return data
 
 
@@ -318,7 +321,7 @@ def load_config(model_path: Union[str, Path]) -> Dict[str, Any]:
         raise FileNotFoundError(
             f"{path} not found: a model directory needs its config.json (is this the right path?)"
         )
-    return read_json_object(path)
+    return read_json_object(path, "a model config")
 
 
 # -- generation ---------------------------------------------------------------------
@@ -442,10 +445,11 @@ def _checkpoint_generation_values(model_path: Path) -> Tuple[Dict[str, Any], Dic
     out: Dict[str, Any] = {}
     origin: Dict[str, Path] = {}
     sources = []
-    for name in ("config.json", "generation_config.json"):  # the latter wins
+    # the latter wins
+    for name, what in (("config.json", "a model config"), ("generation_config.json", "a generation config")):
         path = model_path / name
         if path.exists():
-            sources.append((path, read_json_object(path)))
+            sources.append((path, read_json_object(path, what)))
     for path, src in sources:
         for k in RELEASED_GENERATION:
             if k == "eos_token_id":

@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import sys
 import threading
 import time
@@ -58,23 +57,30 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .checkpoint import first_line
-from .quantize import (
+from .checkpoint import (
+    FLOAT_DTYPES,
+    INDEX_FILE,
+    ST_DTYPES,
+    ConversionError,
+    TensorRef,
+    header_bytes,
+    read_json,
+    scan_checkpoint,
+)
+from .loader import check_sidecars
+from .model import expected_shapes
+from .recipes import (
+    DTYPE_NAMES,
     RECIPES,
     Recipe,
     RecipeError,
-    add_output_args,
     check_quantization_record,
-    fraction,
     make_recipe,
     module_quantization,
-    output_options,
-    positive_int,
     quantization_record,
 )
-from .weights import QUANT_SUFFIXES, expected_shapes, hf_to_mlx_name, is_vision_tensor
+from .weights import QUANT_SUFFIXES, hf_to_mlx_name, is_vision_tensor
 
-INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_SIZE = 5 << 30  # bytes, as mlx-lm / mlx-vlm (MAX_FILE_SIZE_GB = 5)
 CHUNK_BYTES = 64 << 20  # float32 bytes per processed block of rows
 SHARD_FORMAT = "model-{:05d}-of-{:05d}.safetensors"
@@ -86,8 +92,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tik
 GENERATION_TOP_LEVEL_KEYS = ("eos_token_id", "temperature", "top_p", "top_k", "do_sample")
 
 
-class ConversionError(RuntimeError):
-    """A conversion that cannot proceed; the message says why and what to do."""
+_NAME_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class ConversionInterrupted(KeyboardInterrupt):
@@ -99,32 +104,6 @@ class ConversionInterrupted(KeyboardInterrupt):
         self.exit_code = 128 + int(signum)
 
 
-class VerifyError(ValueError):
-    """An MLX directory that fails `verify`."""
-
-
-# -- safetensors, read and written by hand ------------------------------------------------
-
-# safetensors dtype -> (itemsize, numpy dtype used to carry the raw bits)
-ST_DTYPES: Dict[str, Tuple[int, Any]] = {
-    "BF16": (2, np.uint16),
-    "F16": (2, np.float16),
-    "F32": (4, np.float32),
-    "F64": (8, np.float64),
-    "U8": (1, np.uint8),
-    "I8": (1, np.int8),
-    "U16": (2, np.uint16),
-    "I16": (2, np.int16),
-    "U32": (4, np.uint32),
-    "I32": (4, np.int32),
-    "U64": (8, np.uint64),
-    "I64": (8, np.int64),
-    "BOOL": (1, np.bool_),
-}
-FLOAT_DTYPES = ("BF16", "F16", "F32")
-_NAME_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-
-
 def _mx_dtype(st: str):
     import mlx.core as mx
 
@@ -133,147 +112,6 @@ def _mx_dtype(st: str):
         "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "I32": mx.int32,
         "U64": mx.uint64, "I64": mx.int64, "BOOL": mx.bool_,
     }[st]
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """One tensor inside a safetensors file: where its bytes are."""
-
-    file: Path
-    key: str
-    dtype: str
-    shape: Tuple[int, ...]
-    begin: int  # absolute byte offset in the file
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ST_DTYPES[self.dtype][0]
-
-
-# The reference safetensors library's limit on the JSON header.
-MAX_HEADER_BYTES = 100_000_000
-
-
-def _no_duplicate_keys(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"key {k!r} appears twice")
-        out[k] = v
-    return out
-
-
-def _parse_entry(path: Path, key: str, info: Any) -> Tuple[str, Tuple[int, ...], int, int]:
-    """(dtype, shape, begin, end) of one header entry, every field type-checked."""
-
-    def is_count(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    if not isinstance(info, dict):
-        raise ConversionError(f"{path}: malformed header entry for {key!r} (not an object)")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in ST_DTYPES:
-        raise ConversionError(f"{path}: tensor {key} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
-        raise ConversionError(f"{path}: tensor {key} has a malformed shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)):
-        raise ConversionError(f"{path}: tensor {key} has malformed data_offsets {offsets!r}")
-    return dtype, tuple(shape), offsets[0], offsets[1]
-
-
-def read_header(path: Union[str, Path]) -> Tuple[Dict[str, TensorRef], Dict[str, str]]:
-    """Parses a safetensors header and checks it as the reference `safetensors` library
-    does: the tensors' byte ranges are contiguous, do not overlap, and cover the data
-    buffer exactly, so no two tensors alias the same bytes and the file holds every byte
-    it promises. Only the header is read.
-
-    Raises ConversionError naming the file when it is truncated, corrupt or not a
-    safetensors file at all."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ConversionError(
-                    f"{path} is truncated ({size} bytes, not even a safetensors header): "
-                    "download it again"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, MAX_HEADER_BYTES):
-                raise ConversionError(
-                    f"{path} is corrupt or truncated: its header claims {n} bytes but the file "
-                    f"has {size} (the limit is {MAX_HEADER_BYTES}); download it again"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise ConversionError(f"cannot read {path}: {e}") from e
-    try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except RecursionError:  # hostile nesting: json recurses once per bracket
-        raise ConversionError(
-            f"{path} is not a valid safetensors file (its header nests too deeply); download it again"
-        ) from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(
-            f"{path} is not a valid safetensors file (unreadable header: {e}); download it again"
-        ) from e
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise ConversionError(f"{path}: __metadata__ is not a JSON object; download it again")
-    data_start = 8 + n
-    data_len = size - data_start
-    tensors: Dict[str, TensorRef] = {}
-    ranges = []
-    for key, info in header.items():
-        dtype, shape, b, e = _parse_entry(path, key, info)
-        want = math.prod(shape) * ST_DTYPES[dtype][0]
-        if e - b != want:
-            raise ConversionError(
-                f"{path} is corrupt: tensor {key} {dtype}{list(shape)} needs {want} bytes, "
-                f"header gives {e - b}"
-            )
-        ranges.append((b, e, key))
-        tensors[key] = TensorRef(path, key, dtype, shape, data_start + b)
-    # Sorted by offset, each tensor must start where the previous one ended.
-    end = 0
-    for b, e, key in sorted(ranges):
-        if b != end:
-            what = "overlaps the previous tensor" if b < end else f"leaves a gap of {b - end} bytes"
-            raise ConversionError(
-                f"{path} is corrupt: tensor {key} at bytes {b}..{e} {what} (safetensors "
-                "requires contiguous, non-overlapping tensors); download or convert it again"
-            )
-        end = e
-    if end > data_len:
-        raise ConversionError(
-            f"{path} is truncated: its header describes {end + data_start} bytes but the "
-            f"file has {size} (a corrupt or truncated download?); download it again"
-        )
-    if end < data_len:
-        raise ConversionError(
-            f"{path} is corrupt: {data_len - end} bytes after the last tensor are not "
-            "described by its header; download or convert it again"
-        )
-    return tensors, meta
-
-
-def _header_bytes(entries: Sequence[Tuple[str, str, Tuple[int, ...]]], metadata=None):
-    """safetensors header for `entries` (name, dtype, shape) laid out in that order;
-    returns (header bytes incl. the length prefix, {name: data offset})."""
-    header: Dict[str, Any] = {"__metadata__": metadata or {"format": "mlx"}}
-    offsets = {}
-    off = 0
-    for name, dt, shape in entries:
-        n = math.prod(shape) * ST_DTYPES[dt][0]
-        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
-        offsets[name] = off
-        off += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, offsets, off
 
 
 # -- the source checkpoint -------------------------------------------------------------------
@@ -302,97 +140,6 @@ def resolve_source(path_or_repo: Union[str, Path], revision: Optional[str] = Non
         ) from e
 
 
-def read_json(path: Path, what: str = "a JSON object") -> Dict[str, Any]:
-    """A JSON object from `path`; ConversionError naming the file when it is unreadable,
-    not JSON, or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except RecursionError:
-        raise ConversionError(f"{path} nests too deeply to be {what}; download it again") from None
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({e}); download it again") from e
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path} is not {what} (found a JSON {type(data).__name__}); download it again")
-    return data
-
-
-def read_index(path: Path) -> Dict[str, str]:
-    """The `weight_map` of a model.safetensors.index.json: tensor name -> shard file name,
-    every shard a plain file name in the same directory."""
-    weight_map = read_json(path, "a safetensors index").get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ConversionError(
-            f"{path}: field weight_map must map tensor names to shard files (found "
-            f"{type(weight_map).__name__}); download it again"
-        )
-    for k, f in weight_map.items():
-        if not isinstance(f, str) or not f or f != Path(f).name or f in (".", ".."):
-            raise ConversionError(
-                f"{path}: field weight_map[{k!r}] must be a shard file name in the same "
-                f"directory (found {f!r}); download it again"
-            )
-    return weight_map
-
-
-def scan_checkpoint(src: Path, problems: Optional[List[str]] = None) -> Dict[str, TensorRef]:
-    """Every tensor of the checkpoint in `src`, from its index (every shard it names must
-    exist and hold the keys it lists) or, without an index, from its *.safetensors.
-
-    Raises ConversionError at the first problem, or, given a `problems` list, appends
-    each problem to it and returns what could be read (what `verify` reports)."""
-
-    def problem(msg: str) -> None:
-        if problems is None:
-            raise ConversionError(msg)
-        problems.append(msg)
-
-    index_path = src / INDEX_FILE
-    weight_map: Optional[Dict[str, str]] = None
-    if index_path.exists():
-        weight_map = read_index(index_path)
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (src / f).is_file()]
-        if missing:
-            problem(
-                f"missing shard {', '.join(missing)} in {src}: {INDEX_FILE} lists {len(files)} "
-                "shard file(s); the download is incomplete, fetch the missing file(s) again"
-            )
-        files = [f for f in files if f not in missing]
-    else:
-        files = sorted(p.name for p in src.glob("*.safetensors"))
-        if not files:
-            problem(f"no {INDEX_FILE} and no .safetensors files in {src}")
-    tensors: Dict[str, TensorRef] = {}
-    for f in files:
-        try:
-            found, _ = read_header(src / f)
-        except ConversionError as e:
-            problem(str(e))
-            continue
-        for k, ref in found.items():
-            if k in tensors:
-                problem(f"tensor {k} appears in both {tensors[k].file.name} and {f}")
-            tensors[k] = ref
-    if weight_map is not None:
-        unlisted = [k for k, ref in tensors.items() if weight_map.get(k) != ref.file.name]
-        if unlisted:
-            problem(
-                f"{INDEX_FILE} in {src} does not list {len(unlisted)} tensor(s) where its shards "
-                f"hold them (e.g. {unlisted[0]} in {tensors[unlisted[0]].file.name}); the files "
-                "do not belong together"
-            )
-        absent = [
-            k for k, f in weight_map.items()
-            if f in files and (k not in tensors or tensors[k].file.name != f)
-        ]
-        if absent:
-            problem(
-                f"{INDEX_FILE} in {src} lists {len(absent)} tensor(s) its shards do not hold "
-                f"(e.g. {absent[0]} in {weight_map[absent[0]]}); the files do not belong together"
-            )
-    return tensors
-
-
 def read_config(src: Path) -> Dict[str, Any]:
     path = src / "config.json"
     if not path.is_file():
@@ -409,10 +156,10 @@ def model_args(config: Dict[str, Any], path: Path):
     from .config import ConfigError, ModelArgs
 
     try:
-        args = ModelArgs.from_dict(config)
+        args = ModelArgs.from_dict(config, source=str(path))
         return args, expected_shapes(args)
-    except ConfigError as e:
-        raise ConversionError(f"{path}: {e}") from e
+    except ConfigError as e:  # names the file and the field
+        raise ConversionError(str(e)) from e
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise ConversionError(f"{path} has a field of the wrong kind or range ({type(e).__name__}: {e})") from e
 
@@ -543,7 +290,6 @@ def plan_jobs(
         renamed[name] = ref
 
     jobs: List[Job] = []
-    seen = set()
     for name in sorted(renamed):
         if name.endswith(QUANT_SUFFIXES):
             base = name.rsplit(".", 1)[0]
@@ -571,9 +317,28 @@ def plan_jobs(
             job.quant = recipe.params_for(name, job.shape)
         job.plan_outputs()
         jobs.append(job)
-        seen.add(name)
 
-    # Checks against what the config implies.
+    _check_against_config(jobs, expected)
+
+    quantized: Dict[str, Tuple[int, int]] = {}
+    skipped = []
+    for j in jobs:
+        if j.quant is not None:
+            quantized[j.module] = j.quant
+        elif recipe.quantized and recipe.params_for(j.name, j.shape[:-1] + (recipe.group_size,)):
+            skipped.append(j.module)
+    if skipped:
+        warn(
+            f"{len(skipped)} module(s) left unquantized: input dimension not a multiple of "
+            f"group size {recipe.group_size} (e.g. {skipped[0]})"
+        )
+    return jobs, quantized
+
+
+def _check_against_config(jobs: List[Job], expected: Dict[str, Tuple[int, ...]]) -> None:
+    """Every tensor the config implies is there with its shape, and nothing else but the
+    vision tower."""
+    seen = {j.name for j in jobs}
     missing = [n for n in expected if n not in seen]
     if missing:
         raise ConversionError(
@@ -596,20 +361,6 @@ def plan_jobs(
             f"the checkpoint has {len(unexpected)} tensor(s) a DiffusionGemma model does not use "
             f"(e.g. {', '.join(unexpected[:4])}); is config.json the right one?"
         )
-
-    quantized: Dict[str, Tuple[int, int]] = {}
-    skipped = []
-    for j in jobs:
-        if j.quant is not None:
-            quantized[j.module] = j.quant
-        elif recipe.quantized and recipe.params_for(j.name, j.shape[:-1] + (recipe.group_size,)):
-            skipped.append(j.module)
-    if skipped:
-        warn(
-            f"{len(skipped)} module(s) left unquantized: input dimension not a multiple of "
-            f"group size {recipe.group_size} (e.g. {skipped[0]})"
-        )
-    return jobs, quantized
 
 
 def plan_shards(jobs: Sequence[Job], max_shard_size: int = MAX_SHARD_SIZE) -> List[List[Job]]:
@@ -790,27 +541,6 @@ def build_config(
         cfg["quantization"] = record
         cfg["quantization_config"] = copy.deepcopy(record)
     return dict(sorted(cfg.items()))
-
-
-def check_sidecars(path: Path) -> List[str]:
-    """What `load` and chat need besides the weights, checked as they use it: the
-    tokenizer loads and its chat templates compile (`loader.load_tokenizer`), the
-    generation parameters parse and are valid. Returns one line per problem (empty when
-    all is well)."""
-    from .config import GenerationConfig
-    from .loader import load_tokenizer
-
-    problems = []
-    try:
-        if load_tokenizer(path) is None:
-            problems.append(f"no tokenizer in {path} (tokenizer.json, tokenizer.model or tokenizer_config.json)")
-    except Exception as e:  # tokenizers/transformers raise many kinds on damaged files
-        problems.append(f"the tokenizer in {path} cannot be loaded ({first_line(e)})")
-    try:
-        GenerationConfig.from_model_dir(path)  # what chat builds its parameters with
-    except (ValueError, TypeError) as e:
-        problems.append(f"generation parameters of {path} (generation_config.json, config.json): {first_line(e)}")
-    return problems
 
 
 def copy_sidecars(src: Path, dst: Path) -> List[str]:
@@ -1040,7 +770,7 @@ def terminate_as_interrupt():
 # -- convert ---------------------------------------------------------------------------------------
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -1129,59 +859,46 @@ def convert(
     total_in = sum(j.src_bytes for j in jobs)
 
     tmp = target.tmp
-    files = _Files()
-    signals = contextlib.ExitStack()
-    signals.enter_context(terminate_as_interrupt())
-    try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(tmp.parent).free
-        if free < total_out + (64 << 20):
-            raise ConversionError(
-                f"not enough disk space in {tmp.parent}: the output needs {_human(total_out)}, "
-                f"{_human(free)} free"
-            )
+    with _partial_output(tmp, out, total_out):
+        _check_disk(tmp.parent, total_out)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         say(f"Converting [bold]{src}[/bold] -> [bold]{out}[/bold]: {r.describe()}")
         names = [SHARD_FORMAT.format(i + 1, len(shards)) for i in range(len(shards))]
-        weight_map: Dict[str, str] = {}
-        with _progress(progress, console) as bar:
-            task = bar.add_task("converting", total=total_in, tensor="")
-            done = 0
-            for fname, shard in zip(names, shards):
-                # natural alignment: 8-, 4-, 2-, 1-byte dtypes in that order
-                entries = sorted(
-                    (o for j in shard for o in j.outputs),
-                    key=lambda e: (-ST_DTYPES[e[1]][0], e[0]),
-                )
-                head, offsets, data_len = _header_bytes(entries)
-                path = tmp / fname
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
-                try:
-                    _pwrite_all(fd, memoryview(head), 0)
-                    if hasattr(os, "posix_fallocate") and data_len:
-                        os.posix_fallocate(fd, 0, len(head) + data_len)  # disk full fails here
-                    else:
-                        os.ftruncate(fd, len(head) + data_len)
-                    base = {name: len(head) + off for name, off in offsets.items()}
-                    for j in shard:
-                        done += 1
-                        bar.update(task, description=f"tensor {done}/{len(jobs)}", tensor=j.name)
-                        _stream_job(j, files, fd, base, on_bytes=lambda n: bar.advance(task, n))
-                        for name, _, _ in j.outputs:
-                            weight_map[name] = fname
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        index = {
-            "metadata": {"total_size": total_out},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
+        _write_shards(tmp, names, shards, total_in, progress, console)
+        index = {"metadata": {"total_size": total_out}, "weight_map": _weight_map(names, shards)}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
         copied = copy_sidecars(src, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=4))
         publish(tmp, target)
+
+    summary = _summary(jobs, quantized, r, out, src, names, target.dest, copied, warnings)
+    summary["seconds"] = time.time() - t0
+    if verbose:
+        _print_summary(console, summary)
+    return summary
+
+
+def _check_disk(where: Path, need: int) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    if free < need + (64 << 20):
+        raise ConversionError(
+            f"not enough disk space in {where}: the output needs {human_bytes(need)}, "
+            f"{human_bytes(free)} free"
+        )
+
+
+@contextlib.contextmanager
+def _partial_output(tmp: Path, out: Path, total_out: int):
+    """Whatever breaks the block (an error, Ctrl-C, SIGTERM/SIGHUP, a full disk) removes
+    the partial output `tmp` and becomes one ConversionError (or ConversionInterrupted)
+    saying why."""
+    signals = contextlib.ExitStack()
+    signals.enter_context(terminate_as_interrupt())
+    try:
+        yield
     except KeyboardInterrupt as e:
         shutil.rmtree(tmp, ignore_errors=True)
         how = f"terminated by {e.args[0]}" if isinstance(e, _Terminated) else "interrupted"
@@ -1196,7 +913,7 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise ConversionError(
-                f"disk full while writing {out} (the output needs {_human(total_out)}); removed the "
+                f"disk full while writing {out} (the output needs {human_bytes(total_out)}); removed the "
                 "partial output, free some space and run again"
             ) from e
         raise ConversionError(f"conversion failed writing {out}: {e}; removed the partial output") from e
@@ -1206,19 +923,58 @@ def convert(
             f"conversion failed ({type(e).__name__}: {e}); removed the partial output"
         ) from e
     finally:
-        files.close()
         signals.close()
 
+
+def _write_shards(tmp: Path, names: List[str], shards: List[List[Job]], total_in: int,
+                  progress: bool, console) -> None:
+    """Every shard: its header first, then each job streamed into its slots."""
+    files = _Files()
+    n_jobs = sum(len(shard) for shard in shards)
+    done = 0
+    try:
+        with _progress(progress, console) as bar:
+            task = bar.add_task("converting", total=total_in, tensor="")
+            for fname, shard in zip(names, shards):
+                # natural alignment: 8-, 4-, 2-, 1-byte dtypes in that order
+                entries = sorted(
+                    (o for j in shard for o in j.outputs),
+                    key=lambda e: (-ST_DTYPES[e[1]][0], e[0]),
+                )
+                head, offsets, data_len = header_bytes(entries)
+                fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+                try:
+                    _pwrite_all(fd, memoryview(head), 0)
+                    if hasattr(os, "posix_fallocate") and data_len:
+                        os.posix_fallocate(fd, 0, len(head) + data_len)  # disk full fails here
+                    else:
+                        os.ftruncate(fd, len(head) + data_len)
+                    base = {name: len(head) + off for name, off in offsets.items()}
+                    for j in shard:
+                        done += 1
+                        bar.update(task, description=f"tensor {done}/{n_jobs}", tensor=j.name)
+                        _stream_job(j, files, fd, base, on_bytes=lambda n: bar.advance(task, n))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    finally:
+        files.close()
+
+
+def _weight_map(names: List[str], shards: List[List[Job]]) -> Dict[str, str]:
+    return dict(sorted((name, fname) for fname, shard in zip(names, shards)
+                       for j in shard for name, _, _ in j.outputs))
+
+
+def _summary(jobs, quantized, r, out, src, names, dest: Path, copied, warnings) -> Dict[str, Any]:
     params = sum(j.params for j in jobs)
     text = [j for j in jobs if not is_vision_tensor(j.name)]
-    text_params = sum(j.params for j in text)
-    text_bytes = sum(j.out_bytes for j in text)
-    disk = sum(p.stat().st_size for p in target.dest.iterdir() if p.is_file())
+    total_out = sum(j.out_bytes for j in jobs)
     by_bits: Dict[str, int] = {}
     for j in jobs:
         key = f"{j.quant[0]}-bit" if j.quant else j.out_dtype.lower()
         by_bits[key] = by_bits.get(key, 0) + j.params
-    summary = {
+    return {
         "path": str(out),
         "source": str(src),
         "recipe": r.name,
@@ -1226,18 +982,14 @@ def convert(
         "tensors": sum(len(j.outputs) for j in jobs),
         "quantized_modules": len(quantized),
         "bytes": total_out,
-        "disk_bytes": disk,
+        "disk_bytes": sum(p.stat().st_size for p in dest.iterdir() if p.is_file()),
         "params": params,
         "bits_per_weight": 8 * total_out / params,
-        "text_bits_per_weight": 8 * text_bytes / text_params,
+        "text_bits_per_weight": 8 * sum(j.out_bytes for j in text) / sum(j.params for j in text),
         "params_by_format": by_bits,
         "copied": copied,
-        "seconds": time.time() - t0,
         "warnings": warnings,
     }
-    if verbose:
-        _print_summary(console, summary)
-    return summary
 
 
 def _count(n: float) -> str:
@@ -1252,7 +1004,7 @@ def _print_summary(console, s: Dict[str, Any]) -> None:
 
     t = Table(title=f"{Path(s['path']).name} ({s['recipe']})", show_header=False)
     t.add_row("directory", s["path"])
-    t.add_row("size on disk", f"{_human(s['disk_bytes'])} in {len(s['files'])} shard(s)")
+    t.add_row("size on disk", f"{human_bytes(s['disk_bytes'])} in {len(s['files'])} shard(s)")
     t.add_row("bits per weight", f"{s['bits_per_weight']:.3f} (text model {s['text_bits_per_weight']:.3f})")
     t.add_row("parameters", f"{_count(s['params'])} ({', '.join(f'{k}: {_count(v)}' for k, v in s['params_by_format'].items())})")
     t.add_row("tensors", f"{s['tensors']} ({s['quantized_modules']} quantized modules)")
@@ -1262,175 +1014,70 @@ def _print_summary(console, s: Dict[str, Any]) -> None:
     console.print(t)
 
 
-# -- verify ---------------------------------------------------------------------------------------
-
-
-def verify(
-    mlx_path: Union[str, Path],
-    against: Optional[Union[str, Path]] = None,
-    seed: int = 0,
-    prompt_length: int = 8,
-    canvases: int = 4,
-    atol: float = 1e-3,
-    min_agreement: Optional[float] = None,
-) -> Dict[str, Any]:
-    """Checks an MLX directory: config.json parses and describes a DiffusionGemma model
-    and its quantization record is well formed; the index names only files that exist
-    and every key it lists is in its shard (the same scan as `convert`'s); every shard's
-    header is valid safetensors (contiguous, non-overlapping, covering the file); every
-    tensor the config implies is present with the implied shape and a float dtype
-    (quantized ones: packed width and scales matching the recorded bits and group size),
-    nothing else but the vision tower; the tokenizer loads, its chat template compiles
-    and the generation parameters are valid (what `load` and chat need).
-
-    With `against=<unquantized HF dir>` both are loaded by the runtime and the logits of
-    `canvases` random canvases after a random prompt are compared: returns the max
-    abs difference and the argmax agreement. Raises VerifyError if an unquantized
-    directory of the same dtype differs by more than `atol`, or if the agreement is
-    below `min_agreement` (when given). Returns a report dict.
-    """
-    path = Path(mlx_path)
-    cfg_path = path / "config.json"
-    try:
-        config = read_config(path)
-        _, expected = model_args(config, cfg_path)
-        record = source_record(config, str(cfg_path))
-    except ConversionError as e:
-        raise VerifyError(str(e)) from e
-    problems: List[str] = []
-    try:
-        tensors = scan_checkpoint(path, problems)
-    except ConversionError as e:  # an unreadable index: nothing else can be checked
-        raise VerifyError(str(e)) from e
-    shard_files = sorted({t.file.name for t in tensors.values()})
-    problems += check_sidecars(path)
-    names = {hf_to_mlx_name(k, keep_vision=True): k for k in tensors}
-    names.pop(None, None)
-    quantized = 0
-    for name, shape in expected.items():
-        base = name[: -len(".weight")] if name.endswith(".weight") else None
-        if base is not None and f"{base}.scales" in names and name in names:
-            w, s = tensors[names[name]], tensors[names[f"{base}.scales"]]
-            b = tensors.get(names.get(f"{base}.biases", ""), None)
-            qp = module_quantization(record, base)
-            if qp is None:
-                problems.append(f"{base} is quantized but config.json has no quantization record")
-                continue
-            bits, group = qp
-            cols = shape[-1]
-            want_w = tuple(shape[:-1]) + (cols * bits // 32,)
-            want_s = tuple(shape[:-1]) + (cols // group,)
-            if w.dtype != "U32" or w.shape != want_w:
-                problems.append(f"{base}.weight is {w.dtype}{list(w.shape)}, expected U32{list(want_w)} ({bits}-bit)")
-            if s.shape != want_s or b is None or b.shape != want_s:
-                problems.append(f"{base}.scales/.biases do not match group size {group}: expected {list(want_s)}")
-            problems += [
-                f"{t.file.name}: {t.key} is {t.dtype}, expected a float dtype"
-                for t in (s, b) if t is not None and t.dtype not in FLOAT_DTYPES
-            ]
-            quantized += 1
-        elif name in names:
-            ref = tensors[names[name]]
-            if ref.shape != tuple(shape):
-                problems.append(f"{name} has shape {list(ref.shape)}, config implies {list(shape)}")
-            if ref.dtype not in FLOAT_DTYPES:
-                problems.append(f"{ref.file.name}: {name} is {ref.dtype}, expected a float dtype")
-        else:
-            problems.append(f"missing tensor {name}")
-    extra = [
-        k for k, n in ((k, hf_to_mlx_name(k, keep_vision=True)) for k in tensors)
-        if n is not None and not is_vision_tensor(n) and n not in expected
-        and not (n.endswith(QUANT_SUFFIXES) and n.rsplit(".", 1)[0] + ".weight" in expected)
-    ]
-    if extra:
-        problems.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
-    if problems:
-        raise VerifyError(
-            f"{path} failed verification ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems[:20])
-        )
-    report: Dict[str, Any] = {
-        "path": str(path),
-        "shards": len(shard_files),
-        "tensors": len(tensors),
-        "quantized_modules": quantized,
-        "vision_tensors": sum(1 for k in tensors if is_vision_tensor(k)),
-        "bytes": sum(t.nbytes for t in tensors.values()),
-    }
-    if against is not None:
-        try:
-            report.update(
-                compare_logits(path, against, seed=seed, prompt_length=prompt_length, canvases=canvases)
-            )
-        except Exception as e:
-            raise VerifyError(
-                f"could not compare the logits of {path} and {against} ({type(e).__name__}: {e})"
-            ) from e
-        same_dtype = _dtype_of(tensors) == _dtype_of(scan_checkpoint(Path(against)))
-        if record is None and same_dtype and report["max_abs_diff"] > atol:
-            raise VerifyError(
-                f"{path}: logits differ from {against} by {report['max_abs_diff']:.3g} "
-                f"(> {atol}) although neither is quantized"
-            )
-        if min_agreement is not None and report["argmax_agreement"] < min_agreement:
-            raise VerifyError(
-                f"{path}: argmax agreement with {against} is {report['argmax_agreement']:.3f} "
-                f"(< {min_agreement})"
-            )
-    return report
-
-
-def _dtype_of(tensors: Dict[str, TensorRef]) -> Optional[str]:
-    floats = [t.dtype for k, t in tensors.items() if t.dtype in FLOAT_DTYPES and not k.endswith(QUANT_SUFFIXES)]
-    return max(set(floats), key=floats.count) if floats else None
-
-
-def _load_runtime(path):
-    try:
-        from . import load  # type: ignore[attr-defined]
-    except ImportError:
-        from .loader import load
-    model, _ = load(path)
-    return model
-
-
-def model_logits(model, prompt: np.ndarray, canvas: np.ndarray) -> np.ndarray:
-    """Decoder logits [B, C, V] (float32) of `canvas` after encoding `prompt`."""
-    import mlx.core as mx
-
-    cache = model.make_cache()
-    model.encode(mx.array(prompt), cache)
-    logits = model.decode(mx.array(canvas), cache)
-    mx.eval(logits)
-    return np.array(logits.astype(mx.float32))
-
-
-def compare_logits(
-    mlx_path, against, seed: int = 0, prompt_length: int = 8, canvases: int = 4
-) -> Dict[str, Any]:
-    """Loads both directories with the runtime and compares the decoder logits of
-    `canvases` uniformly random canvases (after a random prompt)."""
-    a = _load_runtime(mlx_path)
-    b = _load_runtime(against)
-    V, C = a.args.vocab_size, a.args.canvas_length
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(0, V, size=(1, prompt_length))
-    canvas = rng.integers(0, V, size=(canvases, C))
-    prompt = np.repeat(prompt, canvases, axis=0)
-    la = model_logits(a, prompt, canvas)
-    lb = model_logits(b, prompt, canvas)
-    return {
-        "max_abs_diff": float(np.abs(la - lb).max()),
-        "mean_abs_diff": float(np.abs(la - lb).mean()),
-        "argmax_agreement": float((la.argmax(-1) == lb.argmax(-1)).mean()),
-        "logit_correlation": float(np.corrcoef(la.ravel(), lb.ravel())[0, 1]),
-        "positions": int(canvases * C),
-    }
-
-
 # -- command line ---------------------------------------------------------------------------------
 
 
-def _run_cli(fn, *args, **kwargs) -> int:
+# -- command-line value types: one argparse error line for a value out of range -----------
+
+
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    v = _number(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text})")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text})")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    v = _number(text)
+    if not 0 <= v <= 1:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (got {text})")
+    return v
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """The options `convert` and `quantize` share: widths, dtype, sharding, overwrite."""
+    p.add_argument("--q-bits", type=int, default=None,
+                   help="low width of the mixed recipe (default 4; the high width stays 8)")
+    p.add_argument("--q-group-size", type=int, default=None, help="group size (default 64)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPE_NAMES),
+                   help="float dtype of unquantized tensors and of scales/biases (default: the source's)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--max-shard-size-gb", type=positive_float, default=5.0,
+                   help="largest shard file (default 5 GiB, as mlx-lm/mlx-vlm)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def output_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The keyword arguments of `convert`/`quantize` that `add_output_args` parsed."""
+    return dict(
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        dtype=args.dtype,
+        force=args.force,
+        # capped at 1 EiB so that a huge finite value cannot overflow to infinity
+        max_shard_size=int(min(args.max_shard_size_gb, 2.0**30) * 2**30),
+        progress=not args.no_progress,
+    )
+
+
+def run_cli(fn, *args, **kwargs) -> int:
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -1440,7 +1087,7 @@ def _run_cli(fn, *args, **kwargs) -> int:
     except ConversionInterrupted as e:
         err.print(f"[red]interrupted:[/red] {e}")
         return e.exit_code
-    except (ConversionError, VerifyError) as e:
+    except (ConversionError, ValueError) as e:  # bad input (VerifyError is a ValueError)
         err.print(f"[red]error:[/red] {e}")
         return 1
 
@@ -1461,7 +1108,7 @@ def add_convert_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main_convert(args: argparse.Namespace) -> int:
-    return _run_cli(
+    return run_cli(
         convert,
         args.hf_path,
         args.mlx_path,
@@ -1470,43 +1117,3 @@ def main_convert(args: argparse.Namespace) -> int:
         revision=args.revision,
         **output_options(args),
     )
-
-
-def add_verify_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `mlx-diffgemma verify` options."""
-    p.add_argument("mlx_path", help="the MLX model directory to check")
-    p.add_argument("--against", default=None,
-                   help="an unquantized (HF) directory to compare the logits of random canvases with")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--canvases", type=positive_int, default=4, help="random canvases to compare (default 4)")
-    p.add_argument("--min-agreement", type=fraction, default=None,
-                   help="fail when the argmax agreement is below this fraction")
-    return p
-
-
-def main_verify(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    out = Console()
-
-    def run():
-        report = verify(
-            args.mlx_path,
-            against=args.against,
-            seed=args.seed,
-            canvases=args.canvases,
-            min_agreement=args.min_agreement,
-        )
-        out.print(f"[green]ok[/green] {report['path']}: {report['tensors']} tensors in "
-                  f"{report['shards']} shard(s), {report['quantized_modules']} quantized modules, "
-                  f"{_human(report['bytes'])}")
-        if "max_abs_diff" in report:
-            out.print(
-                f"logits vs {args.against}: max |diff| {report['max_abs_diff']:.4g}, mean "
-                f"{report['mean_abs_diff']:.4g}, correlation {report['logit_correlation']:.4f}, "
-                f"argmax agreement {report['argmax_agreement']:.3f} "
-                f"over {report['positions']} positions"
-            )
-        return report
-
-    return _run_cli(run)

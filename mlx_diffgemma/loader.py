@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,47 +11,24 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import infer_quant_config
 
 from .config import ConfigError, GenerationConfig, ModelArgs, load_config
-from .checkpoint import WeightsError, check_tokenizer_files, first_line
+from .checkpoint import ConversionError, WeightsError, check_tokenizer_files, first_line, scan_checkpoint
 from .model import Model
 from .paths import resolve_model_path
 from .weights import hf_to_mlx_name
 
-INDEX_FILE = "model.safetensors.index.json"
-
-
 def weight_files(model_path: Path) -> List[Path]:
-    """The safetensors shards of a directory, checked against its index when it has one."""
-    from .convert import ConversionError, read_index
-
-    index_path = model_path / INDEX_FILE
-    if index_path.exists():
-        try:
-            shards = sorted(set(read_index(index_path).values()))
-        except ConversionError as e:
-            raise WeightsError(str(e)) from e
-        missing = [s for s in shards if not (model_path / s).exists()]
-        if missing:
-            raise WeightsError(
-                f"missing shard {', '.join(missing)} in {model_path}: {INDEX_FILE} lists "
-                f"{len(shards)} shards; download or copy the missing file(s) again"
-            )
-        return [model_path / s for s in shards]
-    files = sorted(Path(p) for p in glob.glob(str(model_path / "*.safetensors")))
-    if not files:
-        raise WeightsError(f"no .safetensors files in {model_path}")
-    return files
+    """The safetensors shards of a directory, every header checked as the converter
+    checks it (cheap: headers only) and against the index when there is one, so a
+    damaged or incomplete checkpoint never reaches mx.load."""
+    try:
+        tensors = scan_checkpoint(model_path)
+    except ConversionError as e:
+        raise WeightsError(str(e)) from e
+    return sorted({ref.file for ref in tensors.values()})
 
 
 def load_safetensors(path: Path) -> Dict[str, mx.array]:
-    """mx.load with an error that names the file (truncated downloads are common). The
-    header is checked first as the converter checks it (cheap: the header only), so a
-    file whose tensors overlap, leave gaps or nest absurdly never reaches mx.load."""
-    from .convert import ConversionError, read_header
-
-    try:
-        read_header(path)
-    except ConversionError as e:
-        raise WeightsError(str(e)) from e
+    """mx.load (lazy: nothing is read until evaluated) with an error naming the file."""
     try:
         return mx.load(str(path))
     except Exception as e:  # mlx raises RuntimeError/ValueError with terse text
@@ -173,6 +149,25 @@ def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
     except Exception as e:  # transformers' errors vary by file and version
         raise ConfigError(f"cannot load the tokenizer in {model_path} ({first_line(e)}); "
                           "re-download or re-convert the model") from e
+
+
+def check_sidecars(path: Path) -> List[str]:
+    """What `load` and chat need besides the weights, checked as they use it: the
+    tokenizer loads and its chat templates compile (`load_tokenizer`), the
+    generation parameters parse and are valid. Returns one line per problem (empty when
+    all is well)."""
+
+    problems = []
+    try:
+        if load_tokenizer(path) is None:
+            problems.append(f"no tokenizer in {path} (tokenizer.json, tokenizer.model or tokenizer_config.json)")
+    except Exception as e:  # tokenizers/transformers raise many kinds on damaged files
+        problems.append(f"the tokenizer in {path} cannot be loaded ({first_line(e)})")
+    try:
+        GenerationConfig.from_model_dir(path)  # what chat builds its parameters with
+    except (ValueError, TypeError) as e:
+        problems.append(f"generation parameters of {path} (generation_config.json, config.json): {first_line(e)}")
+    return problems
 
 
 def load(path_or_repo: Union[str, Path], lazy: bool = False):

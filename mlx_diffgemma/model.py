@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
@@ -484,3 +485,11 @@ def _encoder_mask(L: int, offset: int, cache: LayerCache):
     q = mx.arange(offset, offset + L)[:, None]
     k = mx.arange(offset - retained, offset + L)[None]
     return (k <= q) & (q - k < window)
+
+
+def expected_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """Every text parameter of the module tree with its (unquantized) shape, as implied by
+    the config. Read off a freshly built model: MLX arrays are lazy, so even the 26B
+    shapes cost no memory (nothing is evaluated), and the module tree stays the one
+    source of truth for the converter, `verify` and the size estimates."""
+    return {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}

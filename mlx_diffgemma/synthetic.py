@@ -5,7 +5,7 @@ The quantized tensors are generated directly (random packed codes plus scales an
 biases chosen so the dequantized weights have the spread a trained layer has), so a
 model's float weights never exist in memory: the full-shape mixed 4-bit model costs its
 ~15 GB and nothing more. Which modules are quantized, at which width, comes from the
-recipes in `quantize.py` (mixed-4: experts and self-conditioning MLP 4-bit, everything
+recipes in `recipes.py` (mixed-4: experts and self-conditioning MLP 4-bit, everything
 else 8-bit, group 64).
 
 Presets (`PRESETS`): `real` is the released 26B-A4B text model (docs/real-config.md);
@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
 from .model import Model
-from .quantize import make_recipe
+from .recipes import make_recipe
 
 # name -> ModelArgs overrides (on top of the released defaults).
 PRESETS: Dict[str, Dict[str, Any]] = {

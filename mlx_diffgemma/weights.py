@@ -11,10 +11,7 @@ Used by `Model.sanitize` (runtime: vision tower dropped) and by the converter
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import ModelArgs
+from typing import Optional
 
 _EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
 _VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
@@ -43,16 +40,3 @@ def hf_to_mlx_name(key: str, keep_vision: bool = False) -> Optional[str]:
     if key.endswith(_EXPERT_SUFFIXES):
         return key + ".weight"
     return key
-
-
-def expected_shapes(args: "ModelArgs") -> Dict[str, Tuple[int, ...]]:
-    """Every text parameter of the runtime's module tree with its (unquantized) shape, as
-    implied by the config. The vision tower is not included.
-
-    Read off a freshly built model: MLX arrays are lazy, so even the 26B shapes cost no
-    memory (nothing is evaluated), and the module tree stays the one source of truth."""
-    from mlx.utils import tree_flatten
-
-    from .model import Model  # model.py imports this module
-
-    return {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}

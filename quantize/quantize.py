@@ -5,7 +5,7 @@ recipe, streaming (each tensor dequantized and re-quantized by itself).
     python quantize/quantize.py --mlx-path diffusiongemma-mlx-bf16 --out diffusiongemma-4bit --recipe mixed-4
     python quantize/quantize.py --mlx-path diffusiongemma-4bit --out diffusiongemma-8bit --recipe 8bit
 
-Same as `mlx-diffgemma quantize`; the logic is in mlx_diffgemma/quantize.py. Recipes:
+Same as `mlx-diffgemma quantize`; the logic is in mlx_diffgemma/quantize.py, the recipes in mlx_diffgemma/recipes.py:
 mixed-4 (default), 4bit, 8bit, and bf16/fp16/fp32 (dequantize).
 """
 

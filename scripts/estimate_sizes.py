@@ -1,6 +1,6 @@
 """On-disk size and bits per weight of each conversion recipe for the released
 google/diffusiongemma-26B-A4B-it, computed from its config alone
-(`mlx_diffgemma.quantize.estimate`; no weights needed).
+(`mlx_diffgemma.sizes.estimate`; no weights needed).
 
     python scripts/estimate_sizes.py            # table for the real config
     python scripts/estimate_sizes.py config.json  # for any DiffusionGemma config.json
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_diffgemma.quantize import estimate  # noqa: E402
+from mlx_diffgemma.sizes import estimate  # noqa: E402
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"

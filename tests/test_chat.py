@@ -28,9 +28,9 @@ import mlx.core as mx
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma import chat as chat_mod
+from mlx_diffgemma import repl, session as session_mod
 from mlx_diffgemma import paths
-from mlx_diffgemma.chat import ChatSession, Interrupted, Prefill, split_prompt
+from mlx_diffgemma.session import ChatSession, Interrupted, Prefill, split_prompt
 from mlx_diffgemma.config import GenerationConfig
 from mlx_diffgemma.denoiser import MLXDenoiser
 from mlx_diffgemma.drafter import Commit, Summary
@@ -55,12 +55,12 @@ def _hf_tokenizer(path: Path):
 
 
 def _char_tokens(path: Path, text: str) -> list:
-    """Token ids from the checkpoint's tokenizer.json itself (not through chat.py)."""
+    """Token ids from the checkpoint's tokenizer.json itself (not through session.py)."""
     return _raw_tokenizer(path).encode(text, add_special_tokens=False).ids
 
 
 def _render(path: Path, messages, gen_prompt: bool) -> str:
-    """The chat template as transformers applies it (not through chat.py)."""
+    """The chat template as transformers applies it (not through session.py)."""
     return _hf_tokenizer(path).apply_chat_template(
         messages, add_generation_prompt=gen_prompt, tokenize=False
     )
@@ -124,7 +124,7 @@ def _tight_cache(monkeypatch):
         self.slack = 0
         return self.model.make_cache(slack=0)
 
-    monkeypatch.setattr(chat_mod.MLXBackend, "new_cache", new_cache)
+    monkeypatch.setattr(session_mod.MLXBackend, "new_cache", new_cache)
 
 
 # -- cache reuse ------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_slash_commands(mixed_sc01, tmp_path):
 
     def run(line):
         out.truncate(0), out.seek(0)
-        keep_going = chat_mod._command(s, con, line)
+        keep_going = repl._command(s, con, line)
         return keep_going, out.getvalue()
 
     assert "Ctrl-C" in run("/help")[1] and "dropped" in run("/help")[1]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma import chat as chat_mod
-from mlx_diffgemma.chat import ChatSession, parse_temp
+from mlx_diffgemma import repl, session as session_mod
+from mlx_diffgemma.session import ChatSession, parse_temp
 from mlx_diffgemma.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def _set_top(key, value):
 BAD_FILES = [
     ("config-not-json", "config.json", b"{\"model_type\": ", "config.json is not valid JSON"),
     ("config-a-list", "config.json", b"[1, 2]", "config.json holds a JSON list"),
-    ("config-nested", "config.json", b"[" * 100_000, "config.json is nested too deeply"),
+    ("config-nested", "config.json", b"[" * 100_000, "config.json nests too deeply"),
     ("config-not-utf8", "config.json", b"{\"a\": \"\xff\xfe\"}", "config.json is not UTF-8"),
     ("layers-two", "config.json", _set_text("num_hidden_layers", "two"), "num_hidden_layers must be a positive integer"),
     ("layers-negative", "config.json", _set_text("num_hidden_layers", -1), "num_hidden_layers must be a positive integer"),
@@ -129,7 +129,7 @@ def test_chat_command_reports_a_malformed_config(corrupted):
 
 def test_torch_backend_refuses_pickled_weights(ckpt_factory, tmp_path):
     from mlx_diffgemma import torch_backend as tb
-    from mlx_diffgemma.loader import WeightsError
+    from mlx_diffgemma.checkpoint import WeightsError
 
     path = shutil.copytree(ckpt_factory("tiny"), tmp_path / "m")
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
@@ -249,7 +249,7 @@ def _repl(session, lines):
             raise item
         return item
 
-    rc = chat_mod.run_repl(session, Console(file=out, width=300, highlight=False), read=read)
+    rc = repl.run_repl(session, Console(file=out, width=300, highlight=False), read=read)
     return rc, out.getvalue()
 
 
@@ -259,7 +259,7 @@ def test_repl_survives_bad_input_and_keeps_the_conversation(ckpt_factory, tmp_pa
     undecodable = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
 
     calls = {"n": 0}
-    real = chat_mod.split_prompt
+    real = session_mod.split_prompt
 
     def flaky_split(*args, **kwargs):  # one turn fails with an unexpected error
         calls["n"] += 1
@@ -267,7 +267,7 @@ def test_repl_survives_bad_input_and_keeps_the_conversation(ckpt_factory, tmp_pa
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(chat_mod, "split_prompt", flaky_split)
+    monkeypatch.setattr(session_mod, "split_prompt", flaky_split)
     rc, out = _repl(s, [
         "first question",
         "this turn breaks",
@@ -327,9 +327,9 @@ def test_special_tokens_are_ids_not_text(ckpt_factory):
         assert not any(m in text for m in marker)
     assert summary.text == tok.decode([t for t in summary.tokens if t not in specials])
     # The canvas view draws them as nothing; the chat template still renders its markers.
-    view = chat_mod.CanvasView(tok, 2)
+    view = repl.CanvasView(tok, 2)
     assert view.token_text(0) == "" and view.token_text(summary.tokens[0]) is not None
-    rendered = chat_mod.render(tok, [{"role": "user", "content": "hi"}], True)
+    rendered = session_mod.render(tok, [{"role": "user", "content": "hi"}], True)
     assert "<|turn>user" in rendered
 
 
@@ -337,9 +337,9 @@ def test_stop_during_prefill_keeps_what_was_encoded(ckpt_factory, monkeypatch):
     """Ctrl-C while a prefill chunk is encoded: feedback at once, the next chunk is not
     started, and the cache holds exactly the chunks already encoded."""
     model, tok = md.load(ckpt_factory("tiny"))
-    monkeypatch.setattr(chat_mod, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 8)
     s = ChatSession(model, tok, gen_kwargs=dict(max_denoising_steps=2, max_new_tokens=16))
-    flag, told, encoded = chat_mod.StopFlag(), [], []
+    flag, told, encoded = repl.StopFlag(), [], []
     flag.on_set = lambda: told.append("stopping…")
     real = s.backend.encode
 
@@ -354,6 +354,6 @@ def test_stop_during_prefill_keeps_what_was_encoded(ckpt_factory, monkeypatch):
     events = list(s.send("a message long enough for several prefill chunks", should_stop=flag.is_set))
     assert [type(e).__name__ for e in events] == ["Interrupted"]
     assert encoded == [8, 8] and told == ["stopping…"]
-    assert s.cached_tokens == 16 and s.backend.offset(s.cache) == 16 and s.messages == []
+    assert s.cached_tokens == 16 and s.cache.offset == 16 and s.messages == []
     monkeypatch.setattr(s.backend, "encode", real)
     assert type(list(s.send("hi"))[-1]).__name__ == "Summary" and len(s.messages) == 2

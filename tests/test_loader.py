@@ -9,7 +9,7 @@ import pytest
 
 from mlx_diffgemma import load
 from mlx_diffgemma.config import ConfigError, ModelArgs
-from mlx_diffgemma.loader import WeightsError
+from mlx_diffgemma.checkpoint import WeightsError
 
 
 def _copy(src, dst):

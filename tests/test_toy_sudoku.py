@@ -116,7 +116,7 @@ def test_chat_without_history_solves_puzzle_after_puzzle():
     """`mlx-diffgemma chat --model toy-sudoku --no-history`: each puzzle is sent as a
     fresh conversation (the model was trained single-turn), reusing the cached
     `<bos><|turn>user\\n` prefix."""
-    from mlx_diffgemma.chat import ChatSession
+    from mlx_diffgemma.session import ChatSession
 
     model, tok = md.load(MLX_DIR)
     session = ChatSession(model, tok, seed=0, keep_history=False)

@@ -1,0 +1,669 @@
+"""A conversation with the model, and no UI: `ChatSession` renders the chat template,
+works out which tokens the encoder's KV cache already holds, encodes only the rest,
+streams the drafter's events and rolls the cache back at the end of each turn. The REPL
+and `generate` (repl.py), and the server next, all run on it. Each backend (MLX, torch)
+supplies the cache operations: encode, snapshot and one `rollback`.
+
+KV-cache reuse across turns
+---------------------------
+The Gemma 4 template ends the active turn's generation prompt with an empty thought
+channel (`<|turn>model\\n<|channel>thought\\n<channel|>`), but renders the same turn as
+history without it (`<|turn>model\\n{reply}<turn|>\\n`). The conversation-stable part of
+a rendered prompt therefore ends right after the last `<|turn>model\\n`; everything after
+it (the thought channel, then the reply's canvases that the drafter encodes while it
+generates) is thrown away when the turn ends. The boundary is found without knowing the
+template: render the conversation with a placeholder reply followed by one more user
+turn (the reply is then history) and take the common prefix of that text, cut at the
+placeholder, and the generation-prompt rendering (see `split_prompt`).
+
+Per turn: the cache is back at the previous stable boundary; the new render must start
+with the tokens the cache holds (else the cache is rolled back to the common prefix, or
+reset and the whole conversation re-encoded, and the turn says so); only the new stable
+tokens are encoded; the drafter gets the suffix (the thought channel) as its prompt; at
+the end, interrupted or not, the cache goes back to the new stable boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from .config import SEED_MAX, GenerationConfig, check_seed
+from .drafter import Commit, Summary, generation_config
+
+# Tokens per encoder call while prefilling: bounds memory, and how long a Ctrl-C waits
+# for the stop flag to be checked (about a second for the 26B model on CPU).
+PREFILL_CHUNK = 512
+
+# Used only when a tokenizer ships no chat template at all (the released model has one).
+GEMMA4_FALLBACK_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<|turn>' + role + '\\n' + message['content'] | trim + '<turn|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\\n<|channel>thought\\n<channel|>' }}{% endif %}"
+)
+
+_PLACEHOLDER = "MLXDGREPLYPLACEHOLDER"
+
+
+# -- chat template ------------------------------------------------------------------
+
+
+def _hf_tokenizer(tokenizer):
+    """The transformers tokenizer inside mlx-lm's TokenizerWrapper (or the tokenizer)."""
+    try:
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+    except ImportError:  # the torch path without mlx-lm
+        return tokenizer
+    return tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
+
+
+def ensure_chat_template(tokenizer, model_path: Optional[Path]) -> str:
+    """Makes sure the tokenizer has a chat template: transformers reads an external
+    `chat_template.jinja` next to tokenizer_config.json itself; older stacks do not, so
+    it is loaded here when missing. Returns where the template came from."""
+    hf = _hf_tokenizer(tokenizer)
+    if getattr(hf, "chat_template", None):
+        return "tokenizer"
+    if model_path is not None and (Path(model_path) / "chat_template.jinja").exists():
+        hf.chat_template = (Path(model_path) / "chat_template.jinja").read_text()
+        return "chat_template.jinja"
+    hf.chat_template = GEMMA4_FALLBACK_TEMPLATE
+    return "built-in Gemma 4 template"
+
+
+def render(tokenizer, messages: Sequence[Dict[str, str]], add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except TemplateError as e:  # e.g. the template's raise_exception on a role it refuses
+        raise ValueError(f"the chat template rejects this conversation: {e}") from None
+
+
+def check_text(text: str, what: str) -> str:
+    """`text`, when it can be encoded: undecodable input bytes reach Python as lone
+    surrogates (surrogateescape), which no tokenizer or terminal takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text; type or paste it again") from None
+    return text
+
+
+def encode_text(tokenizer, text: str) -> List[int]:
+    """Token ids of already-templated text: no BOS added (the template wrote it)."""
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:
+        ids = tokenizer.encode(text)
+    return [int(t) for t in ids]
+
+
+def _common_prefix_len(a: Sequence, b: Sequence) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class PromptSplit:
+    ids: List[int]  # the full prompt, generation prompt included
+    stable: int  # ids[:stable] stay valid once this turn is history
+
+    @property
+    def suffix(self) -> List[int]:
+        return self.ids[self.stable :]
+
+
+def split_prompt(tokenizer, messages: Sequence[Dict[str, str]]) -> PromptSplit:
+    """The generation prompt of `messages`, and how much of it is conversation-stable:
+    the longest prefix that the next turn's rendering (this turn as history) repeats."""
+    full_text = render(tokenizer, messages, add_generation_prompt=True)
+    history = list(messages) + [
+        {"role": "assistant", "content": _PLACEHOLDER},
+        {"role": "user", "content": "x"},
+    ]
+    try:
+        hist_text = render(tokenizer, history, add_generation_prompt=False)
+        cut = hist_text.find(_PLACEHOLDER)
+    except Exception:  # a template that rejects the probe: no reuse of the model turn
+        hist_text, cut = "", -1
+    if cut < 0:
+        hist_text = render(tokenizer, messages, add_generation_prompt=False)
+        cut = len(hist_text)
+    stable_text = full_text[: _common_prefix_len(full_text, hist_text[:cut])]
+    ids = encode_text(tokenizer, full_text)
+    stable_ids = encode_text(tokenizer, stable_text)
+    return PromptSplit(ids, _common_prefix_len(ids, stable_ids))
+
+
+# -- backends: the cache operations a chat needs ------------------------------------------
+
+
+class MLXBackend:
+    """The MLX model and its `EncoderCache`.
+
+    Going back to the stable boundary is a trim: the cache's sliding layers keep `slack`
+    tokens beyond their window, sized to cover a turn's thought channel plus the
+    canvases the drafter encodes, so no snapshot (and no copy of the cache) is needed.
+    When a turn could outgrow the slack (max_new_tokens raised after the cache was
+    made), that turn takes a snapshot and restores it instead.
+    """
+
+    name = "mlx"
+
+    def __init__(self, model):
+        import mlx.core as mx
+
+        self.mx = mx
+        self.model = model
+        self.canvas_length = model.canvas_length
+        self.max_context = int(model.args.max_position_embeddings)
+        self.slack = 0
+
+    def new_cache(self, max_new_tokens: int):
+        C = self.canvas_length
+        self.slack = math.ceil(max_new_tokens / C) * C + 64
+        return self.model.make_cache(slack=self.slack)
+
+    def encode(self, cache, ids: Sequence[int]) -> None:
+        self.model.encode(self.mx.array([list(ids)], dtype=self.mx.int32), cache)
+
+    # A snapshot is taken only for a turn that could outgrow the slack, and dropped once
+    # used: the cache is the model's largest state after the weights.
+    keeps_snapshots = False
+
+    def needs_snapshot(self, turn_tokens: int) -> bool:
+        return turn_tokens > self.slack
+
+    def snapshot(self, cache):
+        return cache.snapshot()
+
+    def rollback(self, cache, length: int, snap):
+        """The cache back at its first `length` tokens: trimmed when every layer holds the
+        same tokens and the sliding layers' slack covers the cut, else restored from
+        `snap` = (length, snapshot). None when neither is possible."""
+        have = cache.offset
+        aligned = all(layer.offset == have for layer in cache.layers)
+        if have >= length and aligned and (have == length or cache.can_trim(have - length)):
+            cache.trim(have - length)
+            return cache
+        if snap is not None and snap[0] == length:
+            cache.restore(snap[1])
+            return cache
+        return None
+
+    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
+        from .denoiser import stream_generate
+
+        return stream_generate(
+            self.model, tokenizer, prompt, cache=cache, noise=noise, seed=seed, **gen_kwargs
+        )
+
+    def cache_bytes(self, cache) -> int:
+        return cache.nbytes
+
+
+class TorchBackend:
+    """transformers' model and its DynamicCache.
+
+    DynamicCache cannot roll back a sliding-window layer once its window is full
+    (`crop` refuses), so the stable boundary is kept as a deep copy of the cache
+    (`copy.deepcopy`), restored by copying it again: the reference path pays that
+    memory, the MLX path trims instead.
+    """
+
+    name = "torch"
+
+    def __init__(self, model):
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.canvas_length = int(model.config.canvas_length)
+        self.max_context = int(model.config.get_text_config().max_position_embeddings)
+        self.device = next(model.parameters()).device
+
+    def new_cache(self, max_new_tokens: int):
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache(config=self.model.config.get_text_config(decoder=True))
+
+    def encode(self, cache, ids: Sequence[int]) -> None:
+        t = self.torch.as_tensor([list(ids)], dtype=self.torch.long, device=self.device)
+        with self.torch.no_grad():
+            self.model.model.encoder(input_ids=t, past_key_values=cache)
+
+    # Every turn keeps a snapshot of its stable boundary: it is the only way back.
+    keeps_snapshots = True
+
+    def needs_snapshot(self, turn_tokens: int) -> bool:
+        return True
+
+    def snapshot(self, cache):
+        return copy.deepcopy(cache)
+
+    def rollback(self, cache, length: int, snap):
+        """A copy of the snapshot taken at `length` tokens, or None without one."""
+        if snap is not None and snap[0] == length:
+            return copy.deepcopy(snap[1])
+        return None
+
+    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
+        from .torch_backend import stream_generate
+
+        return stream_generate(
+            self.model, tokenizer, prompt, cache=cache, noise=noise, seed=seed, **gen_kwargs
+        )
+
+    def cache_bytes(self, cache) -> int:
+        total = 0
+        for layer in getattr(cache, "layers", []):
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if t is not None and hasattr(t, "numel"):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def make_backend(model):
+    return MLXBackend(model) if hasattr(model, "make_cache") else TorchBackend(model)
+
+
+# -- the session -----------------------------------------------------------------------
+
+
+@dataclass
+class Prefill:
+    """First event of a turn: how the prompt was brought into the cache."""
+
+    reused: int  # tokens the cache already held
+    encoded: int  # new conversation tokens encoded now
+    suffix: int  # generation-prompt tokens after the stable boundary (the drafter encodes them)
+    time: float  # seconds spent encoding the `encoded` tokens
+    note: Optional[str] = None  # why the cache was cleared, if it was
+    rolled_back: int = 0  # cached tokens cut because the conversation differs from them
+    kind: str = "prefill"
+
+
+@dataclass
+class Interrupted:
+    """Last event of a turn stopped by the caller; the reply is dropped."""
+
+    canvases_done: int
+    kind: str = "interrupted"
+
+
+@dataclass
+class TurnStats:
+    reused: int
+    encoded: int
+    suffix: int
+    prefill_time: float
+    prompt_time: float  # prefill + the drafter's encode of the suffix
+    tokens: int = 0
+    canvases: int = 0
+    steps_per_canvas: List[int] = field(default_factory=list)
+    tokens_per_forward: float = 0.0
+    generation_time: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: str = ""
+    note: Optional[str] = None
+
+
+# /set keys -> GenerationConfig names
+SETTING_ALIASES = {
+    "steps": "max_denoising_steps",
+    "max_denoising_steps": "max_denoising_steps",
+    "max_new_tokens": "max_new_tokens",
+    "max-new-tokens": "max_new_tokens",
+    "tokens": "max_new_tokens",
+    "entropy_bound": "entropy_bound",
+    "entropy": "entropy_bound",
+    "stability": "stability_threshold",
+    "stability_threshold": "stability_threshold",
+    "confidence": "confidence_threshold",
+    "confidence_threshold": "confidence_threshold",
+    "t_min": "t_min",
+    "t_max": "t_max",
+}
+
+
+def parse_temp(text: str) -> Tuple[float, float]:
+    """`a-b` -> (t_min, t_max); a single value sets both. The range's dash is the first
+    one that is neither the leading sign nor an exponent's (`1e-3-0.5`)."""
+    text = str(text).strip()
+    cut = next((i for i in range(1, len(text)) if text[i] == "-" and text[i - 1] not in "eE"), -1)
+    parts = [text] if cut < 0 else [text[:cut], text[cut + 1 :]]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"temp must be a-b or one number, e.g. 0.4-0.8 (got {text!r})") from None
+    return (values[0], values[-1])
+
+
+def parse_seed(value) -> Optional[int]:
+    """`none`/`off` (no seed) or an integer in [0, 2**64-1]."""
+    if value is None or str(value).strip().lower() in ("none", "off", ""):
+        return None
+    try:
+        seed = int(str(value).strip())
+    except ValueError:
+        raise ValueError(
+            f"seed must be none or an integer from 0 to {SEED_MAX} (got {value!r})"
+        ) from None
+    return check_seed(seed)
+
+
+def parse_number(key: str, kind: type, value) -> Any:
+    try:
+        return kind(str(value).strip())
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key} must be {what} (got {value!r})") from None
+
+
+def _parse_eos(value) -> Optional[List[int]]:
+    """`none` (generate to max_new_tokens), `1,106,50`, or a list of ids."""
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else [int(v) for v in value]
+    text = str(value).strip().lower()
+    if text in ("none", "off", ""):
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"eos must be none or comma-separated token ids (got {value!r})") from None
+
+
+class ChatSession:
+    """A conversation with one model and its encoder cache; no UI.
+
+    `send(text)` yields a `Prefill`, then the drafter's `Draft`/`Commit` events and its
+    `Summary` (the reply joins the conversation), or ends with `Interrupted` when
+    `should_stop()` turns true (checked between prefill chunks and denoising steps): the
+    user message and the partial reply are dropped; the cache keeps only a prefix of the
+    rendered conversation, which the next turn cuts back to what it shares.
+
+    The cache invariant: `cached_ids` are exactly the tokens the cache holds, always a
+    prefix of some rendering of the conversation, ending at a stable boundary after a
+    finished turn.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system: Optional[str] = None,
+        gen_kwargs: Optional[Dict[str, Any]] = None,
+        seed: Optional[int] = None,
+        noise=None,
+        max_context: Optional[int] = None,
+        model_name: Optional[str] = None,
+        keep_history: bool = True,
+    ):
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer: the model directory has none")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backend = make_backend(model)
+        self.model_path = getattr(model, "model_path", None)
+        self.model_name = model_name or str(self.model_path)
+        self.template_source = ensure_chat_template(tokenizer, self.model_path)
+        self.system = check_text(system, "the system prompt") if system else None
+        self.noise = noise
+        # False: every message is sent as a fresh conversation (single-turn models such as
+        # toy-sudoku); the transcript still keeps every turn.
+        self.keep_history = keep_history
+        limit = self.backend.max_context
+        if max_context is not None and max_context < 1:
+            raise ValueError(f"max_context must be a positive number of tokens (got {max_context})")
+        self.max_context = min(max_context, limit) if max_context else limit
+        self.seed = check_seed(seed)
+        self.gen_kwargs: Dict[str, Any] = {}
+        self.update_settings(**(gen_kwargs or {}))
+        self.messages: List[Dict[str, str]] = []
+        self.turns: List[TurnStats] = []
+        self.interrupted = 0
+        self.resets = 0
+        self._reset_cache()
+
+    # -- settings -------------------------------------------------------------------
+
+    @property
+    def gen(self) -> GenerationConfig:
+        return generation_config(self.model, **self.gen_kwargs)
+
+    def update_settings(self, **kwargs) -> None:
+        """Validates and applies generation overrides (GenerationConfig names, plus
+        `temp` as "a-b" and `seed`)."""
+        new = dict(self.gen_kwargs)
+        seed = self.seed
+        for key, value in kwargs.items():
+            if value is None:
+                continue
+            if key == "temp":
+                new["t_min"], new["t_max"] = parse_temp(str(value))
+            elif key == "seed":
+                seed = parse_seed(value)
+            elif key in ("eos", "eos_token_id"):
+                new["eos_token_id"] = _parse_eos(value)
+            elif key in SETTING_ALIASES:
+                name = SETTING_ALIASES[key]
+                new[name] = parse_number(key, type(getattr(GenerationConfig(), name)), value)
+            else:
+                known = ", ".join(sorted(set(SETTING_ALIASES) | {"temp", "seed", "eos"}))
+                raise ValueError(f"unknown setting {key!r}; known: {known}")
+        gen = generation_config(self.model, **new)  # ValueError when invalid
+        if self._reserve(gen) >= self.max_context:
+            raise ValueError(
+                f"max_new_tokens={gen.max_new_tokens} reserves {self._reserve(gen)} tokens, "
+                f"the whole {self.max_context}-token context; lower it"
+            )
+        self.gen_kwargs, self.seed = new, seed
+
+    def settings(self) -> Dict[str, Any]:
+        g = self.gen
+        return {
+            "max_new_tokens": g.max_new_tokens,
+            "steps": g.max_denoising_steps,
+            "temp": f"{g.t_min:g}-{g.t_max:g}",
+            "entropy_bound": g.entropy_bound,
+            "stability": g.stability_threshold,
+            "confidence": g.confidence_threshold,
+            "seed": self.seed,
+            "eos": "none" if g.eos_token_id is None else ",".join(str(t) for t in g.eos_token_id),
+        }
+
+    # -- conversation -----------------------------------------------------------------
+
+    def _reset_cache(self) -> None:
+        self.cache = self.backend.new_cache(self.gen.max_new_tokens)
+        self.cached_ids: List[int] = []  # what the cache holds at rest (a stable prefix)
+        self._snap: Optional[Tuple[int, Any]] = None  # (tokens, snapshot) of a stable boundary
+
+    def reset(self) -> None:
+        """Forgets the conversation (the system prompt stays) and empties the cache."""
+        self.messages = []
+        self._reset_cache()
+
+    def set_system(self, text: Optional[str]) -> None:
+        # The conversation now renders differently from its start: the next turn cuts the
+        # cache back to the common prefix (<bos><|turn>) or clears it (and says so).
+        self.system = check_text(text, "the system prompt") if text else None
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self.cached_ids)
+
+    def conversation(self, user_text: Optional[str] = None) -> List[Dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        if self.keep_history:
+            msgs += self.messages
+        if user_text is not None:
+            msgs.append({"role": "user", "content": user_text})
+        return msgs
+
+    def _reserve(self, gen: GenerationConfig) -> int:
+        """Context tokens a reply may take: whole canvases."""
+        C = self.backend.canvas_length
+        return math.ceil(gen.max_new_tokens / C) * C
+
+    def _check_context(self, n_prompt: int) -> None:
+        reserve = self._reserve(self.gen)
+        if n_prompt + reserve > self.max_context:
+            raise ValueError(
+                f"prompt too long: {n_prompt} context tokens + up to {reserve} generated "
+                f"exceed the {self.max_context}-token context; /reset the conversation, "
+                "shorten the message or lower max_new_tokens"
+            )
+
+    def _rollback(self, length: int) -> bool:
+        """Brings the cache back to its first `length` tokens (the backend trims or
+        restores the snapshot taken there); False when it cannot."""
+        cache = self.backend.rollback(self.cache, length, self._snap)
+        if cache is None:
+            return False
+        self.cache = cache
+        self.cached_ids = self.cached_ids[:length]
+        return True
+
+    def _clear_cache(self, note: str) -> str:
+        self._reset_cache()
+        self.resets += 1
+        return note
+
+    def _cut_to(self, split: "PromptSplit") -> Tuple[int, int, Optional[str]]:
+        """What the cache holds must be a prefix of the new render, else it is cut back to
+        the common prefix (after an interrupted turn it still holds the dropped message),
+        or cleared when it cannot be cut. Returns (tokens kept, tokens cut, note)."""
+        keep = _common_prefix_len(self.cached_ids, split.ids[: split.stable])
+        held = len(self.cached_ids)
+        if keep == held:
+            return keep, 0, None
+        if keep > 0 and self._rollback(keep):
+            return keep, held - keep, None
+        return 0, 0, self._clear_cache(
+            "the cache no longer matches the conversation and cannot be cut back: "
+            f"cleared, re-encoding all {split.stable} tokens")
+
+    def _prefill(self, split: "PromptSplit", keep: int, should_stop) -> bool:
+        """Encodes the new stable tokens in chunks (bounded memory), stoppable between
+        chunks; what was encoded before a stop stays (it is a prefix). False when
+        stopped."""
+        new = split.ids[keep : split.stable]
+        try:
+            for s in range(0, len(new), PREFILL_CHUNK):
+                if should_stop():
+                    return False
+                self.backend.encode(self.cache, new[s : s + PREFILL_CHUNK])
+                self.cached_ids = split.ids[: keep + min(s + PREFILL_CHUNK, len(new))]
+        except BaseException:
+            self._clear_cache("")  # an encoder call broke off midway: the cache is unknown
+            raise
+        return True
+
+    def send(self, user_text: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Any]:
+        """One turn. Yields Prefill, then Draft/Commit/Summary, or ends with Interrupted."""
+        msgs = self.conversation(check_text(user_text, "the message"))
+        split = split_prompt(self.tokenizer, msgs)
+        self._check_context(len(split.ids))
+        gen = self.gen
+
+        keep, rolled_back, note = self._cut_to(split)
+        tic = time.perf_counter()
+        if not self._prefill(split, keep, should_stop):
+            self.interrupted += 1
+            yield Interrupted(0)
+            return
+        prefill_time = time.perf_counter() - tic
+        self.cached_ids = split.ids[: split.stable]
+
+        # Make sure the end of the turn can come back to the stable boundary.
+        C = self.backend.canvas_length
+        turn_tokens = len(split.suffix) + (math.ceil(gen.max_new_tokens / C) - 1) * C
+        if self.backend.needs_snapshot(turn_tokens):
+            self._snap = (split.stable, self.backend.snapshot(self.cache))
+        encoded = split.stable - keep
+        yield Prefill(keep, encoded, len(split.suffix), prefill_time, note, rolled_back)
+        stats = TurnStats(keep, encoded, len(split.suffix), prefill_time, prefill_time, note=note)
+        yield from self._generate(user_text, split, stats, should_stop)
+
+    def _generate(self, user_text: str, split: "PromptSplit", stats: "TurnStats", should_stop):
+        """Generates from the prompt's suffix; whatever happens, the cache goes back to
+        the stable boundary."""
+        seed = None if self.seed is None else (self.seed + len(self.turns)) % (SEED_MAX + 1)
+        events = self.backend.stream_generate(
+            self.tokenizer, split.suffix, self.cache, self.noise, seed, self.gen_kwargs)
+        canvases, finished = 0, False
+        try:
+            for ev in events:
+                if isinstance(ev, Summary):
+                    self._finish_turn(user_text, ev, stats)
+                    finished = True
+                    yield ev
+                    break
+                canvases += isinstance(ev, Commit)
+                yield ev
+                if should_stop():
+                    break
+        finally:
+            events.close()
+            if self._rollback(split.stable):
+                if not self.backend.keeps_snapshots:
+                    self._snap = None
+            else:
+                stats.note = self._clear_cache(
+                    "the cache could not be rolled back and was cleared: the next turn "
+                    "re-encodes the conversation")
+        if not finished:
+            self.interrupted += 1
+            yield Interrupted(canvases)
+
+    def _finish_turn(self, user_text: str, summary: Summary, stats: "TurnStats") -> None:
+        """The reply joins the conversation and its numbers the turn's stats."""
+        self.messages += [
+            {"role": "user", "content": user_text},
+            {"role": "assistant", "content": summary.text},
+        ]
+        stats.prompt_time += summary.prompt_time
+        stats.tokens = len(summary.tokens)
+        stats.canvases = summary.canvases
+        stats.steps_per_canvas = list(summary.steps_per_canvas)
+        stats.tokens_per_forward = summary.tokens_per_forward
+        stats.generation_time = summary.generation_time
+        stats.generation_tps = summary.generation_tps
+        stats.peak_memory_gb = summary.peak_memory_gb
+        stats.finish_reason = summary.finish_reason
+        self.turns.append(stats)
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def transcript(self) -> Dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "backend": self.backend.name,
+            "settings": self.settings(),
+            "system": self.system,
+            "messages": self.conversation(),
+            "turns": [asdict(t) for t in self.turns],
+        }
+
+    def save(self, path) -> Path:
+        path = Path(path).expanduser()
+        path.write_text(json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n")
+        return path

@@ -1,0 +1,131 @@
+"""What a converted directory will weigh, per recipe, from config.json alone (no weights
+read): the text model's tensors from the module tree, the vision tower's from its config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from .recipes import DEFAULT_RECIPE, make_recipe, module_kind, normalize_dtype
+
+
+# -- size estimates -------------------------------------------------------------------------
+
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def vision_shapes(config: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """The Gemma-4 vision tower's tensors (as transformers saves them) from `vision_config`,
+    plus the multimodal embedder; empty without a vision config."""
+    vc = config.get("vision_config") or {}
+    if not vc:
+        return {}
+    H = vc.get("hidden_size", 768)
+    I = vc.get("intermediate_size", 3072)
+    L = vc.get("num_hidden_layers", 16)
+    nh = vc.get("num_attention_heads", 12)
+    kv = vc.get("num_key_value_heads", nh)
+    hd = vc.get("head_dim", 64)
+    patch = vc.get("patch_size", 16)
+    pos = vc.get("position_embedding_size", 10 * 1024)
+    text_h = (config.get("text_config") or {}).get("hidden_size", 2816)
+    p = "model.encoder.vision_tower"
+    out: Dict[str, Tuple[int, ...]] = {
+        f"{p}.patch_embedder.input_proj.weight": (H, 3 * patch * patch),
+        f"{p}.patch_embedder.position_embedding_table": (2, pos, H),
+        "model.encoder.embed_vision.embedding_projection.weight": (text_h, H),
+    }
+    if vc.get("standardize"):
+        out[f"{p}.std_bias"] = (H,)
+        out[f"{p}.std_scale"] = (H,)
+    lin = ".linear.weight"
+    for i in range(L):
+        q = f"{p}.encoder.layers.{i}"
+        out[f"{q}.self_attn.q_proj{lin}"] = (nh * hd, H)
+        out[f"{q}.self_attn.k_proj{lin}"] = (kv * hd, H)
+        out[f"{q}.self_attn.v_proj{lin}"] = (kv * hd, H)
+        out[f"{q}.self_attn.o_proj{lin}"] = (H, nh * hd)
+        out[f"{q}.self_attn.q_norm.weight"] = (hd,)
+        out[f"{q}.self_attn.k_norm.weight"] = (hd,)
+        out[f"{q}.mlp.gate_proj{lin}"] = (I, H)
+        out[f"{q}.mlp.up_proj{lin}"] = (I, H)
+        out[f"{q}.mlp.down_proj{lin}"] = (H, I)
+        for norm in ("input_layernorm", "post_attention_layernorm",
+                     "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            out[f"{q}.{norm}.weight"] = (H,)
+    return out
+
+
+def quantized_nbytes(shape: Sequence[int], bits: int, group: int, scale_itemsize: int) -> int:
+    """Bytes of an affine-quantized tensor: packed uint32 weight + scales + biases."""
+    n = math.prod(shape)
+    return n * bits // 8 + 2 * (n // group) * scale_itemsize
+
+
+def estimate(
+    config: Mapping[str, Any],
+    recipe: Optional[str] = DEFAULT_RECIPE,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+) -> Dict[str, Any]:
+    """On-disk size and bits per weight a conversion with `recipe` would produce for the
+    model `config` (an HF config.json dict), computed from the shapes alone.
+
+    Returns bytes (tensor data; headers, tokenizer and config files add a few MB),
+    params, `bits_per_weight` over everything written (vision tower included, counted as
+    mlx-vlm counts it: stored bits / original parameter count), `text_bits_per_weight`
+    over the text model alone, and a per-kind breakdown.
+    """
+    from .config import ModelArgs
+    from .model import expected_shapes
+
+    r = make_recipe(recipe, quantize=recipe is not None, q_bits=q_bits,
+                    q_group_size=q_group_size, dtype=dtype)
+    src_dtype = (
+        config.get("torch_dtype") or config.get("dtype")
+        or (config.get("text_config") or {}).get("dtype") or "bfloat16"
+    )
+    out_dtype = r.dtype or normalize_dtype(src_dtype) or "bfloat16"
+    item = _ITEMSIZE[out_dtype]
+    args = ModelArgs.from_dict(dict(config))
+
+    kinds: Dict[str, Dict[str, float]] = {}
+
+    def add(kind, n, nbytes):
+        k = kinds.setdefault(kind, {"params": 0, "bytes": 0})
+        k["params"] += n
+        k["bytes"] += nbytes
+
+    text_params = text_bytes = 0
+    for name, shape in expected_shapes(args).items():
+        n = math.prod(shape)
+        qp = r.params_for(name, shape)
+        nbytes = quantized_nbytes(shape, qp[0], qp[1], item) if qp else n * item
+        add(module_kind(name) or "norms_and_scalars", n, nbytes)
+        text_params += n
+        text_bytes += nbytes
+    vis_params = vis_bytes = 0
+    for name, shape in vision_shapes(config).items():
+        n = math.prod(shape)
+        vis_params += n
+        vis_bytes += n * item
+    if vis_params:
+        add("vision_tower", vis_params, vis_bytes)
+    for k in kinds.values():
+        k["bits_per_weight"] = 8 * k["bytes"] / k["params"] if k["params"] else 0.0
+    total_bytes = text_bytes + vis_bytes
+    total_params = text_params + vis_params
+    return {
+        "recipe": r.name,
+        "description": r.describe(),
+        "dtype": out_dtype,
+        "params": total_params,
+        "text_params": text_params,
+        "bytes": total_bytes,
+        "gb": total_bytes / 1e9,
+        "gib": total_bytes / 2**30,
+        "bits_per_weight": 8 * total_bytes / total_params,
+        "text_bits_per_weight": 8 * text_bytes / text_params,
+        "by_kind": kinds,
+    }
