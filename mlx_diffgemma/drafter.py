@@ -236,17 +236,20 @@ def prompt_ids(tokenizer, prompt) -> List[int]:
     return [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
 
 
-def check_context(denoiser: Denoiser, n_prompt: int) -> None:
-    """Refuses a generation that could run past the model's context: what the cache
-    holds, the new prompt and every canvas `max_new_tokens` may take."""
-    C = denoiser.canvas_length
-    reserve = math.ceil(denoiser.gen.max_new_tokens / C) * C
-    held = denoiser.cached_tokens + n_prompt
-    if held + reserve > denoiser.max_context:
+def reserved_tokens(gen: GenerationConfig, canvas_length: int) -> int:
+    """Context tokens a reply may take: every canvas `max_new_tokens` may need, whole."""
+    return math.ceil(gen.max_new_tokens / canvas_length) * canvas_length
+
+
+def check_context(context_tokens: int, gen: GenerationConfig, canvas_length: int, limit: int,
+                  fix: str = "shorten the prompt or lower max_new_tokens") -> None:
+    """Refuses a generation that could run past `limit`: the context it starts from (what
+    a cache holds plus the new prompt) and every canvas it may generate."""
+    reserve = reserved_tokens(gen, canvas_length)
+    if context_tokens + reserve > limit:
         raise ValueError(
-            f"prompt too long: {held} context tokens + up to {reserve} generated exceed the "
-            f"model's {denoiser.max_context}-token context; shorten the prompt or lower "
-            "max_new_tokens"
+            f"prompt too long: {context_tokens} context tokens + up to {reserve} generated "
+            f"exceed the {limit}-token context; {fix}"
         )
 
 
@@ -254,7 +257,8 @@ def stream(denoiser: Denoiser, tokenizer, prompt) -> Iterator[Event]:
     """The body of every backend's `stream_generate`: the prompt's ids, the context
     check, then block diffusion on `denoiser`."""
     ids = prompt_ids(tokenizer, prompt)
-    check_context(denoiser, len(ids))
+    check_context(denoiser.cached_tokens + len(ids), denoiser.gen, denoiser.canvas_length,
+                  denoiser.max_context)
     yield from draft(denoiser, ids, denoiser.gen, text_decoder(tokenizer))
 
 

@@ -8,7 +8,6 @@ canvas to a terminal's stderr.
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import threading
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .config import SEED_MAX, GenerationConfig
-from .drafter import Commit, Draft, Summary, generation_config
+from .drafter import Commit, Draft, Summary, check_context, generation_config
 from .paths import DEFAULT_MODEL, resolve_model_path
 from .session import (
     SETTING_ALIASES,
@@ -592,13 +591,8 @@ def main_generate(args) -> int:
         ids = [int(t) for t in tokenizer.encode(prompt)]
     backend = make_backend(model)
     limit = min(args.max_context or backend.max_context, backend.max_context)
-    C = backend.canvas_length
-    reserve = math.ceil(gen.max_new_tokens / C) * C
-    if len(ids) + reserve > limit:
-        raise ValueError(
-            f"prompt too long: {len(ids)} prompt tokens + up to {reserve} generated exceed "
-            f"the {limit}-token context; shorten the prompt or lower --max-new-tokens"
-        )
+    check_context(len(ids), gen, backend.canvas_length, limit,
+                  "shorten the prompt or lower --max-new-tokens")
 
     err = Console(stderr=True, highlight=False)
     show_drafts = args.verbose and sys.stderr.isatty()

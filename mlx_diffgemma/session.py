@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .config import SEED_MAX, GenerationConfig, check_seed
-from .drafter import Commit, Summary, generation_config
+from .drafter import Commit, Summary, check_context, generation_config, reserved_tokens
 
 # Tokens per encoder call while prefilling: bounds memory, and how long a Ctrl-C waits
 # for the stop flag to be checked (about a second for the 26B model on CPU).
@@ -519,18 +519,11 @@ class ChatSession:
         return msgs
 
     def _reserve(self, gen: GenerationConfig) -> int:
-        """Context tokens a reply may take: whole canvases."""
-        C = self.backend.canvas_length
-        return math.ceil(gen.max_new_tokens / C) * C
+        return reserved_tokens(gen, self.backend.canvas_length)
 
     def _check_context(self, n_prompt: int) -> None:
-        reserve = self._reserve(self.gen)
-        if n_prompt + reserve > self.max_context:
-            raise ValueError(
-                f"prompt too long: {n_prompt} context tokens + up to {reserve} generated "
-                f"exceed the {self.max_context}-token context; /reset the conversation, "
-                "shorten the message or lower max_new_tokens"
-            )
+        check_context(n_prompt, self.gen, self.backend.canvas_length, self.max_context,
+                      "/reset the conversation, shorten the message or lower max_new_tokens")
 
     def _rollback(self, length: int) -> bool:
         """Brings the cache back to its first `length` tokens (the backend trims or
