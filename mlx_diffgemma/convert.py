@@ -67,8 +67,10 @@ from .checkpoint import (
     read_json,
     scan_checkpoint,
 )
+from .config import ConfigError, load_config
 from .loader import check_sidecars
 from .model import expected_shapes
+from .paths import hub_snapshot
 from .recipes import (
     DTYPE_NAMES,
     RECIPES,
@@ -87,7 +89,6 @@ SHARD_FORMAT = "model-{:05d}-of-{:05d}.safetensors"
 # Files copied next to the weights (the tokenizer, chat template, generation and
 # processor configs); config.json and the index are written, never copied.
 SIDECAR_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "LICENSE*")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 # Keys of generation_config.json that mlx-vlm copies to the top of config.json.
 GENERATION_TOP_LEVEL_KEYS = ("eos_token_id", "temperature", "top_p", "top_k", "do_sample")
 
@@ -128,10 +129,8 @@ def resolve_source(path_or_repo: Union[str, Path], revision: Optional[str] = Non
     text = str(path_or_repo)
     if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith("/"):
         raise ConversionError(f"model directory {p} does not exist (nor is it a hub id like org/name)")
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+        return hub_snapshot(text, revision=revision)
     except Exception as e:
         raise ConversionError(
             f"cannot fetch {text!r} from the Hugging Face hub or find it in the local cache "
@@ -141,19 +140,17 @@ def resolve_source(path_or_repo: Union[str, Path], revision: Optional[str] = Non
 
 
 def read_config(src: Path) -> Dict[str, Any]:
-    path = src / "config.json"
-    if not path.is_file():
-        raise ConversionError(
-            f"{path} not found: a model directory needs its config.json (is {src} the right path?)"
-        )
-    return read_json(path, "a model config")
+    try:
+        return load_config(src)
+    except (ConfigError, FileNotFoundError) as e:
+        raise ConversionError(str(e)) from None
 
 
 def model_args(config: Dict[str, Any], path: Path):
     """(ModelArgs, expected text shapes) of a config.json, or ConversionError naming the
     file: the config parser and the module tree reject hostile values with whatever
     Python raises, so every failure is turned into one line here."""
-    from .config import ConfigError, ModelArgs
+    from .config import ModelArgs
 
     try:
         args = ModelArgs.from_dict(config, source=str(path))

@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .config import check_seed
+
 # Stream ids mixed into the seed, one per kind of draw.
 _INIT, _RENOISE, _GUMBEL = 0, 1, 2
 
@@ -41,7 +43,11 @@ class SeededNoise:
     """
 
     def __init__(self, seed: int = 0):
-        self.seed = int(seed)
+        # Checked here, not at the first draw: NumPy would refuse a negative seed late.
+        seed = int(seed) if isinstance(seed, np.integer) else seed
+        if seed is None or check_seed(seed) is None:
+            raise ValueError("SeededNoise needs an integer seed from 0 to 2**64-1")
+        self.seed = seed
 
     def _rng(self, kind: int, canvas_index: int, step: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, kind, int(canvas_index), int(step)])

@@ -24,7 +24,8 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # or several separated by os.pathsep) replaces the default roots.
 LMSTUDIO_ENV = "LMSTUDIO_MODELS_DIR"
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+# What a model directory needs from the hub: weights, configs, tokenizer, chat template.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 
 
 def convert_hint() -> str:
@@ -105,10 +106,12 @@ def packaged_model(name: str, prefer: str = "mlx") -> Optional[Path]:
     return order[0]
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def hub_snapshot(repo_id: str, revision: Optional[str] = None) -> Path:
+    """The model's files from the Hugging Face hub, or its local cache (HF_HUB_OFFLINE=1:
+    the cache only)."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
 
 
 def resolve_model_path(path_or_repo: Union[str, Path], prefer: str = "mlx") -> Path:
@@ -151,7 +154,7 @@ def resolve_model_path(path_or_repo: Union[str, Path], prefer: str = "mlx") -> P
     if found is not None:
         return found
     try:
-        return _hub_snapshot(text)
+        return hub_snapshot(text)
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else (

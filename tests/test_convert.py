@@ -26,6 +26,7 @@ from mlx_diffgemma.model import expected_shapes
 from mlx_diffgemma.quantize import quantize
 from mlx_diffgemma.sizes import estimate
 from mlx_diffgemma.verify import VerifyError, compare_logits, verify
+from teacher_forcing import assert_argmax_where_certain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,8 +245,11 @@ def test_requantize(hf, tmp_path):
     deq = tmp_path / "deq"
     quantize(mixed, deq, recipe="fp32", progress=False, verbose=False)
     assert "quantization" not in json.loads((deq / "config.json").read_text())
-    rep = compare_logits(deq, mixed, canvases=2)
-    assert rep["max_abs_diff"] < 1e-3 and rep["argmax_agreement"] == 1.0
+    # dequantized float matmuls vs quantized kernels: the same function to rounding
+    prompt, canvas = _inputs(256)
+    a, b = _our_logits(deq, prompt, canvas), _our_logits(mixed, prompt, canvas)
+    assert np.abs(a - b).max() < 1e-3
+    assert_argmax_where_certain(a, b, "dequantized vs 4-bit")
 
 
 # -- compatibility with mlx-vlm 0.7.10 -----------------------------------------------------------------
@@ -285,7 +289,7 @@ def test_our_directory_loads_in_mlx_vlm(hf, tmp_path, recipe):
     prompt, canvas = _inputs(256)
     a, b = _vlm_logits(out, prompt, canvas), _our_logits(out, prompt, canvas)
     assert np.abs(a - b).max() < 1e-3
-    assert (a.argmax(-1) == b.argmax(-1)).all()
+    assert_argmax_where_certain(b, a, "ours vs mlx-vlm")
 
 
 def test_mlx_vlm_directory_loads_in_ours(hf, tmp_path, capsys):

@@ -105,3 +105,12 @@ def test_checkpoint_defaults_and_overrides(tmp_path):
     assert g.t_min == 0.4 and g.confidence_threshold == 0.005  # released values fill the gaps
     g = GenerationConfig.from_model_dir(tmp_path, max_denoising_steps=5, eos_token_id=None)
     assert g.max_denoising_steps == 5 and g.eos_token_id is None
+
+
+@pytest.mark.parametrize("seed", [-5, 2**64, 1.5, "7", None, True])
+def test_seeded_noise_refuses_bad_seeds_at_once(seed):
+    from mlx_diffgemma.noise import SeededNoise
+
+    with pytest.raises(ValueError, match="seed"):
+        SeededNoise(seed)
+    assert SeededNoise(np.int64(3)).seed == 3 and SeededNoise(2**64 - 1).seed == 2**64 - 1
