@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "load": "loader",
-    "generate": "denoiser",
-    "stream_generate": "denoiser",
+    "generate": "generation",
+    "stream_generate": "generation",
     "Draft": "drafter",
     "Commit": "drafter",
     "Summary": "drafter",

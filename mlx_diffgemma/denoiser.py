@@ -1,16 +1,15 @@
-"""Block diffusion on MLX: the denoiser our drafter loop drives, and the public
-`stream_generate` / `generate`."""
+"""The MLX denoiser the drafter loop drives in reference mode: one step of the
+reference sampler at a time, on device (fast.py's denoiser builds on it)."""
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .cache import EncoderCache
-from .config import GenerationConfig, check_seed
-from .drafter import Event, collect, generation_config, stream
+from .config import GenerationConfig
 from .noise import NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
 
@@ -95,33 +94,3 @@ class MLXDenoiser:
 
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9
-
-
-def stream_generate(
-    model,
-    tokenizer,
-    prompt: Union[str, Sequence[int], mx.array],
-    *,
-    cache: Optional[EncoderCache] = None,
-    noise: Optional[NoiseSource] = None,
-    seed: Optional[int] = None,
-    **generation_kwargs,
-) -> Iterator[Event]:
-    """Generates with block diffusion, yielding a `Draft` per denoising step, a `Commit`
-    per canvas and a final `Summary`.
-
-    `prompt` is text (encoded with `tokenizer` as is, no chat template) or token ids.
-    With `cache`, only the tokens it does not hold yet are passed as `prompt`.
-    Generation parameters (`max_new_tokens`, `max_denoising_steps`, `entropy_bound`,
-    `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`, `eos_token_id`,
-    `pad_token_id`) default to the checkpoint's generation_config.json.
-    """
-    gen = generation_config(model, **generation_kwargs)
-    if check_seed(seed) is not None:
-        mx.random.seed(seed)
-    yield from stream(MLXDenoiser(model, gen, cache=cache, noise=noise), tokenizer, prompt)
-
-
-def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
-    """Generates and returns the text (the token ids are in `stream_generate`'s Summary)."""
-    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)

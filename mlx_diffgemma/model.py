@@ -84,16 +84,19 @@ class Attention(nn.Module):
     def project(self, x: mx.array, offset: Union[int, mx.array]):
         """Queries, keys and values of the tokens in `x` at positions offset, offset+1, ..:
         projected, normed and rotated, [batch, heads, tokens, head_dim]."""
+        q, k, v = self.unrotated(x)
+        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
+
+    def unrotated(self, x: mx.array):
+        """Queries, keys and values projected and normed, before the rotary embedding
+        (which depends on the positions: `project`, or fast.py's active set)."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if self.is_sliding else k
         k = self.k_norm(k)
         v = self.v_norm(v)
-
-        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
-        k = self.rope(k.transpose(0, 2, 1, 3), offset=offset)
-        return q, k, v.transpose(0, 2, 1, 3)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def keys_values(
         self,

@@ -37,7 +37,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import GenerationConfig
-from .denoiser import MLXDenoiser, stream_generate
+from .denoiser import MLXDenoiser
+from .generation import stream_generate
 from .drafter import run_to_summary
 
 

@@ -206,7 +206,7 @@ class MLXBackend:
         return None
 
     def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
-        from .denoiser import stream_generate
+        from .generation import stream_generate
 
         return stream_generate(
             self.model, tokenizer, prompt, cache=cache, noise=noise, seed=seed, **gen_kwargs

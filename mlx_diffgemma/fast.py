@@ -1,0 +1,390 @@
+"""Fast mode: the same drafter loop with a denoiser that does less work per step.
+
+Each approximation is a switch of `FastOptions`, measured alone in the benchmarks; with
+every switch off (`FastOptions.off()`) the fast denoiser runs the reference's operations
+and gives reference mode's tokens.
+
+- `freeze`: positions that settle stop changing. "entropy": the positions the entropy
+  bound accepts keep their sampled token; "confidence" (Fast-dLLM, Diffusers'
+  BlockRefinement): open positions whose top probability reaches `confidence` keep their
+  argmax, at least the most confident one per step, every one at the last step. Open
+  positions are still sampled, accepted and renoised as the reference does. A canvas
+  whose positions are all frozen is committed.
+- `active_set` (with freezing): the decoder runs only the open positions and those frozen
+  at the previous step (once more, so their keys and values reflect their final token);
+  every other frozen position keeps, per layer, the keys and values of the last step
+  that computed it. The number of computed positions is rounded up to a bucket so a
+  Metal kernel cache sees few shapes. Exactness returns at the commit: the encoder
+  re-encodes the committed canvas.
+- `top_k`: sampling, argmax and entropy over the exact top-K logits (renormalised);
+  the confidence rule still uses the full softmax.
+- `sc_top_k`: self-conditioning from the top-K probabilities of the full softmax times
+  the gathered embedding rows (a quantized table is dequantized row by row), NOT
+  renormalised: the soft embedding then differs from the dense product by at most the
+  dropped probability mass times the largest embedding row norm (times sqrt(hidden)),
+  which `sparse_soft_embedding_bound` gives and the tests hold.
+- `skip_after_eos`: once an EOS is frozen, every position after it is frozen as pad (the
+  EOS rule pads them at the commit anyway) and never computed again.
+- `repair`: one full, fresh forward of the final canvas before the commit, whose argmax
+  is committed.
+
+Work is counted per step (`FastDenoiser.work`): positions run through the layers, LM-head
+rows, and self-conditioning rows times the vocabulary entries they read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .config import GenerationConfig
+from .denoiser import MLXDenoiser
+from .noise import NoiseSource
+from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
+
+FREEZE_RULES = (None, "entropy", "confidence")
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    # Defaults measured on the toy models (BENCHMARKS.md): a sampled token frozen by the
+    # entropy bound at an early, hot step is wrong too often; a 0.99-confident argmax is not.
+    freeze: Optional[str] = "confidence"
+    confidence: float = 0.99
+    active_set: bool = True
+    top_k: int = 64
+    sc_top_k: int = 64
+    skip_after_eos: bool = True
+    repair: bool = False
+    buckets: Tuple[int, ...] = (16, 32, 64, 128, 256)
+
+    def __post_init__(self):
+        if self.freeze not in FREEZE_RULES:
+            raise ValueError(f"freeze must be one of {FREEZE_RULES} (got {self.freeze!r})")
+        if self.active_set and self.freeze is None:
+            raise ValueError("the active set needs a freeze rule: without one no position settles")
+        if not 0 < self.confidence <= 1:
+            raise ValueError(f"confidence must be in (0, 1] (got {self.confidence})")
+        if self.top_k < 0 or self.sc_top_k < 0:
+            raise ValueError("top_k and sc_top_k must be >= 0 (0: the whole vocabulary)")
+
+    @classmethod
+    def off(cls) -> "FastOptions":
+        """Every approximation off: reference mode's operations."""
+        return cls(freeze=None, active_set=False, top_k=0, sc_top_k=0, skip_after_eos=False)
+
+
+@dataclass
+class Work:
+    """What the decoder computed, summed over steps."""
+
+    steps: int = 0
+    positions: int = 0  # canvas positions run through the layers
+    lm_head_rows: int = 0  # rows of the [hidden x vocab] LM head
+    sc_entries: int = 0  # probabilities x embedding rows in self-conditioning
+    per_step: List[int] = field(default_factory=list)  # positions computed at each step
+
+
+def bucket(n: int, buckets: Tuple[int, ...], limit: int) -> int:
+    """`n` rounded up to the first bucket that holds it (never past `limit`)."""
+    for b in buckets:
+        if n <= b:
+            return min(b, limit)
+    return limit
+
+
+def rope_at(rope, x: mx.array, idx: mx.array, length: int, offset: int) -> mx.array:
+    """`x` [batch, heads, A, dim] of the canvas positions `idx`, rotated as in the whole
+    canvas: the rotary embedding is per position, so the tokens are placed in a canvas
+    of zeros, rotated there with the same operation the full decoder uses, and taken
+    back."""
+    B, H, _, D = x.shape
+    full = mx.zeros((B, H, length, D), dtype=x.dtype)
+    full[:, :, idx] = x
+    return rope(full, offset=offset)[:, :, idx]
+
+
+def sparse_soft_embedding(embed, probs: mx.array, ids: mx.array, scale: float) -> mx.array:
+    """sum_k probs[k] * E[ids[k]] * scale over the top-K ids [.., K]: the self-conditioning
+    input from the kept probabilities only (not renormalised)."""
+    rows = embed(ids)  # [.., K, hidden]; a quantized table dequantizes only these rows
+    soft = (probs[..., None].astype(rows.dtype) * rows).sum(axis=-2)
+    return soft * mx.array(scale, dtype=rows.dtype)
+
+
+def sparse_soft_embedding_bound(embed_weight: mx.array, probs: mx.array, ids: mx.array,
+                                scale: float) -> mx.array:
+    """Per position, the bound on |dense - sparse| (L2): the dropped probability mass
+    times the largest embedding row norm times `scale`."""
+    dropped = 1.0 - probs.astype(mx.float32).sum(axis=-1)
+    max_norm = mx.sqrt((embed_weight.astype(mx.float32) ** 2).sum(axis=-1)).max()
+    return mx.maximum(dropped, 0.0) * max_norm * scale
+
+
+class FastDenoiser(MLXDenoiser):
+    """`MLXDenoiser` with the approximations of `FastOptions`; the drafter loop drives it
+    unchanged (`stream_generate(..., mode="fast")`)."""
+
+    def __init__(self, model, gen: GenerationConfig, cache=None,
+                 noise: Optional[NoiseSource] = None, options: Optional[FastOptions] = None):
+        super().__init__(model, gen, cache=cache, noise=noise)
+        self.options = options if options is not None else FastOptions()
+        self.work = Work()
+        eos = gen.eos_token_id or []
+        self._eos = np.array(sorted(set(int(e) for e in eos)), dtype=np.int64)
+
+    # -- per canvas -----------------------------------------------------------------
+
+    def start_canvas(self, canvas_index: int) -> mx.array:
+        canvas = super().start_canvas(canvas_index)
+        C = self.canvas_length
+        self._frozen = np.zeros(C, dtype=bool)  # host-side: positions whose token is final
+        self._refresh = np.zeros(C, dtype=bool)  # frozen last step: computed once more
+        self._tokens = np.zeros(C, dtype=np.int64)  # the frozen positions' tokens
+        self._kv: Optional[List[Tuple[mx.array, mx.array]]] = None
+        self._sc_sparse: Optional[Tuple[mx.array, mx.array]] = None  # ([1,C,K] probs, ids)
+        self._argmax_all = mx.zeros((1, C), dtype=mx.int32)
+        self._entropy_all = mx.zeros((1, C), dtype=mx.float32)
+        return canvas
+
+    def _positions(self) -> np.ndarray:
+        """Canvas positions this step computes (sorted), padded to a bucket with frozen
+        positions (harmless: their decisions stay frozen)."""
+        C = self.canvas_length
+        o = self.options
+        if not o.active_set or self._kv is None:
+            return np.arange(C)
+        need = np.nonzero(~self._frozen | self._refresh)[0]
+        size = bucket(max(len(need), 1), o.buckets, C)
+        if size > len(need):
+            spare = np.setdiff1d(np.arange(C), need)[: size - len(need)]
+            need = np.sort(np.concatenate([need, spare]))
+        return need
+
+    # -- the step ---------------------------------------------------------------------
+
+    def step(self, canvas: mx.array, canvas_index: int, step: int):
+        pos = self._positions()
+        idx = mx.array(pos.astype(np.int32))
+        logits = self._logits(canvas, pos, idx)
+        processed = logits / self.gen.temperature(step)
+        del logits
+        self._count(len(pos))
+        return self._decide(processed, canvas, pos, idx, canvas_index, step)
+
+    def _logits(self, canvas: mx.array, pos: np.ndarray, idx: mx.array) -> mx.array:
+        """Float32 logits [1, A, V] of the positions `pos`."""
+        o = self.options
+        full = len(pos) == self.canvas_length
+        if not o.active_set and not o.sc_top_k:
+            return self.model.decode(canvas, self.cache, self._sc_logits)
+        ids = canvas if full else canvas[:, idx]
+        return forward_positions(self.model, ids, idx, self.canvas_length, self.cache, self._kv_buffers(),
+                                 sc_logits=self._sc_rows(idx, full), sc_sparse=self._sc_sparse_rows(idx))
+
+    def _kv_buffers(self) -> List[Tuple[mx.array, mx.array]]:
+        if self._kv is None:
+            self._kv = [None] * len(self.model.layers)
+        return self._kv
+
+    def _sc_rows(self, idx: mx.array, full: bool):
+        if self.options.sc_top_k or self._sc_logits is None:
+            return None
+        return self._sc_logits if full else self._sc_logits[:, idx]
+
+    def _sc_sparse_rows(self, idx: mx.array):
+        if not self.options.sc_top_k or self._sc_sparse is None:
+            return None
+        probs, ids = self._sc_sparse
+        return probs[:, idx], ids[:, idx]
+
+    def _count(self, n: int) -> None:
+        w = self.work
+        w.steps += 1
+        w.positions += n
+        w.lm_head_rows += n
+        if self._sc_logits is not None or self._sc_sparse is not None:
+            w.sc_entries += n * (self.options.sc_top_k or self.vocab_size)
+        w.per_step.append(n)
+
+    def _decide(self, processed: mx.array, canvas: mx.array, pos: np.ndarray, idx: mx.array,
+                canvas_index: int, step: int):
+        """The sampler on the computed positions, then freezing, renoising and the stop."""
+        o, gen = self.options, self.gen
+        argmax, sample, entropy, confidence = self._sample(processed, idx, canvas_index, step)
+        full = len(pos) == self.canvas_length
+        self._argmax_all = argmax if full else _put(self._argmax_all, idx, argmax)
+        self._entropy_all = entropy if full else _put(self._entropy_all, idx, entropy)
+        self._keep_self_conditioning(processed, idx, full)
+
+        # Acceptance over the open positions only (frozen ones sort last).
+        frozen = mx.array(self._frozen[None])
+        open_entropy = mx.where(frozen, mx.array(np.inf, dtype=mx.float32), self._entropy_all)
+        accepted = entropy_bound_accept(open_entropy, gen.entropy_bound) & ~frozen
+        sample_all = sample if full else _put(canvas, idx, sample)
+        fresh = self._fresh(canvas, canvas_index, step)
+        next_canvas = mx.where(accepted, sample_all, fresh)
+
+        newly = self._freeze(accepted, sample_all, confidence, idx, step)
+        tokens = mx.array(self._tokens[None].astype(np.int32))
+        frozen_now = mx.array(self._frozen[None])
+        next_canvas = mx.where(frozen_now, tokens, next_canvas)
+        argmax_out = mx.where(frozen_now, tokens, self._argmax_all)
+        if o.freeze is not None and self._frozen.all():
+            stop = mx.array([True])
+        else:
+            stop, self._history = stable_and_confident(
+                argmax_out, self._history, self._entropy_all, gen.stability_threshold,
+                gen.confidence_threshold)
+        self._refresh = newly
+        stop_now = bool(stop.all().item()) or step == 1
+        if o.repair and stop_now:
+            argmax_out = self._repair(argmax_out)
+        mx.eval(next_canvas, argmax_out, accepted)
+        shown = accepted | frozen_now
+        return next_canvas, argmax_out[0], shown[0], bool(stop.all().item())
+
+    def _sample(self, processed: mx.array, idx: mx.array, canvas_index: int, step: int):
+        """(argmax, sample, entropy, top probability) of the computed positions."""
+        k = self.options.top_k
+        g = self._gumbel(processed.shape, idx, canvas_index, step)
+        if not k or k >= processed.shape[-1]:
+            argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
+            sample = mx.argmax(processed + g, axis=-1).astype(mx.int32)
+            entropy = token_entropy(processed)
+            top = processed.max(axis=-1)
+        else:
+            ids = mx.argpartition(-processed, kth=k - 1, axis=-1)[..., :k]
+            vals = mx.take_along_axis(processed, ids, axis=-1)
+            argmax = mx.take_along_axis(ids, mx.argmax(vals, axis=-1)[..., None], axis=-1)[..., 0]
+            gk = mx.take_along_axis(g, ids, axis=-1)
+            sample = mx.take_along_axis(ids, mx.argmax(vals + gk, axis=-1)[..., None], axis=-1)[..., 0]
+            entropy = token_entropy(vals)
+            top = vals.max(axis=-1)
+            argmax, sample = argmax.astype(mx.int32), sample.astype(mx.int32)
+        confidence = mx.exp(top - mx.logsumexp(processed, axis=-1))
+        return argmax, sample, entropy, confidence
+
+    def _gumbel(self, shape, idx: mx.array, canvas_index: int, step: int) -> mx.array:
+        if self.noise is not None:
+            C, V = self.canvas_length, self.vocab_size
+            g = mx.array(self.noise.gumbel(canvas_index, step, (1, C, V)))
+            return g if shape[1] == C else g[:, idx]
+        return mx.random.gumbel(shape=shape)
+
+    def _fresh(self, canvas: mx.array, canvas_index: int, step: int) -> mx.array:
+        if self.noise is not None:
+            return mx.array(self.noise.renoise(canvas_index, step, canvas.shape, self.vocab_size).astype(np.int32))
+        return mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32)
+
+    def _keep_self_conditioning(self, processed: mx.array, idx: mx.array, full: bool) -> None:
+        """What the next step's self-conditioning reads: the processed logits (cast to the
+        embedding dtype, as the reference feeds them back), or their top-K probabilities."""
+        k = self.options.sc_top_k
+        if k:
+            probs = mx.softmax(processed.astype(mx.float32), axis=-1)
+            ids = mx.argpartition(-probs, kth=min(k, probs.shape[-1]) - 1, axis=-1)[..., :k]
+            p = mx.take_along_axis(probs, ids, axis=-1)
+            if full or self._sc_sparse is None:
+                self._sc_sparse = (p, ids)
+            else:
+                self._sc_sparse = (_put(self._sc_sparse[0], idx, p), _put(self._sc_sparse[1], idx, ids))
+            mx.eval(*self._sc_sparse)
+            return
+        sc = processed.astype(self.model.dtype)
+        self._sc_logits = sc if full or self._sc_logits is None else _put(self._sc_logits, idx, sc)
+        mx.eval(self._sc_logits)
+
+    def _freeze(self, accepted: mx.array, sample: mx.array, confidence: mx.array,
+                idx: mx.array, step: int) -> np.ndarray:
+        """Marks newly settled positions frozen (host-side); returns them."""
+        o = self.options
+        before = self._frozen.copy()
+        if o.freeze == "entropy":
+            acc = np.array(accepted[0])
+            self._tokens[acc] = np.array(sample[0])[acc]
+            self._frozen |= acc
+        elif o.freeze == "confidence":
+            conf = np.full(self.canvas_length, -1.0)
+            conf[np.array(idx)] = np.array(confidence[0])
+            conf[self._frozen] = -1.0
+            pick = conf >= o.confidence
+            if step == 1:
+                pick = ~self._frozen
+            elif not pick.any() and (conf >= 0).any():
+                pick[int(conf.argmax())] = True
+            argmax = np.array(self._argmax_all[0])
+            self._tokens[pick] = argmax[pick]
+            self._frozen |= pick
+        if o.skip_after_eos and o.freeze is not None and len(self._eos):
+            self._pad_after_frozen_eos()
+        return self._frozen & ~before
+
+    def _pad_after_frozen_eos(self) -> None:
+        hits = np.nonzero(self._frozen & np.isin(self._tokens, self._eos))[0]
+        if len(hits):
+            after = np.arange(self.canvas_length) > hits[0]
+            self._tokens[after & ~self._frozen] = self.gen.pad_token_id
+            self._frozen |= after
+
+    def _repair(self, canvas: mx.array) -> mx.array:
+        """One full forward of the final canvas with fresh keys and values; its argmax."""
+        logits = self.model.decode(canvas, self.cache, None)
+        self.work.positions += self.canvas_length
+        self.work.lm_head_rows += self.canvas_length
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+
+
+def _put(buffer: mx.array, idx: mx.array, rows: mx.array) -> mx.array:
+    """`buffer` [1, C, ...] with the positions `idx` set to `rows` [1, A, ...]."""
+    out = mx.array(buffer)
+    out[:, idx] = rows.astype(buffer.dtype)
+    return out
+
+
+def forward_positions(model, ids: mx.array, idx: mx.array, length: int, cache,
+                      kv: List[Optional[Tuple[mx.array, mx.array]]], sc_logits=None,
+                      sc_sparse=None) -> mx.array:
+    """The decoder on the canvas positions `idx` (tokens `ids` [1, A]) of a canvas of
+    `length`: their queries attend to the cached context and to every canvas position's
+    keys and values in `kv` (per layer, [1, heads, length, dim]), where this call first
+    writes their own; the others keep what an earlier step wrote. Returns float32
+    logits [1, A, V]. With every position computed it is the full decoder's forward."""
+    dec = model.model.decoder
+    h = model._embed(ids)
+    if sc_sparse is not None:
+        soft = sparse_soft_embedding(dec.embed_tokens, sc_sparse[0], sc_sparse[1], model.embed_scale)
+        h = dec.self_conditioning(h, soft)
+    else:
+        h = model._self_conditioned(h, sc_logits)
+    offset = cache.offset
+    for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
+        attn = layer.self_attn
+        q, k, v = attn.unrotated(layer.input_layernorm(h))
+        q = rope_at(attn.rope, q, idx, length, offset)
+        k = rope_at(attn.rope, k, idx, length, offset)
+        if kv[i] is None:
+            B, H, _, D = k.shape
+            kv[i] = (mx.zeros((B, H, length, D), k.dtype), mx.zeros((B, H, length, D), v.dtype))
+        kb, vb = mx.array(kv[i][0]), mx.array(kv[i][1])
+        kb[:, :, idx] = k
+        vb[:, :, idx] = v
+        kv[i] = (kb, vb)
+        keys, values = attn.keys_values(kb, vb, cache=c)
+        h = layer.finish(h, q, keys, values, None, layer.layer_scalar)
+    return model._logits(dec.norm(h))
+
+
+def work_per_token(work: Work, tokens: int, layers: int, vocab: int) -> Dict[str, float]:
+    """Decoder work per generated token: positions x layers, LM-head rows x vocab, and
+    self-conditioning entries (each a row of the embedding read)."""
+    t = max(tokens, 1)
+    return {
+        "positions_x_layers": work.positions * layers / t,
+        "lm_head": work.lm_head_rows * vocab / t,
+        "self_conditioning": work.sc_entries / t,
+        "mean_active": work.positions / max(work.steps, 1),
+    }

@@ -1,0 +1,62 @@
+"""The public API on MLX: `stream_generate` and `generate`, in reference mode (the
+default, token-exact to the reference) or fast mode (fast.py)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .cache import EncoderCache
+from .config import check_seed
+from .denoiser import MLXDenoiser
+from .drafter import Event, collect, generation_config, stream
+from .fast import FastDenoiser, FastOptions
+from .noise import NoiseSource
+
+MODES = ("reference", "fast")
+
+
+def make_denoiser(model, gen, *, cache=None, noise=None, mode: str = "reference",
+                  fast: Optional[FastOptions] = None) -> MLXDenoiser:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+    if mode == "fast":
+        return FastDenoiser(model, gen, cache=cache, noise=noise, options=fast)
+    if fast is not None:
+        raise ValueError("fast options need mode='fast'")
+    return MLXDenoiser(model, gen, cache=cache, noise=noise)
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, Sequence[int], mx.array],
+    *,
+    cache: Optional[EncoderCache] = None,
+    noise: Optional[NoiseSource] = None,
+    seed: Optional[int] = None,
+    mode: str = "reference",
+    fast: Optional[FastOptions] = None,
+    **generation_kwargs,
+) -> Iterator[Event]:
+    """Generates with block diffusion, yielding a `Draft` per denoising step, a `Commit`
+    per canvas and a final `Summary`.
+
+    `prompt` is text (encoded with `tokenizer` as is, no chat template) or token ids.
+    With `cache`, only the tokens it does not hold yet are passed as `prompt`.
+    Generation parameters (`max_new_tokens`, `max_denoising_steps`, `entropy_bound`,
+    `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`, `eos_token_id`,
+    `pad_token_id`) default to the checkpoint's generation_config.json.
+    `mode="fast"` runs fast.py's denoiser (`fast`: its options, default FastOptions()).
+    """
+    gen = generation_config(model, **generation_kwargs)
+    if check_seed(seed) is not None:
+        mx.random.seed(seed)
+    denoiser = make_denoiser(model, gen, cache=cache, noise=noise, mode=mode, fast=fast)
+    yield from stream(denoiser, tokenizer, prompt)
+
+
+def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
+    """Generates and returns the text (the token ids are in `stream_generate`'s Summary)."""
+    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
