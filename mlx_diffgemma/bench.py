@@ -1,7 +1,7 @@
-"""`mlx-diffgemma bench`: prefill, denoising step, canvas and generation speed, side by
-side with mlx-vlm 0.7.10 and transformers on the same checkpoint, in one run.
+"""`mlx-diffgemma bench`: our implementation's prefill, denoising step, canvas and
+generation speed and peak memory, on a checkpoint directory or a synthetic model.
 
-What is measured (medians after warm-up, each implementation in turn, same process):
+What is measured (medians after warm-up):
 
 * prefill: one encoder pass over N prompt tokens into a fresh cache;
 * step: one denoising step at the model's canvas (decoder forward with
@@ -10,18 +10,22 @@ What is measured (medians after warm-up, each implementation in turn, same proce
   counted);
 * canvas: a fresh canvas denoised for exactly `--steps` steps (the stopping rule is
   not consulted, so convergence cannot hide per-step cost);
-* generation: the implementation's own generation loop for `--gen-tokens` tokens at
-  `--steps` steps per canvas, prompt included, as tokens per second;
-* peak memory (MLX: `mx.get_peak_memory`, weights included; torch: CUDA only).
+* generation: `stream_generate` for `--gen-tokens` tokens at `--steps` steps per
+  canvas, prompt included, as tokens per second;
+* peak memory: `mx.get_peak_memory`, weights included.
 
 The model is a directory (`--model`) or a synthetic checkpoint (`--config`): the real
 module tree with random already-quantized weights (`synthetic.py`), the released
 26B-A4B shapes (`--config real`) or a scaled-down preset with the same structure.
-mlx-vlm runs the same arrays (shared); transformers runs them dequantized to float32.
+The prompt is random token ids, leaving out the special ids the config (and the
+tokenizer, when the directory has one) names.
 
-    mlx-diffgemma bench                          # default: preset "small", all three
-    mlx-diffgemma bench --config real --impl ours,mlx-vlm --steps 48
-    mlx-diffgemma bench --breakdown --json out.json
+    mlx-diffgemma bench                          # preset "small"
+    mlx-diffgemma bench --config real --steps 48
+    mlx-diffgemma bench --memory-arithmetic
+
+The side-by-side comparison with mlx-vlm and transformers on the same checkpoint, and
+the per-piece breakdown of a step, are `scripts/bench.py` (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -32,12 +36,15 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-IMPLS = ("ours", "mlx-vlm", "transformers")
+from .config import GenerationConfig
+from .denoiser import MLXDenoiser
+from .generation import stream_generate
+from .drafter import run_to_summary
 
 
 # -- machine ---------------------------------------------------------------------------
@@ -112,10 +119,10 @@ def blas_info() -> Dict[str, Any]:
     return {"name": name, "library": lib, "sgemm_gflops": round(gflops, 1)}
 
 
-def machine_info(torch_threads: Optional[int]) -> Dict[str, Any]:
+def machine_info() -> Dict[str, Any]:
     import mlx_lm
 
-    info = {
+    return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "mlx_device": str(mx.default_device()),
@@ -123,22 +130,6 @@ def machine_info(torch_threads: Optional[int]) -> Dict[str, Any]:
         "mlx_lm": mlx_lm.__version__,
         "blas": blas_info(),
     }
-    try:
-        import mlx_vlm
-
-        info["mlx_vlm"] = mlx_vlm.__version__
-    except ImportError:
-        pass
-    try:
-        import torch
-        import transformers
-
-        info["torch"] = torch.__version__
-        info["transformers"] = transformers.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    return info
 
 
 # -- model -----------------------------------------------------------------------------
@@ -164,8 +155,8 @@ def build_model(args) -> tuple:
     margs = preset_args(args.config, **over)
     dtype = args.dtype
     if dtype == "auto":
-        # The released checkpoint's bf16 on a GPU; float32 on MLX's CPU backend, whose
-        # quantized kernels are 10x slower in bf16 (and 100x in fp16).
+        # bf16 on a GPU; float32 on MLX's CPU backend, whose quantized kernels are 10x
+        # slower in bf16 (and 100x in fp16).
         dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
     model = synthetic_model(margs, recipe=args.recipe, dtype=getattr(mx, dtype), seed=args.seed)
     return model, hf_config(margs), f"synthetic {args.config} ({args.recipe})"
@@ -192,10 +183,121 @@ def model_info(model, config, description) -> Dict[str, Any]:
     }
 
 
+def special_ids(model, config: Dict[str, Any], model_dir: Optional[str] = None) -> set:
+    """Token ids a random prompt leaves out: pad, BOS and EOS of the model's config, the
+    config's image/video placeholder ids, and the tokenizer's special ids when
+    `model_dir` has a tokenizer."""
+    a = model.args
+    out = {a.pad_token_id, a.bos_token_id}
+    out |= set(a.eos_token_id if isinstance(a.eos_token_id, list) else [a.eos_token_id])
+    for section in (config, config.get("text_config") or {}):
+        out |= {v for k, v in section.items() if k.endswith("_token_id") and isinstance(v, int)}
+    if model_dir:
+        from .loader import load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+        if tok is not None:
+            out |= set(getattr(tok, "all_special_ids", None) or [])
+    return {i for i in out if isinstance(i, int)}
+
+
+def random_prompt(vocab: int, n: int, seed: int, exclude: Sequence[int] = ()) -> np.ndarray:
+    """[1, n] random token ids below `vocab`, none of them in `exclude`."""
+    allowed = np.setdiff1d(np.arange(vocab), np.fromiter(set(exclude), dtype=np.int64))
+    return np.random.default_rng(seed).choice(allowed, size=(1, n))
+
+
+# -- our runner ------------------------------------------------------------------------
+
+
+def bench_generation(steps: int, max_new_tokens: int, **overrides) -> GenerationConfig:
+    """The released sampling values at a fixed step count, EOS off (random weights would
+    end a run at a random point), stopping rule kept (it is part of the per-step work;
+    random weights never meet it, and the bench reports steps per canvas to show it)."""
+    kw = dict(max_denoising_steps=steps, max_new_tokens=max_new_tokens, eos_token_id=None)
+    kw.update(overrides)
+    return GenerationConfig.from_model_dir(None, **kw)
+
+
+class DenoiserRunner:
+    """A denoiser stepped as the drafter steps it, and generation through a drafter
+    `stream_generate`; each operation returns when its work is done, so one timing loop
+    (`measure`) serves every runner:
+
+    * `prefill(ids)`: a fresh cache, the encoder over `ids`;
+    * `set_context(ids)`: encode `ids` once as the context later steps read;
+    * `start()` / `step(state, n)`: a fresh random canvas / one denoising step at the
+      schedule's step `n` (N..1);
+    * `generate(ids, max_new_tokens, steps)`: the generation loop, returning how many
+      tokens it produced;
+    * `reset_peak()` / `peak_gb()`.
+    """
+
+    den = None
+    stream = None  # the backend's stream_generate (a staticmethod)
+
+    def sync(self) -> None:
+        pass
+
+    def start(self):
+        return self.den.start_canvas(0)
+
+    def step(self, canvas, n: int):
+        canvas, argmax, accepted, _ = self.den.step(canvas, 0, n)
+        # What the drafter does with every step: the argmax row for the Draft event.
+        self.den.to_list(argmax), self.den.to_list(accepted)
+        return canvas
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, steps: int) -> Dict[str, Any]:
+        gen = self.gen
+        summary = run_to_summary(self.stream(
+            self.model, None, np.asarray(ids).reshape(-1).tolist(), seed=self.seed,
+            max_new_tokens=max_new_tokens, max_denoising_steps=steps, eos_token_id=None,
+            entropy_bound=gen.entropy_bound, t_min=gen.t_min, t_max=gen.t_max,
+            stability_threshold=gen.stability_threshold,
+            confidence_threshold=gen.confidence_threshold,
+        ))
+        self.sync()
+        return {"tokens": len(summary.tokens), "steps_per_canvas": summary.steps_per_canvas}
+
+
+class OursRunner(DenoiserRunner):
+    """`MLXDenoiser` and `stream_generate` of this package."""
+
+    stream = staticmethod(stream_generate)
+
+    def __init__(self, model, gen: GenerationConfig, seed: int = 0):
+        self.model = model
+        self.gen = gen
+        self.seed = seed
+        self.den: Optional[MLXDenoiser] = None
+
+    def prefill(self, ids: np.ndarray) -> None:
+        cache = self.model.make_cache()
+        self.model.encode(mx.array(ids), cache)  # evaluates the cache
+
+    def set_context(self, ids: np.ndarray) -> None:
+        mx.random.seed(self.seed)
+        self.den = MLXDenoiser(self.model, self.gen)
+        self.den.encode(np.asarray(ids).reshape(-1).tolist())
+
+    def decoder_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
+        cache = self.model.make_cache()
+        self.model.encode(mx.array(ids), cache)
+        return np.array(self.model.decode(mx.array(canvas), cache, None))
+
+    def reset_peak(self) -> None:
+        mx.clear_cache()
+        mx.reset_peak_memory()
+
+    def peak_gb(self) -> Optional[float]:
+        return mx.get_peak_memory() / 1e9
+
+
 # -- timing ----------------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def timed(fn: Callable[[], Any]) -> float:
     tic = time.perf_counter()
     fn()
     return time.perf_counter() - tic
@@ -207,7 +309,7 @@ def measure(runner, prompt: np.ndarray, steps: int, gen_tokens: int, iters: int,
     out: Dict[str, Any] = {}
     runner.reset_peak()
 
-    times = [_timed(lambda: runner.prefill(prompt)) for _ in range(warmup + iters)][warmup:]
+    times = [timed(lambda: runner.prefill(prompt)) for _ in range(warmup + iters)][warmup:]
     out["prefill_s"] = statistics.median(times)
     # The peak is read after each phase and the largest kept: a phase may reset it (our
     # MLXDenoiser does, when created).
@@ -239,12 +341,12 @@ def measure(runner, prompt: np.ndarray, steps: int, gen_tokens: int, iters: int,
         for n in range(steps, 0, -1):
             c = runner.step(c, n)
 
-    out["canvas_s"] = statistics.median(_timed(canvas_run) for _ in range(canvas_iters))
+    out["canvas_s"] = statistics.median(timed(canvas_run) for _ in range(canvas_iters))
     peaks.append(runner.peak_gb())
 
     if not skip_generate:
         res: Dict[str, Any] = {}
-        t = _timed(lambda: res.update(runner.generate(prompt, gen_tokens, steps)))
+        t = timed(lambda: res.update(runner.generate(prompt, gen_tokens, steps)))
         out["generate_s"] = t
         out["generate_tokens"] = res["tokens"]
         out["generate_tps"] = res["tokens"] / t
@@ -252,106 +354,6 @@ def measure(runner, prompt: np.ndarray, steps: int, gen_tokens: int, iters: int,
         peaks.append(runner.peak_gb())
     out["peak_gb"] = None if peaks[0] is None else max(peaks)
     return out
-
-
-# -- breakdown -------------------------------------------------------------------------
-
-
-def breakdown(model, prompt: np.ndarray, gen, iters: int = 3) -> Dict[str, Any]:
-    """Our per-step time split into its pieces, each timed alone with `mx.eval` barriers
-    at the benched shapes: per layer kind, attention (incl. its norms), dense MLP
-    (incl. norms), router + experts (incl. norms); then the final norm + LM head (with
-    soft-capping), self-conditioning (softmax of the previous logits, the product with
-    the embedding, its MLP) and the sampler (everything after the logits). Each piece
-    runs on the lanes the step runs on (lanes.py)."""
-    from .denoiser import MLXDenoiser
-    from .lanes import attention_inputs, join_lanes, on_lanes, run_layer, split_lanes
-
-    den = MLXDenoiser(model, gen)
-    den.encode(prompt.reshape(-1).tolist())
-    cache = den.cache
-    a = model.args
-    dec = model.model.decoder
-    C, H = a.canvas_length, a.hidden_size
-    h = mx.random.normal((1, C, H)).astype(model.dtype)
-    canvas = mx.random.randint(0, a.vocab_size, (1, C), dtype=mx.int32)
-    logits = model.decode(canvas, cache, None)
-    mx.eval(h, logits)
-
-    def t(fn):
-        mx.eval(fn())
-        return statistics.median(_timed(lambda: mx.eval(fn())) for _ in range(iters))
-
-    # Every piece runs on the lanes the step uses (lanes.py), as the step runs it.
-    lanes = model._lanes(C)
-    hs = split_lanes(h, lanes)
-
-    def per_lane(fn, *xs):
-        return lambda: on_lanes(lanes, fn, *([split_lanes(x, lanes) for x in xs] or [hs]))
-
-    pieces: Dict[str, float] = {}
-    counts = {"sliding_attention": 0, "full_attention": 0}
-    for kind in counts:
-        counts[kind] = a.layer_types.count(kind)
-    per_kind: Dict[str, Dict[str, float]] = {}
-    offset = cache.offset
-    for kind in counts:
-        if not counts[kind]:
-            continue
-        i = a.layer_types.index(kind)
-        layer, c = dec.layers[i], cache.layers[i]
-
-        def attention():
-            qs, k, v = attention_inputs(layer, hs, lanes, offset=offset, cache=c)
-            return on_lanes(
-                lanes, lambda q: layer.post_attention_layernorm(layer.self_attn.attend(q, k, v, None)), qs)
-
-        def moe(x):
-            idx, w = layer.router(x)
-            return layer.post_feedforward_layernorm_2(
-                layer.experts(layer.pre_feedforward_layernorm_2(x), idx, w))
-
-        per_kind[kind] = {
-            "attention": t(attention),
-            "dense_mlp": t(per_lane(
-                lambda x: layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(x))))),
-            "experts": t(per_lane(moe)),
-            "layer": t(lambda: run_layer(
-                layer, hs, lanes, offset=offset, layer_scalar=layer.layer_scalar, cache=c)),
-        }
-
-    def total(name):
-        return sum(per_kind[k][name] * counts[k] for k in per_kind)
-
-    pieces["attention"] = total("attention")
-    pieces["experts (router + experts)"] = total("experts")
-    pieces["dense MLP"] = total("dense_mlp")
-    pieces["layer rest (residuals, norms)"] = max(
-        0.0, total("layer") - pieces["attention"] - pieces["experts (router + experts)"] - pieces["dense MLP"])
-    pieces["LM head (norm, matmul, softcap)"] = t(
-        lambda: join_lanes(on_lanes(lanes, lambda x: model._logits(dec.norm(x)), hs)))
-    sc_logits = logits.astype(model.dtype)
-    pieces["self-conditioning (softmax, embedding matmul, MLP)"] = t(
-        per_lane(model._self_conditioned, h, sc_logits))
-    pieces["embedding lookup"] = t(per_lane(model._embed, canvas))
-
-    def sampler():
-        den._sc_logits, den._history = None, None
-        processed = logits / gen.temperature(gen.max_denoising_steps)
-        return den.sample(processed, canvas, 0, gen.max_denoising_steps)[0]
-
-    pieces["sampler (temperature, argmax, sample, entropy, accept, renoise, stop)"] = t(sampler)
-    # The whole step, the same way, for the sum check.
-    den._sc_logits = sc_logits
-    step = statistics.median(
-        _timed(lambda: den.step(canvas, 0, gen.max_denoising_steps)) for _ in range(iters))
-    return {
-        "pieces_s": pieces,
-        "per_layer_s": per_kind,
-        "layer_counts": counts,
-        "sum_s": sum(pieces.values()),
-        "step_s": step,
-    }
 
 
 # -- memory arithmetic -----------------------------------------------------------------
@@ -414,36 +416,7 @@ def memory_arithmetic(config: Dict[str, Any], recipe: str = "mixed-4", prompt: i
         "layer_activations_gb": layer_acts / 1e9,
         "prefill_transient_gb": prefill / 1e9,
         "total_gb": total / 1e9,
-        "target_gb": 17.0,
-        "met": total / 1e9 <= 17.0,
     }
-
-
-# -- report ----------------------------------------------------------------------------
-
-
-def _ratio(ours: Optional[float], theirs: Optional[float], higher_is_better=False) -> Optional[float]:
-    if not ours or not theirs:
-        return None
-    return ours / theirs if higher_is_better else theirs / ours
-
-
-def ratios(results: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Optional[float]]]:
-    """Our speed-up over each peer per metric (>1: ours is faster)."""
-    ours = results.get("ours")
-    out = {}
-    if not ours or "error" in ours:
-        return out
-    for name, r in results.items():
-        if name == "ours" or "error" in r:
-            continue
-        out[name] = {
-            "prefill": _ratio(ours.get("prefill_s"), r.get("prefill_s")),
-            "step": _ratio(ours.get("step_s"), r.get("step_s")),
-            "canvas": _ratio(ours.get("canvas_s"), r.get("canvas_s")),
-            "generate": _ratio(ours.get("generate_tps"), r.get("generate_tps"), True),
-        }
-    return out
 
 
 def _fmt(v, unit=""):
@@ -454,36 +427,83 @@ def _fmt(v, unit=""):
     return f"{v}{unit}"
 
 
-def print_report(report: Dict[str, Any], console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+# -- report ----------------------------------------------------------------------------
 
-    console = console or Console(width=max(Console().width, 120))
-    m, s = report["machine"], report["settings"]
+
+def new_report(args, model, config, description: str, gen: GenerationConfig, gen_tokens: int,
+               prompt_note: str) -> Dict[str, Any]:
+    """The report's machine, model and settings sections; `results` filled by `run_all`."""
+    C = model.canvas_length
+    return {
+        "machine": machine_info(),
+        "model": model_info(model, config, description),
+        "settings": {
+            "prompt_tokens": args.prompt_tokens, "steps": args.steps, "gen_tokens": gen_tokens,
+            "iters": args.iters, "warmup": args.warmup, "canvas_iters": args.canvas_iters,
+            "compile_decode": bool(getattr(model, "compile_decode", False)),
+            "lanes": {"step": len(model.lanes_for(C)), "prefill": len(model.lanes_for(args.prompt_tokens))},
+            "prompt": prompt_note,
+            "sampler": "reference: entropy-bound (bound %g), categorical at temperature 1 of the "
+            "processed logits, linear temperature %g..%g, full canvas, stable-and-confident "
+            "stop (stability %d, confidence %g) evaluated but never met by random weights"
+            % (gen.entropy_bound, gen.t_min, gen.t_max, gen.stability_threshold, gen.confidence_threshold),
+        },
+        "labels": {"ours": "mlx-diffgemma"},
+        "results": {},
+        "notes": [],
+    }
+
+
+def run_all(runners: Dict[str, Any], report: Dict[str, Any], prompt: np.ndarray, args, console) -> None:
+    """`measure` of each runner in turn into `report["results"]`; a runner that fails is
+    reported, not fatal."""
+    for name, runner in runners.items():
+        console.print(f"[dim]measuring {name} ...[/dim]")
+        try:
+            report["results"][name] = measure(
+                runner, prompt, args.steps, report["settings"]["gen_tokens"], args.iters,
+                args.warmup, args.canvas_iters, skip_generate=args.no_generate,
+            )
+        except Exception as e:
+            report["results"][name] = {"error": f"{type(e).__name__}: {e}"}
+        mx.clear_cache()
+
+
+def _header(report: Dict[str, Any], console) -> None:
+    m, s, mi = report["machine"], report["settings"], report["model"]
     console.print(
         f"[bold]machine[/bold] {m['cpu']} ({m['cores']} cores), MLX {m['mlx']} on {m['mlx_device']}, "
         f"BLAS: {m['blas']['name']} ({m['blas']['sgemm_gflops']} GFLOPS float32 matmul)"
     )
-    mi = report["model"]
     console.print(
         f"[bold]model[/bold] {mi['source']}: {mi['layers']} layers ({mi['layer_types']}), hidden "
         f"{mi['hidden']}, experts {mi['experts']}, vocab {mi['vocab']}, canvas {mi['canvas']}, "
         f"bits {mi['quantized_bits'] or 'float'}, {mi['dtype']}, weights {mi['weights_gb']} GB"
     )
     console.print(
-        f"[bold]settings[/bold] prompt {s['prompt_tokens']} tokens, {s['steps']} steps per canvas "
-        f"(fixed), generation {s['gen_tokens']} tokens, medians of {s['iters']} after {s['warmup']} warm-up"
-        + (f"; ours on {s['lanes']['step']} lanes per step, {s['lanes']['prefill']} in prefill"
-           if "lanes" in s else "")
+        f"[bold]settings[/bold] prompt {s['prompt_tokens']} tokens ({s['prompt']}), {s['steps']} "
+        f"steps per canvas (fixed), generation {s['gen_tokens']} tokens, medians of {s['iters']} "
+        f"after {s['warmup']} warm-up; ours on {s['lanes']['step']} lanes per step, "
+        f"{s['lanes']['prefill']} in prefill"
     )
-    results, rat = report["results"], report["ratios"]
-    names = [n for n in IMPLS if n in results]
-    table = Table(title="DiffusionGemma bench (seconds unless noted; 'ours x' = our speed-up, >1 = faster)")
+
+
+def print_report(report: Dict[str, Any], console, title: str = "mlx-diffgemma bench (seconds unless noted)",
+                 extra: Optional[Callable[[str, Optional[str]], List[str]]] = None,
+                 extra_columns: Sequence[str] = ()) -> None:
+    """The header lines and one column per runner in `report["results"]`; `extra(name,
+    metric)` adds the cells of `extra_columns` after each runner but the first."""
+    from rich.table import Table
+
+    _header(report, console)
+    s, mi, results = report["settings"], report["model"], report["results"]
+    names = list(results)
+    table = Table(title=title)
     table.add_column("metric")
-    for n in names:
+    for i, n in enumerate(names):
         table.add_column(report["labels"].get(n, n), justify="right")
-        if n != "ours":
-            table.add_column("ours x", justify="right")
+        for col in extra_columns if i and extra else ():
+            table.add_column(col, justify="right")
     rows = [
         (f"prefill {s['prompt_tokens']} tok (s)", "prefill_s", "prefill"),
         (f"denoising step, canvas {mi['canvas']} (s)", "step_s", "step"),
@@ -491,37 +511,26 @@ def print_report(report: Dict[str, Any], console=None) -> None:
         (f"generation {s['gen_tokens']} tok (tok/s)", "generate_tps", "generate"),
         ("peak memory (GB)", "peak_gb", None),
     ]
-    for label, key, rkey in rows:
+    for label, key, metric in rows:
         cells = [label]
-        for n in names:
-            r = results[n]
-            cells.append("error" if "error" in r else _fmt(r.get(key)))
-            if n != "ours":
-                v = rat.get(n, {}).get(rkey) if rkey else None
-                cells.append(f"{v:.2f}x" if v else "-")
+        for i, n in enumerate(names):
+            cells.append("error" if "error" in results[n] else _fmt(results[n].get(key)))
+            if i and extra:
+                cells += extra(n, metric)
         table.add_row(*cells)
     console.print(table)
     for n in names:
         if "error" in results[n]:
             console.print(f"[yellow]{n}: {results[n]['error']}[/yellow]")
-    if report.get("check"):
-        for n, c in report["check"].items():
-            console.print(
-                f"same checkpoint: {n} decoder logits vs ours max |diff| {c['max_abs_diff']:.2e}, "
-                f"argmax agreement {c['argmax_agreement']:.4f}"
-            )
     for note in report.get("notes", []):
         console.print(f"[dim]- {note}[/dim]")
-    bd = report.get("breakdown")
-    if bd:
-        t = Table(title=f"per-step breakdown (ours, pieces timed alone); measured step {bd['step_s']:.3f} s")
-        t.add_column("piece")
-        t.add_column("s / step", justify="right")
-        t.add_column("share", justify="right")
-        for k, v in bd["pieces_s"].items():
-            t.add_row(k, f"{v:.4f}", f"{100 * v / bd['sum_s']:.1f}%")
-        t.add_row("sum of pieces", f"{bd['sum_s']:.4f}", "100%")
-        console.print(t)
+
+
+def write_json(data: Dict[str, Any], path: Optional[str], console) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        console.print(f"wrote {path}")
 
 
 # -- CLI -------------------------------------------------------------------------------
@@ -544,9 +553,6 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        ("--hidden", "hidden"), ("--canvas", "canvas")):
         src.add_argument(flag, dest=dest, type=int, default=None, help=f"override the preset's {dest}")
     run = p.add_argument_group("run")
-    run.add_argument("--impl", default=None,
-                     help="comma-separated subset of ours,mlx-vlm,transformers (default: all "
-                     "available; transformers is left out for --config real)")
     run.add_argument("--prompt-tokens", type=int, default=512, help="prefill length N (default 512)")
     run.add_argument("--steps", type=int, default=8,
                      help="denoising steps per canvas, fixed (default 8; the release uses 48)")
@@ -556,18 +562,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     run.add_argument("--canvas-iters", type=int, default=1, help="timed full canvases (median)")
     run.add_argument("--no-generate", action="store_true", help="skip the end-to-end generation")
-    run.add_argument("--no-check", action="store_true",
-                     help="skip comparing the implementations' decoder logits")
-    run.add_argument("--breakdown", action="store_true", help="also time each piece of our step")
     run.add_argument("--compile-decode", action="store_true",
                      help="run our decoder step through mx.compile (off by default: it did not pay "
                      "on the CPU backend; see BENCHMARKS.md)")
     run.add_argument("--lanes", type=int, default=None,
                      help="split our forward's tokens into this many lanes on separate streams "
                      "(default: one per CPU core on the CPU backend, one on a GPU; see lanes.py)")
-    run.add_argument("--torch-threads", type=int, default=None,
-                     help="torch intra-op threads (default: OMP_NUM_THREADS, else 1)")
-    run.add_argument("--torch-device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--memory-arithmetic", action="store_true",
                      help="print the peak-memory arithmetic of the real 26B-A4B mixed 4-bit "
@@ -576,164 +576,41 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _impls(args, real: bool) -> List[str]:
-    if args.impl:
-        chosen = [x.strip() for x in args.impl.split(",") if x.strip()]
-        bad = [x for x in chosen if x not in IMPLS]
-        if bad:
-            raise ValueError(f"unknown implementation(s) {bad}; choose from {', '.join(IMPLS)}")
-        return chosen
-    return ["ours", "mlx-vlm"] if real else list(IMPLS)
-
-
-def main_bench(args) -> int:
-    from rich.console import Console
-
-    from .peers import bench_generation
-
-    console = Console(width=max(Console().width, 120))
-    if args.memory_arithmetic:
-        from .synthetic import hf_config, preset_args
-
-        mem = memory_arithmetic(hf_config(preset_args("real")))
-        console.print_json(data=mem)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"memory_arithmetic": mem}, f, indent=2)
-        return 0
-
-    if "transformers" in (args.impl or "transformers"):
-        try:
-            import torch
-
-            # One intra-op thread unless told otherwise: on the 2-core shared machine of
-            # BENCHMARKS.md, two threads made transformers' step 7x slower (OpenMP waits
-            # on a busy sibling core).
-            threads = args.torch_threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
-            torch.set_num_threads(threads)
-        except ImportError:
-            pass
-    machine = machine_info(args.torch_threads)
+def prepare(args, also_skip: Optional[Callable[[Dict[str, Any]], set]] = None) -> tuple:
+    """(model, config, generation config, prompt, report) for a bench run: the model
+    with `args`' decode switches, the random prompt (leaving out the special ids, and
+    `also_skip(config)`), the report's fixed sections."""
     model, config, description = build_model(args)
     if args.compile_decode:
         model.compile_decode = True
     if args.lanes is not None:
         model.lanes = args.lanes
-    C, V = model.canvas_length, model.vocab_size
-    gen_tokens = args.gen_tokens or 2 * C
+    gen_tokens = args.gen_tokens or 2 * model.canvas_length
     gen = bench_generation(args.steps, gen_tokens)
-    prompt = random_prompt(config, V, args.prompt_tokens, args.seed)
-    impls = _impls(args, real=model.args.hidden_size == 2816 and model.args.num_hidden_layers >= 30)
+    skip = special_ids(model, config, args.model) | (also_skip(config) if also_skip else set())
+    prompt = random_prompt(model.vocab_size, args.prompt_tokens, args.seed, skip)
+    note = f"random ids, {len(skip)} special ids left out"
+    report = new_report(args, model, config, description, gen, gen_tokens, note)
+    return model, config, gen, prompt, report
 
-    report: Dict[str, Any] = {
-        "machine": machine,
-        "model": model_info(model, config, description),
-        "settings": {
-            "prompt_tokens": args.prompt_tokens, "steps": args.steps, "gen_tokens": gen_tokens,
-            "iters": args.iters, "warmup": args.warmup, "canvas_iters": args.canvas_iters,
-            "compile_decode": bool(getattr(model, "compile_decode", False)),
-            "lanes": {"step": len(model._lanes(C)), "prefill": len(model._lanes(args.prompt_tokens))},
-            "sampler": "reference: entropy-bound (bound %g), categorical at temperature 1 of the "
-            "processed logits, linear temperature %g..%g, full canvas, stable-and-confident "
-            "stop (stability %d, confidence %g) evaluated but never met by random weights"
-            % (gen.entropy_bound, gen.t_min, gen.t_max, gen.stability_threshold, gen.confidence_threshold),
-        },
-        "labels": {"ours": "mlx-diffgemma", "mlx-vlm": "mlx-vlm", "transformers": "transformers"},
-        "results": {},
-        "notes": [],
-    }
-    runners = {}
-    for name in impls:
-        try:
-            runners[name] = _make_runner(name, model, config, gen, args, report)
-        except Exception as e:  # a peer that cannot run here is reported, not fatal
-            report["results"][name] = {"error": f"{type(e).__name__}: {e}"}
-    for name, runner in runners.items():
-        console.print(f"[dim]measuring {name} ...[/dim]")
-        try:
-            report["results"][name] = measure(
-                runner, prompt, args.steps, gen_tokens, args.iters, args.warmup,
-                args.canvas_iters, skip_generate=args.no_generate,
-            )
-        except Exception as e:
-            report["results"][name] = {"error": f"{type(e).__name__}: {e}"}
-        mx.clear_cache()
-    report["ratios"] = ratios(report["results"])
 
-    if not args.no_check and "ours" in runners and len(runners) > 1:
-        canvas = np.random.default_rng(args.seed + 1).integers(0, V, (1, C))
-        short = prompt[:, : min(prompt.shape[1], 64)]
-        ref = runners["ours"].decoder_logits(short, canvas)
-        report["check"] = {}
-        for name, runner in runners.items():
-            if name == "ours":
-                continue
-            try:
-                other = runner.decoder_logits(short, canvas)
-                report["check"][name] = {
-                    "max_abs_diff": float(np.abs(other - ref).max()),
-                    "argmax_agreement": float((other.argmax(-1) == ref.argmax(-1)).mean()),
-                }
-            except Exception as e:
-                report["notes"].append(f"logit check for {name} failed: {e}")
-    if args.breakdown:
-        report["breakdown"] = breakdown(model, prompt, gen, iters=args.iters)
+def print_memory_arithmetic(args, console) -> int:
+    from .synthetic import hf_config, preset_args
 
-    print_report(report, console)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        console.print(f"wrote {args.json}")
+    mem = memory_arithmetic(hf_config(preset_args("real")))
+    console.print_json(data=mem)
+    write_json({"memory_arithmetic": mem}, args.json, console)
     return 0
 
 
-def random_prompt(config: Dict[str, Any], vocab: int, n: int, seed: int) -> np.ndarray:
-    """[1, n] random token ids that are plain text for every implementation: no special
-    ids below 3 and no image/video placeholder ids (mlx-vlm replaces those with pad and
-    splices in vision features; its defaults are the released model's ids)."""
-    special = {255999, 258880, 258881, 258882}
-    for key in ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id"):
-        if isinstance(config.get(key), int):
-            special.add(config[key])
-    allowed = np.setdiff1d(np.arange(3, vocab), np.fromiter(special, dtype=np.int64))
-    return np.random.default_rng(seed).choice(allowed, size=(1, n))
+def main_bench(args) -> int:
+    from rich.console import Console
 
-
-def _make_runner(name: str, model, config, gen, args, report):
-    from . import peers
-
-    if name == "ours":
-        return peers.OursRunner(model, gen, seed=args.seed)
-    if name == "mlx-vlm":
-        import mlx_vlm
-
-        report["labels"]["mlx-vlm"] = f"mlx-vlm {mlx_vlm.__version__}"
-        report["notes"].append(
-            "mlx-vlm: step = the body of stream_diffusion_generate's loop for "
-            "diffusion_sampler='entropy-bound', temperature=1.0, diffusion_full_canvas=True, "
-            "with its own functions (decoder logits, schedule, argmax, categorical, entropy, "
-            "self-conditioning input, acceptance, renoise, stable-and-confident check); "
-            "generation = stream_diffusion_generate itself with those settings (its loop skips "
-            "the sampler at the last step of a canvas)"
-        )
-        vm = peers.build_mlx_vlm_model(model, config, gen)
-        return peers.MLXVLMRunner(vm, gen, seed=args.seed)
-    if name == "transformers":
-        import torch
-        import transformers
-
-        need = peers.torch_float_bytes(model)
-        if need > 8e9 and not os.environ.get("BENCH_FORCE_TORCH"):
-            raise RuntimeError(
-                f"transformers needs the float32 weights ({need / 1e9:.0f} GB) in memory; "
-                "skipped (set BENCH_FORCE_TORCH=1 to try)"
-            )
-        device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
-        report["labels"]["transformers"] = f"transformers {transformers.__version__} ({device})"
-        report["notes"].append(
-            f"transformers: float32 weights (the quantized ones dequantized), "
-            f"{torch.get_num_threads()} torch thread(s); step = TorchDenoiser.step "
-            "(transformers' network + the reference sampler, as its generate() does it)"
-        )
-        return peers.TorchRunner(peers.build_torch_model(model, config, device), gen, seed=args.seed)
-    raise ValueError(name)
+    console = Console(width=max(Console().width, 120))
+    if args.memory_arithmetic:
+        return print_memory_arithmetic(args, console)
+    model, _, gen, prompt, report = prepare(args)
+    run_all({"ours": OursRunner(model, gen, seed=args.seed)}, report, prompt, args, console)
+    print_report(report, console)
+    write_json(report, args.json, console)
+    return 0

@@ -41,7 +41,6 @@ class LayerCache:
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0  # tokens encoded so far
-        self.start = 0  # absolute position of the first retained token
         self._len = 0  # valid entries in the buffer
 
     @property
@@ -65,7 +64,6 @@ class LayerCache:
             drop = max(0, k.shape[2] - self.keep)
             self.keys, self.values = k[:, :, drop:], v[:, :, drop:]
             self._len = self.keys.shape[2]
-            self.start = self.offset - self._len
             return k, v
 
         needed = self._len + n
@@ -117,7 +115,6 @@ class LayerCache:
         else:
             self._len = new_offset
         self.offset = new_offset
-        self.start = self.offset - self._len
 
     def state(self):
         if self.keys is None:
@@ -128,7 +125,6 @@ class LayerCache:
     def set_state(self, keys, values, offset) -> None:
         self.keys, self.values, self.offset = keys, values, offset
         self._len = 0 if keys is None else keys.shape[2]
-        self.start = offset - self._len
 
 
 class EncoderCache:
@@ -158,12 +154,6 @@ class EncoderCache:
         for c in self.layers:
             c.trim(n)
         return n
-
-    def trim_to(self, length: int) -> None:
-        """Trims back to the first `length` encoded tokens."""
-        if length > self.offset:
-            raise ValueError(f"cannot trim to {length} tokens: only {self.offset} are encoded")
-        self.trim(self.offset - length)
 
     def can_trim(self, n: int) -> bool:
         if n > self.offset:

@@ -354,12 +354,12 @@ def forward_positions(model, ids: mx.array, idx: mx.array, length: int, cache,
     writes their own; the others keep what an earlier step wrote. Returns float32
     logits [1, A, V]. With every position computed it is the full decoder's forward."""
     dec = model.model.decoder
-    h = model._embed(ids)
+    h = model.embed(ids)
     if sc_sparse is not None:
         soft = sparse_soft_embedding(dec.embed_tokens, sc_sparse[0], sc_sparse[1], model.embed_scale)
         h = dec.self_conditioning(h, soft)
     else:
-        h = model._self_conditioned(h, sc_logits)
+        h = model.self_conditioned(h, sc_logits)
     offset = cache.offset
     for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
         attn = layer.self_attn
@@ -375,7 +375,7 @@ def forward_positions(model, ids: mx.array, idx: mx.array, length: int, cache,
         kv[i] = (kb, vb)
         keys, values = attn.keys_values(kb, vb, cache=c)
         h = layer.finish(h, q, keys, values, None, layer.layer_scalar)
-    return model._logits(dec.norm(h))
+    return model.head(h)
 
 
 def work_per_token(work: Work, tokens: int, layers: int, vocab: int) -> Dict[str, float]:

@@ -214,15 +214,24 @@ class DecoderLayer(nn.Module):
     def finish(self, x, q, k, v, mask, layer_scalar) -> mx.array:
         """The layer after its keys and values are known: attention of the queries `q` of
         the tokens `x`, then the dense and routed feed-forward, all per token."""
-        h = self.self_attn.attend(q, k, v, mask)
-        r = x + self.post_attention_layernorm(h)
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        r = x + self.attention(q, k, v, mask)
+        out = r + self.post_feedforward_layernorm(self.dense(r) + self.moe(r))
+        return out * layer_scalar.astype(out.dtype)
+
+    def attention(self, q, k, v, mask) -> mx.array:
+        """Attention of the queries `q` over `k`, `v`, with its output norm."""
+        return self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask))
+
+    def dense(self, r: mx.array) -> mx.array:
+        """The dense feed-forward branch of the residual `r`, with its norms."""
+        return self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+
+    def moe(self, r: mx.array) -> mx.array:
+        """The routed branch of the residual `r`: router, experts and their norms."""
         # The router reads the residual un-normalised; the experts read it normalised.
         indices, weights = self.router(r)
-        moe = self.experts(self.pre_feedforward_layernorm_2(r), indices, weights)
-        moe = self.post_feedforward_layernorm_2(moe)
-        out = r + self.post_feedforward_layernorm(dense + moe)
-        return out * layer_scalar.astype(out.dtype)
+        out = self.experts(self.pre_feedforward_layernorm_2(r), indices, weights)
+        return self.post_feedforward_layernorm_2(out)
 
 
 class SelfConditioning(nn.Module):
@@ -369,7 +378,7 @@ class Model(nn.Module):
         sc = self_conditioning_logits
         inputs = ([] if sc is None else [sc]) + context
         # The lanes are part of the key: a compiled trace bakes in their streams.
-        n_lanes = len(self._lanes(canvas_ids.shape[1]))
+        n_lanes = len(self.lanes_for(canvas_ids.shape[1]))
         key = (sc is not None, present, n_lanes)
         if not self.compile_decode:
             logits = self._decode(key, canvas_ids, cache.offset, *inputs)
@@ -401,7 +410,8 @@ class Model(nn.Module):
     # on the CPU backend, one on a GPU.
     lanes: Optional[int] = None
 
-    def _lanes(self, tokens: int) -> List[Lane]:
+    def lanes_for(self, tokens: int) -> List[Lane]:
+        """The lanes a forward over `tokens` tokens runs on (lanes.py)."""
         return make_lanes(tokens, self.lanes)
 
     def _decode(self, key, canvas_ids, offset, *inputs):
@@ -412,7 +422,7 @@ class Model(nn.Module):
         sc = inputs[0] if has_sc else None
         hs = on_lanes(
             lanes,
-            lambda ids, sc: self._self_conditioned(self._embed(ids), sc),
+            lambda ids, sc: self.self_conditioned(self.embed(ids), sc),
             split_lanes(canvas_ids, lanes),
             split_lanes(sc, lanes),
         )
@@ -420,16 +430,17 @@ class Model(nn.Module):
         for layer, p in zip(dec.layers, present):
             kv = (next(it), next(it)) if p else None
             hs = run_layer(layer, hs, lanes, offset=offset, layer_scalar=layer.layer_scalar, context=kv)
-        return join_lanes(on_lanes(lanes, lambda h: self._logits(dec.norm(h)), hs))
+        return join_lanes(on_lanes(lanes, self.head, hs))
 
-    # -- internals -------------------------------------------------------------------
+    # -- the decoder's pieces (each as the forward runs it) ------------------------------
 
-    def _embed(self, ids: mx.array) -> mx.array:
+    def embed(self, ids: mx.array) -> mx.array:
+        """The scaled token embeddings of `ids`."""
         h = self.model.decoder.embed_tokens(ids)
         # The reference multiplies by sqrt(hidden) cast to the weight dtype.
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
-    def _self_conditioned(self, h: mx.array, sc_logits: Optional[mx.array]) -> mx.array:
+    def self_conditioned(self, h: mx.array, sc_logits: Optional[mx.array]) -> mx.array:
         """The decoder's input: embeddings `h` with the self-conditioning signal of the
         previous step's logits (softmax, then the product with the embedding table)."""
         dec = self.model.decoder
@@ -439,6 +450,12 @@ class Model(nn.Module):
             soft = embedding_matmul(dec.embed_tokens, probs.astype(h.dtype))
             soft = soft * mx.array(self.embed_scale, dtype=h.dtype)
         return dec.self_conditioning(h, soft)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm, LM head and soft-capping: float32 logits of the hidden states `h`."""
+        return self._logits(self.model.decoder.norm(h))
+
+    # -- internals -------------------------------------------------------------------
 
     def _logits(self, h: mx.array) -> mx.array:
         logits = self.model.decoder.embed_tokens.as_linear(h).astype(mx.float32)
@@ -451,8 +468,8 @@ class Model(nn.Module):
         dec = self.model.decoder
         offset = cache.offset
         L = ids.shape[1]
-        lanes = self._lanes(L)
-        hs = on_lanes(lanes, self._embed, split_lanes(ids, lanes))
+        lanes = self.lanes_for(L)
+        hs = on_lanes(lanes, self.embed, split_lanes(ids, lanes))
         masks: Dict[str, List[Any]] = {}
         for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
             kind = self.args.layer_types[i]

@@ -82,7 +82,7 @@ def preset_args(name: str = "small", **overrides) -> ModelArgs:
 
 def hf_config(args: ModelArgs) -> Dict[str, Any]:
     """A Hugging Face style config.json dict for `args` (what `ModelArgs.from_dict` and the
-    peers' config classes read)."""
+    Hugging Face config classes read)."""
     text = {
         "model_type": "diffusion_gemma_text",
         "hidden_size": args.hidden_size,
@@ -217,34 +217,12 @@ def _logical_shape(packed_shape, bits: int):
 
 
 def quantization_of(model: nn.Module) -> Dict[str, Dict[str, int]]:
-    """module path -> {"bits", "group_size"} for every quantized module of `model` (to
-    quantize a peer's copy of the same checkpoint identically)."""
+    """module path -> {"bits", "group_size"} for every quantized module of `model`
+    (what another copy of the same checkpoint needs to be quantized identically)."""
     out = {}
     for path, m in model.named_modules():
         if hasattr(m, "bits") and hasattr(m, "group_size") and hasattr(m, "scales"):
             out[path] = {"bits": m.bits, "group_size": m.group_size}
-    return out
-
-
-def dequantized_weights(model: nn.Module, dtype=mx.float32) -> Dict[str, mx.array]:
-    """The model's parameters with every quantized matrix dequantized (name without the
-    `.scales`/`.biases` siblings): the float checkpoint the quantized one stands for, for
-    the torch path. Only for small shapes: this materialises float weights."""
-    q = quantization_of(model)
-    params = dict(tree_flatten(model.parameters()))
-    out = {}
-    for key, v in params.items():
-        path, name = key.rsplit(".", 1)
-        if path in q:
-            if name != "weight":
-                continue
-            w = mx.dequantize(
-                v, params[f"{path}.scales"], params[f"{path}.biases"],
-                group_size=q[path]["group_size"], bits=q[path]["bits"],
-            )
-            out[key] = w.astype(dtype)
-        else:
-            out[key] = v.astype(dtype)
     return out
 
 

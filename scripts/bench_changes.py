@@ -36,7 +36,7 @@ import mlx_diffgemma.model as M  # noqa: E402
 import mlx_diffgemma.sampler as S  # noqa: E402
 from mlx_diffgemma.denoiser import MLXDenoiser  # noqa: E402
 from mlx_diffgemma.drafter import Draft  # noqa: E402
-from mlx_diffgemma.peers import bench_generation  # noqa: E402
+from mlx_diffgemma.bench import bench_generation  # noqa: E402
 from mlx_diffgemma.synthetic import preset_args, synthetic_model  # noqa: E402
 
 

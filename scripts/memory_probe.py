@@ -30,7 +30,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_diffgemma.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.peers import bench_generation  # noqa: E402
+from mlx_diffgemma.bench import bench_generation  # noqa: E402
 from mlx_diffgemma.synthetic import preset_args, synthetic_model, weight_bytes  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main():
     weights = weight_bytes(model)
     unit = C * V * 4
     print(f"weights {weights / 1e9:.2f} GB; unit [canvas x vocab] float32 = {unit / 1e9:.3f} GB; "
-          f"{len(model._lanes(C))} lane(s) per step")
+          f"{len(model.lanes_for(C))} lane(s) per step")
 
     gen = bench_generation(8, C)
     den = MLXDenoiser(model, gen)

@@ -1,14 +1,20 @@
-"""The bench on a tiny synthetic checkpoint: it runs end to end for every implementation
-and reports what BENCHMARKS.md relies on. No timing assertions (shared CI machines)."""
+"""The bench on a tiny synthetic checkpoint: `mlx-diffgemma bench` and the side-by-side
+`scripts/bench.py` run end to end for every implementation and report what
+BENCHMARKS.md relies on. No timing assertions (shared CI machines)."""
 
 import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffgemma.cli import main
+from mlx_diffgemma.cli import main as cli_main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import main  # noqa: E402  (scripts/bench.py)
 
 HAVE_VLM = importlib.util.find_spec("mlx_vlm") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
@@ -19,7 +25,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     impls = ["ours"] + (["mlx-vlm"] if HAVE_VLM else []) + (["transformers"] if HAVE_TORCH else [])
     rc = main([
-        "bench", "--config", "tiny", "--impl", ",".join(impls), "--steps", "2",
+        "--config", "tiny", "--impl", ",".join(impls), "--steps", "2",
         "--iters", "1", "--warmup", "0", "--prompt-tokens", "40", "--gen-tokens", "64",
         "--breakdown", "--json", str(out),
     ])
@@ -45,6 +51,20 @@ def test_json_fields(report):
     for name in impls[1:]:
         assert set(rep["ratios"][name]) == {"prefill", "step", "canvas", "generate"}
         assert all(v > 0 for v in rep["ratios"][name].values())
+
+
+def test_cli_bench_runs_ours(tmp_path):
+    out = tmp_path / "ours.json"
+    rc = cli_main([
+        "bench", "--config", "tiny", "--steps", "2", "--iters", "1", "--warmup", "0",
+        "--prompt-tokens", "40", "--gen-tokens", "64", "--json", str(out),
+    ])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert list(rep["results"]) == ["ours"]
+    r = rep["results"]["ours"]
+    assert r["generate_tokens"] == 64 and r["step_s"] > 0 and r["peak_gb"] > 0
+    assert "target_gb" not in json.dumps(rep)
 
 
 def test_peers_run_the_same_checkpoint(report):
@@ -78,7 +98,7 @@ def test_compiled_decoder_matches_eager(lanes, monkeypatch):
     args = preset_args("tiny")
     model = synthetic_model(args, seed=3)
     model.lanes = lanes
-    assert len(model._lanes(args.canvas_length)) == lanes
+    assert len(model.lanes_for(args.canvas_length)) == lanes
     V, C = args.vocab_size, args.canvas_length
     rng = np.random.default_rng(0)
     cache = model.make_cache()
@@ -111,7 +131,7 @@ def test_lanes_keep_the_step_peak_of_one_lane(monkeypatch):
     the sampler the concurrent lanes kept one more [canvas x vocab] array alive."""
     import mlx_diffgemma.lanes as lanes_mod
     from mlx_diffgemma.denoiser import MLXDenoiser
-    from mlx_diffgemma.peers import bench_generation
+    from mlx_diffgemma.bench import bench_generation
     from mlx_diffgemma.synthetic import preset_args, synthetic_model
 
     monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 16)
@@ -121,7 +141,7 @@ def test_lanes_keep_the_step_peak_of_one_lane(monkeypatch):
     peaks = {}
     for lanes in (1, 2):
         model.lanes = lanes
-        assert len(model._lanes(args.canvas_length)) == lanes
+        assert len(model.lanes_for(args.canvas_length)) == lanes
         den = MLXDenoiser(model, bench_generation(8, args.canvas_length))
         den.encode(list(range(3, 40)))
         canvas = den.start_canvas(0)

@@ -140,7 +140,7 @@ def test_whole_runs_on_lanes_match_the_reference(seed, prompt_len, canvases, kw,
     monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 8)
     monkeypatch.setattr(model, "lanes", 2)
     C, V = model.canvas_length, model.vocab_size
-    assert len(model._lanes(C)) == 2
+    assert len(model.lanes_for(C)) == 2
     prompt = _prompt(V, prompt_len, 100 + seed)
     kw = dict(kw, max_new_tokens=canvases * C, eos_token_id=None)
     noise = md.SeededNoise(seed)

@@ -194,7 +194,7 @@ def test_lanes_are_bit_identical_and_match_transformers(ckpt_factory):
     for n in (1, 2, 3):
         model.lanes = n
         try:
-            lanes = model._lanes(C)
+            lanes = model.lanes_for(C)
             assert len(lanes) == n and len({id(s) for _, _, s in lanes}) == n
             cache = model.make_cache()
             model.encode(mx.array(prompt), cache)

@@ -1,26 +1,14 @@
-"""The implementations the bench runs side by side on one checkpoint.
+"""The peers `scripts/bench.py` runs beside our implementation on one checkpoint, each
+a runner with the operations of `mlx_diffgemma.bench.DenoiserRunner` (so `measure`
+times all of them the same way) plus `decoder_logits` for the same-function check.
 
-Each runner exposes the same few operations, each synchronous (it returns when the
-work is done), so one timing loop serves all three:
-
-* `prefill(ids)`: a fresh cache, the encoder over `ids`;
-* `set_context(ids)`: encode `ids` once as the context later steps read;
-* `start()` / `step(state, n)`: a fresh random canvas / one denoising step (decoder
-  forward + the reference sampler) at the schedule's step `n` (N..1);
-* `generate(ids, max_new_tokens, steps)`: the implementation's own generation loop,
-  returning how many tokens it produced;
-* `reset_peak()` / `peak_gb()`.
-
-Runners:
-
-* `OursRunner`: `MLXDenoiser` and `stream_generate` (this package).
 * `MLXVLMRunner`: mlx-vlm 0.7.10's `diffusion_gemma` model built from the same arrays
   (shared, not copied). Its `stream_diffusion_generate` does run the reference
   algorithm when asked: `diffusion_sampler="entropy-bound"`, `temperature=1.0` (the
   categorical draw from softmax(processed logits)), `diffusion_full_canvas=True`, the
   linear temperature schedule and stable-and-confident stop from the generation
   config. Its step is not a public function, so `step` runs the body of that loop for
-  the entropy-bound sampler with mlx-vlm's own functions, in its order (see
+  the entropy-bound sampler with mlx-vlm's own (private) functions, in its order (see
   `MLXVLMRunner.step`); `generate` calls `stream_diffusion_generate` itself.
 * `TorchRunner`: transformers' `DiffusionGemmaForBlockDiffusion` in float32 with the
   checkpoint's weights dequantized, driven by our `TorchDenoiser` (whose `step` is
@@ -36,106 +24,44 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import GenerationConfig
-from .denoiser import MLXDenoiser
-from .generation import stream_generate
-from .drafter import run_to_summary
-
-
-def bench_generation(steps: int, max_new_tokens: int, **overrides) -> GenerationConfig:
-    """The released sampling values at a fixed step count, EOS off (random weights would
-    end a run at a random point), stopping rule kept (it is part of the per-step work;
-    random weights never meet it, and the bench reports steps per canvas to show it)."""
-    kw = dict(max_denoising_steps=steps, max_new_tokens=max_new_tokens, eos_token_id=None)
-    kw.update(overrides)
-    return GenerationConfig.from_model_dir(None, **kw)
-
-
-class _DrafterRunner:
-    """What our two backends share: a denoiser stepped like the drafter steps it, and
-    generation through the backend's own `stream_generate`."""
-
-    den = None
-
-    def _stream(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def _sync(self) -> None:
-        pass
-
-    def start(self):
-        return self.den.start_canvas(0)
-
-    def step(self, canvas, n: int):
-        canvas, argmax, accepted, _ = self.den.step(canvas, 0, n)
-        # What the drafter does with every step: the argmax row for the Draft event.
-        self.den.to_list(argmax), self.den.to_list(accepted)
-        return canvas
-
-    def generate(self, ids: np.ndarray, max_new_tokens: int, steps: int) -> Dict[str, Any]:
-        gen = self.gen
-        summary = run_to_summary(self._stream(
-            self.model, None, np.asarray(ids).reshape(-1).tolist(), seed=self.seed,
-            max_new_tokens=max_new_tokens, max_denoising_steps=steps, eos_token_id=None,
-            entropy_bound=gen.entropy_bound, t_min=gen.t_min, t_max=gen.t_max,
-            stability_threshold=gen.stability_threshold,
-            confidence_threshold=gen.confidence_threshold,
-        ))
-        self._sync()
-        return {"tokens": len(summary.tokens), "steps_per_canvas": summary.steps_per_canvas}
-
-
-# -- ours ----------------------------------------------------------------------------
-
-
-class OursRunner(_DrafterRunner):
-    name = "mlx-diffgemma"
-
-    def __init__(self, model, gen: GenerationConfig, seed: int = 0):
-        self.model = model
-        self.gen = gen
-        self.seed = seed
-        self.den: Optional[MLXDenoiser] = None
-
-    def prefill(self, ids: np.ndarray) -> None:
-        cache = self.model.make_cache()
-        self.model.encode(mx.array(ids), cache)  # evaluates the cache
-
-    def set_context(self, ids: np.ndarray) -> None:
-        mx.random.seed(self.seed)
-        self.den = MLXDenoiser(self.model, self.gen)
-        self.den.encode(np.asarray(ids).reshape(-1).tolist())
-
-    def _stream(self, *args, **kwargs):
-        return stream_generate(*args, **kwargs)
-
-    def decoder_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
-        cache = self.model.make_cache()
-        self.model.encode(mx.array(ids), cache)
-        return np.array(self.model.decode(mx.array(canvas), cache, None))
-
-    def reset_peak(self) -> None:
-        mx.clear_cache()
-        mx.reset_peak_memory()
-
-    def peak_gb(self) -> Optional[float]:
-        return mx.get_peak_memory() / 1e9
+from mlx_diffgemma.bench import DenoiserRunner
+from mlx_diffgemma.config import GenerationConfig
+from mlx_diffgemma.synthetic import quantization_of
 
 
 # -- mlx-vlm -------------------------------------------------------------------------
 
 
-def build_mlx_vlm_model(model, config: Dict[str, Any], gen: GenerationConfig):
-    """mlx-vlm's diffusion_gemma `Model` for `config` (an HF config.json dict), quantized
-    module by module as `model` is and holding `model`'s arrays (no copy)."""
-    from mlx_vlm.models.diffusion_gemma import Model as VLMModel, ModelConfig
-
-    from .synthetic import quantization_of
+def mlx_vlm_config(config: Dict[str, Any], gen: Optional[GenerationConfig] = None):
+    """mlx-vlm's ModelConfig for `config` (an HF config.json dict), text only."""
+    from mlx_vlm.models.diffusion_gemma import ModelConfig
 
     cfg = dict(config)
     cfg.pop("vision_config", None)  # text only, as ours
-    cfg["generation_config"] = mlx_vlm_generation_config(gen)
-    vm = VLMModel(ModelConfig.from_dict(cfg))
+    if gen is not None:
+        cfg["generation_config"] = mlx_vlm_generation_config(gen)
+    return ModelConfig.from_dict(cfg)
+
+
+def mlx_vlm_special_ids(config: Dict[str, Any]) -> set:
+    """The token ids mlx-vlm's config gives a meaning (its image/video placeholders, which
+    it replaces before the network sees them, and pad/BOS/EOS): a fair prompt avoids them."""
+    cfg = mlx_vlm_config(config)
+    ids = set()
+    for section in (cfg, getattr(cfg, "text_config", None)):
+        fields = section if isinstance(section, dict) else getattr(section, "__dict__", {})
+        for k, v in fields.items():
+            if k.endswith("_token_id"):
+                ids |= set(v) if isinstance(v, list) else {v}
+    return {i for i in ids if isinstance(i, int)}
+
+
+def build_mlx_vlm_model(model, config: Dict[str, Any], gen: GenerationConfig):
+    """mlx-vlm's diffusion_gemma `Model` for `config` (an HF config.json dict), quantized
+    module by module as `model` is and holding `model`'s arrays (no copy)."""
+    from mlx_vlm.models.diffusion_gemma import Model as VLMModel
+
+    vm = VLMModel(mlx_vlm_config(config, gen))
     q = quantization_of(model)
     if q:
         nn.quantize(vm, class_predicate=lambda path, m: q.get(path, False))
@@ -307,8 +233,6 @@ _TINY_VISION = dict(
 
 def torch_float_bytes(model) -> int:
     """float32 bytes transformers would need for `model`'s weights."""
-    from .synthetic import quantization_of
-
     q = quantization_of(model)
     n = 0
     for key, v in tree_flatten(model.parameters()):
@@ -321,6 +245,28 @@ def torch_float_bytes(model) -> int:
     return 4 * n
 
 
+def dequantized_weights(model: nn.Module, dtype=mx.float32) -> Dict[str, mx.array]:
+    """The model's parameters with every quantized matrix dequantized (name without the
+    `.scales`/`.biases` siblings): the float checkpoint the quantized one stands for, for
+    the torch path. Only for small shapes: this materialises float weights."""
+    q = quantization_of(model)
+    params = dict(tree_flatten(model.parameters()))
+    out = {}
+    for key, v in params.items():
+        path, name = key.rsplit(".", 1)
+        if path in q:
+            if name != "weight":
+                continue
+            w = mx.dequantize(
+                v, params[f"{path}.scales"], params[f"{path}.biases"],
+                group_size=q[path]["group_size"], bits=q[path]["bits"],
+            )
+            out[key] = w.astype(dtype)
+        else:
+            out[key] = v.astype(dtype)
+    return out
+
+
 def build_torch_model(model, config: Dict[str, Any], device: str = "cpu"):
     """transformers' DiffusionGemmaForBlockDiffusion in float32 holding `model`'s weights
     (quantized ones dequantized): the float checkpoint the quantized one stands for."""
@@ -328,8 +274,6 @@ def build_torch_model(model, config: Dict[str, Any], device: str = "cpu"):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.initialization import no_init_weights
     from transformers.utils import logging as hf_logging
-
-    from .synthetic import dequantized_weights
 
     hf_logging.set_verbosity_error()
     text = dict(config["text_config"])
@@ -363,13 +307,13 @@ def build_torch_model(model, config: Dict[str, Any], device: str = "cpu"):
     return tm
 
 
-class TorchRunner(_DrafterRunner):
+class TorchRunner(DenoiserRunner):
     name = "transformers (torch)"
 
     def __init__(self, tmodel, gen: GenerationConfig, seed: int = 0):
         import torch
 
-        from .torch_backend.drafter import TorchDenoiser
+        from mlx_diffgemma.torch_backend.drafter import TorchDenoiser
 
         self.torch = torch
         self.TorchDenoiser = TorchDenoiser
@@ -378,23 +322,24 @@ class TorchRunner(_DrafterRunner):
         self.seed = seed
         self.device = next(tmodel.parameters()).device
 
-    def _sync(self):
+    def sync(self):
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
 
     def prefill(self, ids: np.ndarray) -> None:
         den = self.TorchDenoiser(self.model, self.gen)
         den.encode(np.asarray(ids).reshape(-1).tolist())
-        self._sync()
+        self.sync()
 
     def set_context(self, ids: np.ndarray) -> None:
         g = self.torch.Generator(device=self.device).manual_seed(self.seed)
         self.den = self.TorchDenoiser(self.model, self.gen, generator=g)
         self.den.encode(np.asarray(ids).reshape(-1).tolist())
-        self._sync()
+        self.sync()
 
-    def _stream(self, *args, **kwargs):
-        from .torch_backend.drafter import stream_generate as torch_stream
+    @staticmethod
+    def stream(*args, **kwargs):
+        from mlx_diffgemma.torch_backend.drafter import stream_generate as torch_stream
 
         return torch_stream(*args, **kwargs)
 
