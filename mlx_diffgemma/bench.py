@@ -31,6 +31,7 @@ the per-piece breakdown of a step, are `scripts/bench.py` (BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -43,7 +44,7 @@ import numpy as np
 
 from .config import GenerationConfig
 from .denoiser import MLXDenoiser
-from .generation import stream_generate
+from .generation import make_denoiser, stream_generate
 from .drafter import run_to_summary
 
 
@@ -266,10 +267,11 @@ class OursRunner(DenoiserRunner):
 
     stream = staticmethod(stream_generate)
 
-    def __init__(self, model, gen: GenerationConfig, seed: int = 0):
+    def __init__(self, model, gen: GenerationConfig, seed: int = 0, mode: str = "reference"):
         self.model = model
         self.gen = gen
         self.seed = seed
+        self.mode = mode
         self.den: Optional[MLXDenoiser] = None
 
     def prefill(self, ids: np.ndarray) -> None:
@@ -278,8 +280,12 @@ class OursRunner(DenoiserRunner):
 
     def set_context(self, ids: np.ndarray) -> None:
         mx.random.seed(self.seed)
-        self.den = MLXDenoiser(self.model, self.gen)
+        self.den = make_denoiser(self.model, self.gen, mode=self.mode)
         self.den.encode(np.asarray(ids).reshape(-1).tolist())
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, steps: int) -> Dict[str, Any]:
+        self.stream = functools.partial(stream_generate, mode=self.mode)
+        return super().generate(ids, max_new_tokens, steps)
 
     def decoder_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
         cache = self.model.make_cache()
@@ -569,6 +575,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="split our forward's tokens into this many lanes on separate streams "
                      "(default: one per CPU core on the CPU backend, one on a GPU; see lanes.py)")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--mode", default="reference", choices=["reference", "fast"],
+                     help="the denoiser: reference (default) or fast mode's (fast.py)")
+    run.add_argument("--active-sizes", default=None, metavar="N,N,..",
+                     help="also time one fast-mode step per number of computed positions "
+                     "(e.g. 16,32,64,128,256): the decoder on those positions with the other "
+                     "positions' keys and values stale, the LM head and the top-K sampler")
     run.add_argument("--memory-arithmetic", action="store_true",
                      help="print the peak-memory arithmetic of the real 26B-A4B mixed 4-bit "
                      "model (4K prompt, 256 new tokens) and exit")
@@ -594,6 +606,44 @@ def prepare(args, also_skip: Optional[Callable[[Dict[str, Any]], set]] = None) -
     return model, config, gen, prompt, report
 
 
+def active_step_times(model, prompt: np.ndarray, sizes: Sequence[int], iters: int) -> Dict[str, float]:
+    """Median seconds of one fast-mode step computing `n` canvas positions, per `n`: the
+    decoder on those positions (the others' keys and values from a full first pass),
+    the LM head and the top-K sampler's pieces."""
+    from .fast import forward_positions
+
+    C, V = model.canvas_length, model.vocab_size
+    cache = model.make_cache()
+    model.encode(mx.array(prompt), cache)
+    canvas = mx.random.randint(0, V, (1, C), dtype=mx.int32)
+    kv = [None] * len(model.layers)
+    mx.eval(forward_positions(model, canvas, mx.arange(C), C, cache, kv), kv)
+    out = {}
+    for n in sorted(set(min(max(n, 1), C) for n in sizes)):
+        idx = mx.arange(n)
+
+        def step():
+            logits = forward_positions(model, canvas[:, idx], idx, C, cache, list(kv))
+            top = mx.argpartition(-logits, kth=63, axis=-1)[..., :64] if V > 64 else logits
+            mx.eval(logits, top)
+
+        step()
+        out[str(n)] = statistics.median(timed(step) for _ in range(max(iters, 1)))
+    return out
+
+
+def print_active_steps(times: Dict[str, float], console) -> None:
+    from rich.table import Table
+
+    full = times.get(max(times, key=int))
+    t = Table(title="fast-mode step by computed positions")
+    for col in ("positions", "seconds", "vs the largest"):
+        t.add_column(col, justify="right")
+    for n, sec in times.items():
+        t.add_row(n, f"{sec:.4f}", f"{sec / full:.2f}")
+    console.print(t)
+
+
 def print_memory_arithmetic(args, console) -> int:
     from .synthetic import hf_config, preset_args
 
@@ -610,7 +660,12 @@ def main_bench(args) -> int:
     if args.memory_arithmetic:
         return print_memory_arithmetic(args, console)
     model, _, gen, prompt, report = prepare(args)
-    run_all({"ours": OursRunner(model, gen, seed=args.seed)}, report, prompt, args, console)
+    report["settings"]["mode"] = args.mode
+    run_all({"ours": OursRunner(model, gen, seed=args.seed, mode=args.mode)}, report, prompt, args, console)
     print_report(report, console)
+    if args.active_sizes:
+        sizes = [int(x) for x in args.active_sizes.split(",") if x.strip()]
+        report["active_step_s"] = active_step_times(model, prompt, sizes, args.iters)
+        print_active_steps(report["active_step_s"], console)
     write_json(report, args.json, console)
     return 0

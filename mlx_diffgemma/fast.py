@@ -59,7 +59,8 @@ class FastOptions:
     sc_top_k: int = 64
     skip_after_eos: bool = True
     repair: bool = False
-    buckets: Tuple[int, ...] = (16, 32, 64, 128, 256)
+    renoise: bool = True  # False: open positions carry their argmax to the next step
+    buckets: Tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # capped at the canvas length
 
     def __post_init__(self):
         if self.freeze not in FREEZE_RULES:
@@ -84,6 +85,7 @@ class Work:
     steps: int = 0
     positions: int = 0  # canvas positions run through the layers
     lm_head_rows: int = 0  # rows of the [hidden x vocab] LM head
+    sc_rows: int = 0  # positions whose input carried self-conditioning
     sc_entries: int = 0  # probabilities x embedding rows in self-conditioning
     per_step: List[int] = field(default_factory=list)  # positions computed at each step
 
@@ -207,6 +209,7 @@ class FastDenoiser(MLXDenoiser):
         w.positions += n
         w.lm_head_rows += n
         if self._sc_logits is not None or self._sc_sparse is not None:
+            w.sc_rows += n
             w.sc_entries += n * (self.options.sc_top_k or self.vocab_size)
         w.per_step.append(n)
 
@@ -225,8 +228,10 @@ class FastDenoiser(MLXDenoiser):
         open_entropy = mx.where(frozen, mx.array(np.inf, dtype=mx.float32), self._entropy_all)
         accepted = entropy_bound_accept(open_entropy, gen.entropy_bound) & ~frozen
         sample_all = sample if full else _put(canvas, idx, sample)
-        fresh = self._fresh(canvas, canvas_index, step)
-        next_canvas = mx.where(accepted, sample_all, fresh)
+        if o.renoise:
+            next_canvas = mx.where(accepted, sample_all, self._fresh(canvas, canvas_index, step))
+        else:
+            next_canvas = self._argmax_all
 
         newly = self._freeze(accepted, sample_all, confidence, idx, step)
         tokens = mx.array(self._tokens[None].astype(np.int32))
@@ -386,5 +391,6 @@ def work_per_token(work: Work, tokens: int, layers: int, vocab: int) -> Dict[str
         "positions_x_layers": work.positions * layers / t,
         "lm_head": work.lm_head_rows * vocab / t,
         "self_conditioning": work.sc_entries / t,
+        "self_conditioning_rows": work.sc_rows / t,
         "mean_active": work.positions / max(work.steps, 1),
     }
