@@ -459,6 +459,9 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_flag_type(_seed_arg, "seed"), default=None, help="random seed")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-context", type=_flag_type(_positive_int, "max_context"), default=None, help="context limit in tokens (default: the model's, 262,144)")
+    p.add_argument("--mode", choices=("reference", "fast"), default="reference",
+                   help="reference (default: the released sampler, token-exact) or fast (fast.py: "
+                   "frozen positions, an active set, top-K sampling and self-conditioning)")
 
 
 def add_chat_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -496,8 +499,10 @@ def _gen_kwargs(args, default_max_new: Optional[int] = None) -> Dict[str, Any]:
     return out
 
 
-def load_for(model_arg: str, backend: str):
+def load_for(model_arg: str, backend: str, mode: str = "reference"):
     """(model, tokenizer, resolved path) for a --model value and backend."""
+    if backend == "torch" and mode != "reference":
+        raise ValueError("--mode fast runs on the MLX backend only; drop --backend torch")
     path = resolve_model_path(model_arg, prefer="hf" if backend == "torch" else "mlx")
     if backend == "torch":
         try:
@@ -544,7 +549,7 @@ def main_chat(args) -> int:
 
     console = Console(highlight=False)
     with console.status(f"loading {args.model} ({args.backend}) …"):
-        model, tokenizer, path = load_for(args.model, args.backend)
+        model, tokenizer, path = load_for(args.model, args.backend, args.mode)
     session = ChatSession(
         model,
         tokenizer,
@@ -579,7 +584,7 @@ def main_generate(args) -> int:
     prompt = check_text(args.prompt, "--prompt") if args.prompt is not None else _read_stdin()
     if args.system:
         check_text(args.system, "--system")
-    model, tokenizer, path = load_for(args.model, args.backend)
+    model, tokenizer, path = load_for(args.model, args.backend, args.mode)
     overrides = _to_generation_overrides(_gen_kwargs(args))
     gen = generation_config(model, **overrides)
     if args.chat:
@@ -606,7 +611,8 @@ def main_generate(args) -> int:
     summary = None
     last = 0.0
     try:
-        events = backend.stream_generate(tokenizer, ids, None, None, args.seed, overrides)
+        mode = {} if args.mode == "reference" else {"mode": args.mode}
+        events = backend.stream_generate(tokenizer, ids, None, None, args.seed, dict(overrides, **mode))
         for ev in events:
             if isinstance(ev, Draft) and live is not None:
                 now = time.perf_counter()

@@ -221,6 +221,10 @@ def main(argv=None) -> int:
               f"{ref['work_per_token'] / r['work_per_token']:6.2f} "
               f"{ref['real_work_per_token'] / r['real_work_per_token']:10.2f} "
               f"{r['tokens_per_second'] / ref['tokens_per_second']:7.2f}")
+    H, V, K = real.hidden_size, real.vocab_size, FastOptions().sc_top_k
+    print(f"26B-A4B FLOPs per computed canvas position: layers {position_flops(real) / 1e9:.2f} G, "
+          f"LM head {2 * H * V / 1e9:.2f} G, self-conditioning dense {2 * H * V / 1e9:.2f} G / "
+          f"top-{K} {2 * H * K / 1e9:.5f} G (+ its MLP {6 * H * real.intermediate_size / 1e9:.3f} G)")
     if not a.no_mlx_vlm:
         v = mlx_vlm_mode(mlx_dir, prompts, check, max_new)
         rows["mlx-vlm 0.7.10 default"] = v
