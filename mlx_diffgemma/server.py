@@ -19,6 +19,7 @@ back to its stable boundary, and the next request runs.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import queue
 import select
@@ -485,7 +486,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _authorized(self) -> None:
         key = self.server.api_key
-        if key and self.headers.get("Authorization", "") != f"Bearer {key}":
+        sent = self.headers.get("Authorization", "").encode()
+        if key and not hmac.compare_digest(sent, f"Bearer {key}".encode()):
             raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                            None, "invalid_api_key", "authentication_error")
 
