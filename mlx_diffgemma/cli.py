@@ -1,4 +1,4 @@
-"""`mlx-diffgemma` command line: chat, generate, convert, quantize, verify, bench.
+"""`mlx-diffgemma` command line: chat, generate, serve, convert, quantize, verify, bench.
 
 Each subcommand's arguments and body live in the module that does the work; this file
 only dispatches, importing lazily so `mlx-diffgemma --help` stays fast.
@@ -19,6 +19,7 @@ _COMMANDS = {
     "quantize": ("mlx_diffgemma.quantize", "re-quantize an existing MLX directory"),
     "verify": ("mlx_diffgemma.verify", "check an MLX directory's files (and logits)"),
     "bench": ("mlx_diffgemma.bench", "measure prefill, denoising step and generation speed"),
+    "serve": ("mlx_diffgemma.server", "serve the model over an OpenAI-compatible HTTP API"),
 }
 
 

@@ -79,12 +79,16 @@ def ensure_chat_template(tokenizer, model_path: Optional[Path]) -> str:
     return "built-in Gemma 4 template"
 
 
-def render(tokenizer, messages: Sequence[Dict[str, str]], add_generation_prompt: bool) -> str:
+def render(tokenizer, messages: Sequence[Dict[str, Any]], add_generation_prompt: bool,
+           tools: Optional[List[Dict[str, Any]]] = None) -> str:
+    """The chat template applied to `messages` (and `tools`, the OpenAI-style function
+    schemas the template renders into the prompt)."""
     from jinja2 import TemplateError
 
+    extra = {"tools": tools} if tools else {}
     try:
         return tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False, **extra
         )
     except TemplateError as e:  # e.g. the template's raise_exception on a role it refuses
         raise ValueError(f"the chat template rejects this conversation: {e}") from None
@@ -127,21 +131,22 @@ class PromptSplit:
         return self.ids[self.stable :]
 
 
-def split_prompt(tokenizer, messages: Sequence[Dict[str, str]]) -> PromptSplit:
+def split_prompt(tokenizer, messages: Sequence[Dict[str, Any]],
+                 tools: Optional[List[Dict[str, Any]]] = None) -> PromptSplit:
     """The generation prompt of `messages`, and how much of it is conversation-stable:
     the longest prefix that the next turn's rendering (this turn as history) repeats."""
-    full_text = render(tokenizer, messages, add_generation_prompt=True)
+    full_text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
     history = list(messages) + [
         {"role": "assistant", "content": _PLACEHOLDER},
         {"role": "user", "content": "x"},
     ]
     try:
-        hist_text = render(tokenizer, history, add_generation_prompt=False)
+        hist_text = render(tokenizer, history, add_generation_prompt=False, tools=tools)
         cut = hist_text.find(_PLACEHOLDER)
     except Exception:  # a template that rejects the probe: no reuse of the model turn
         hist_text, cut = "", -1
     if cut < 0:
-        hist_text = render(tokenizer, messages, add_generation_prompt=False)
+        hist_text = render(tokenizer, messages, add_generation_prompt=False, tools=tools)
         cut = len(hist_text)
     stable_text = full_text[: _common_prefix_len(full_text, hist_text[:cut])]
     ids = encode_text(tokenizer, full_text)
@@ -205,6 +210,14 @@ class MLXBackend:
             return cache
         return None
 
+    def fork(self, cache):
+        """An independent cache holding what `cache` holds (the prompt cache branches a
+        conversation off another one's prefix this way). The snapshot's arrays are new
+        slices, so later writes to either cache do not reach the other."""
+        new = self.model.make_cache(slack=self.slack)
+        new.restore(cache.snapshot())
+        return new
+
     def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
         from .generation import stream_generate
 
@@ -261,6 +274,9 @@ class TorchBackend:
             return copy.deepcopy(snap[1])
         return None
 
+    def fork(self, cache):
+        return copy.deepcopy(cache)
+
     def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
         from .torch_backend import stream_generate
 
@@ -304,6 +320,17 @@ class Interrupted:
 
     canvases_done: int
     kind: str = "interrupted"
+
+
+@dataclass
+class CacheState:
+    """What a session's encoder cache holds: the cache, the exact tokens in it (a stable
+    prefix of some rendered conversation) and the snapshot of a stable boundary, if one
+    was kept. The server's prompt cache keeps several and swaps them in and out."""
+
+    cache: Any
+    ids: List[int]
+    snap: Optional[Tuple[int, Any]] = None
 
 
 @dataclass
@@ -501,6 +528,19 @@ class ChatSession:
         self.messages = []
         self._reset_cache()
 
+    def swap_state(self, state: Optional[CacheState]) -> CacheState:
+        """Installs `state` (None: a new, empty cache) and returns the one it replaces."""
+        old = CacheState(self.cache, self.cached_ids, self._snap)
+        if state is None:
+            self._reset_cache()
+        else:
+            self.cache, self.cached_ids, self._snap = state.cache, list(state.ids), state.snap
+        return old
+
+    def fork_state(self, state: CacheState) -> CacheState:
+        """A copy of `state` that can be cut and extended without touching it."""
+        return CacheState(self.backend.fork(state.cache), list(state.ids), state.snap)
+
     def set_system(self, text: Optional[str]) -> None:
         # The conversation now renders differently from its start: the next turn cuts the
         # cache back to the common prefix (<bos><|turn>) or clears it (and says so).
@@ -521,9 +561,11 @@ class ChatSession:
     def _reserve(self, gen: GenerationConfig) -> int:
         return reserved_tokens(gen, self.backend.canvas_length)
 
-    def _check_context(self, n_prompt: int) -> None:
-        check_context(n_prompt, self.gen, self.backend.canvas_length, self.max_context,
-                      "/reset the conversation, shorten the message or lower max_new_tokens")
+    def check_context(self, n_prompt: int, gen: Optional[GenerationConfig] = None,
+                      fix: str = "/reset the conversation, shorten the message or lower "
+                                 "max_new_tokens") -> None:
+        """Refuses a prompt of `n_prompt` tokens whose reply could outrun the context."""
+        check_context(n_prompt, gen or self.gen, self.backend.canvas_length, self.max_context, fix)
 
     def _rollback(self, length: int) -> bool:
         """Brings the cache back to its first `length` tokens (the backend trims or
@@ -574,8 +616,27 @@ class ChatSession:
         """One turn. Yields Prefill, then Draft/Commit/Summary, or ends with Interrupted."""
         msgs = self.conversation(check_text(user_text, "the message"))
         split = split_prompt(self.tokenizer, msgs)
-        self._check_context(len(split.ids))
-        gen = self.gen
+        seed = None if self.seed is None else (self.seed + len(self.turns)) % (SEED_MAX + 1)
+
+        def finish(summary: Summary, stats: TurnStats) -> None:
+            self._finish_turn(user_text, summary, stats)
+
+        yield from self._turn(split, should_stop, self.gen_kwargs, seed, self.noise, finish)
+
+    def complete(self, split: "PromptSplit", should_stop: Callable[[], bool] = lambda: False,
+                 *, gen_kwargs: Optional[Dict[str, Any]] = None, seed: Optional[int] = None,
+                 noise=None) -> Iterator[Any]:
+        """One turn of a conversation the caller keeps (the server renders each request's
+        messages itself): the same cut, prefill, generation and rollback as `send`, on
+        `split` (a `split_prompt`, or a raw prompt whose ids are all stable), with this
+        request's generation overrides; the session's own conversation is left as is."""
+        kw = dict(self.gen_kwargs, **(gen_kwargs or {}))
+        yield from self._turn(split, should_stop, kw, check_seed(seed), noise, None)
+
+    def _turn(self, split: "PromptSplit", should_stop, gen_kwargs: Dict[str, Any],
+              seed: Optional[int], noise, on_finish) -> Iterator[Any]:
+        gen = generation_config(self.model, **gen_kwargs)
+        self.check_context(len(split.ids), gen)
 
         keep, rolled_back, note = self._cut_to(split)
         tic = time.perf_counter()
@@ -594,19 +655,19 @@ class ChatSession:
         encoded = split.stable - keep
         yield Prefill(keep, encoded, len(split.suffix), prefill_time, note, rolled_back)
         stats = TurnStats(keep, encoded, len(split.suffix), prefill_time, prefill_time, note=note)
-        yield from self._generate(user_text, split, stats, should_stop)
-
-    def _generate(self, user_text: str, split: "PromptSplit", stats: "TurnStats", should_stop):
-        """Generates from the prompt's suffix; whatever happens, the cache goes back to
-        the stable boundary."""
-        seed = None if self.seed is None else (self.seed + len(self.turns)) % (SEED_MAX + 1)
         events = self.backend.stream_generate(
-            self.tokenizer, split.suffix, self.cache, self.noise, seed, self.gen_kwargs)
+            self.tokenizer, split.suffix, self.cache, noise, seed, gen_kwargs)
+        yield from self._generate(events, split, stats, should_stop, on_finish)
+
+    def _generate(self, events, split: "PromptSplit", stats: "TurnStats", should_stop, on_finish):
+        """Runs the drafter's `events`; whatever happens, the cache goes back to the
+        stable boundary."""
         canvases, finished = 0, False
         try:
             for ev in events:
                 if isinstance(ev, Summary):
-                    self._finish_turn(user_text, ev, stats)
+                    if on_finish is not None:
+                        on_finish(ev, stats)
                     finished = True
                     yield ev
                     break

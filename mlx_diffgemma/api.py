@@ -1,0 +1,249 @@
+"""OpenAI request bodies -> what a generation needs, with every client mistake turned into
+an `APIError` (OpenAI's error shape, a 4xx status). No HTTP and no model calls here.
+
+Sampling knobs: this sampler has no nucleus (top_p) and no single temperature; each
+denoising step samples at a temperature on a linear schedule from `t_max` (first step)
+to `t_min` (last). OpenAI's `temperature` T scales that schedule: T=1 is the
+checkpoint's own (0.8 -> 0.4 for the release), T=0.5 halves both ends, and so on
+(0 < T <= 2; 0 is refused because the last step divides the logits by t_min).
+`top_p` must be 1, `n` 1, penalties 0; anything else is refused, never ignored. The
+diffusion knobs (`max_denoising_steps`, `entropy_bound`, `stability_threshold`,
+`confidence_threshold`, `t_min`, `t_max`) are accepted as extra fields, as are
+`stream_drafts`, `ignore_eos` and `mode` (only "reference" exists).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from .config import SEED_MAX, GenerationConfig
+
+MODES = ("reference",)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+GEN_EXTRAS = {
+    "max_denoising_steps": int,
+    "entropy_bound": float,
+    "stability_threshold": int,
+    "confidence_threshold": float,
+    "t_min": float,
+    "t_max": float,
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, type: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def parse_json(raw: bytes) -> Dict[str, Any]:
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def number(body: Dict[str, Any], key: str, kind: type, lo=None, hi=None, lo_open=False):
+    """body[key] as `kind` (None when absent or null), held to [lo, hi]."""
+    value = body.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok or (kind is float and not math.isfinite(value)):
+        raise bad(f"{key} must be {'an integer' if kind is int else 'a number'} (got {value!r})", key)
+    value = kind(value)
+    if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+        span = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise bad(f"{key} must be {span} (got {value!r})", key)
+    return value
+
+
+def flag(body: Dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad(f"{key} must be true or false (got {value!r})", key)
+    return value
+
+
+def check_unsupported(body: Dict[str, Any]) -> None:
+    """OpenAI fields this sampler cannot honour: refused unless at their neutral value."""
+    if body.get("mode") is not None and body.get("mode") not in MODES:
+        raise bad(f"mode must be one of {', '.join(MODES)} (got {body.get('mode')!r}); "
+                  "no fast mode exists yet", "mode")
+    for key, neutral in (("top_p", 1), ("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0)):
+        if body.get(key) is not None and body.get(key) != neutral:
+            raise bad(f"{key}={body.get(key)!r} is not supported: the block-diffusion sampler "
+                      f"has no such control (only {key}={neutral})", key)
+    for key in ("logprobs", "top_logprobs", "echo", "logit_bias", "suffix"):
+        if body.get(key) not in (None, False, 0, {}, ""):
+            raise bad(f"{key} is not supported by this server", key)
+    if body.get("best_of") not in (None, 1):
+        raise bad("best_of is not supported by this server", "best_of")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad("response_format other than {\"type\": \"text\"} is not supported: this "
+                  "sampler cannot constrain its output", "response_format")
+
+
+def stop_strings(body: Dict[str, Any]) -> List[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or not 1 <= len(stops) <= 4
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise bad("stop must be a non-empty string or a list of 1 to 4 of them", "stop")
+    return stops
+
+
+def generation_overrides(body: Dict[str, Any], defaults: GenerationConfig) -> Dict[str, Any]:
+    """GenerationConfig overrides from a request: the diffusion knobs, max_tokens and
+    the temperature scaling; validated together (ValueError -> 400)."""
+    out: Dict[str, Any] = {}
+    for key, kind in GEN_EXTRAS.items():
+        value = number(body, key, kind)
+        if value is not None:
+            out[key] = value
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = number(body, key, int, lo=1)
+        if value is not None:
+            out["max_new_tokens"] = value
+            break
+    temperature = number(body, "temperature", float, lo=0, hi=2, lo_open=True)
+    if flag(body, "ignore_eos"):
+        out["eos_token_id"] = None
+    try:
+        gen = defaults.with_overrides(**out)
+        if temperature is not None:
+            out["t_min"], out["t_max"] = gen.t_min * temperature, gen.t_max * temperature
+            gen = defaults.with_overrides(**out)
+    except ValueError as e:
+        raise bad(str(e), "temperature" if temperature is not None else None) from None
+    return out
+
+
+def seed_of(body: Dict[str, Any]) -> Optional[int]:
+    return number(body, "seed", int, lo=0, hi=SEED_MAX)
+
+
+@dataclass
+class Options:
+    """What every generation request carries besides its prompt."""
+
+    gen_kwargs: Dict[str, Any]
+    max_tokens: int
+    seed: Optional[int]
+    stop: List[str]
+    stream: bool
+    include_usage: bool
+    stream_drafts: bool
+
+
+def options(body: Dict[str, Any], defaults: GenerationConfig) -> Options:
+    check_unsupported(body)
+    gen_kwargs = generation_overrides(body, defaults)
+    max_tokens = gen_kwargs.get("max_new_tokens", defaults.max_new_tokens)
+    stream = flag(body, "stream")
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise bad("stream_options must be an object", "stream_options")
+    include_usage = flag(so or {}, "include_usage")
+    return Options(gen_kwargs, max_tokens, seed_of(body), stop_strings(body), stream,
+                   include_usage, flag(body, "stream_drafts"))
+
+
+# -- messages and tools ------------------------------------------------------------------
+
+
+def _text_content(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{where}: only text content parts are supported", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"{where}: content must be a string or a list of text parts", "messages")
+
+
+def _tool_call(call: Any, where: str) -> Dict[str, Any]:
+    """An assistant's OpenAI tool call as chat templates take it (arguments as a dict)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad(f"{where}: each tool call needs a function with a name", "messages")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise bad(f"{where}: tool call arguments are not valid JSON", "messages") from None
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": fn["name"], "arguments": args}}
+
+
+def chat_messages(body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("messages must be a non-empty list", "messages")
+    out: List[Dict[str, Any]] = []
+    names: Dict[str, str] = {}  # tool_call_id -> function name, for tool results
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise bad(f"{where}: role must be one of {', '.join(ROLES)}", "messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        msg: Dict[str, Any] = {"role": role, "content": _text_content(m.get("content"), where)}
+        if role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise bad(f"{where}: tool_calls must be a list", "messages")
+            msg["tool_calls"] = [_tool_call(c, where) for c in m["tool_calls"]]
+            names.update({c["id"]: c["function"]["name"] for c in msg["tool_calls"] if c["id"]})
+        if role == "tool":
+            msg["tool_call_id"] = m.get("tool_call_id")
+            name = m.get("name") or names.get(m.get("tool_call_id"))
+            if name:
+                msg["name"] = name
+        out.append(msg)
+    return out
+
+
+def chat_tools(body: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise bad("tool_choice may be \"auto\" or \"none\": this sampler cannot force a call",
+                  "tool_choice")
+    if tools is None or choice == "none":
+        return None
+    if (not isinstance(tools, list)
+            or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                       and isinstance(t["function"].get("name"), str) for t in tools)):
+        raise bad("tools must be a list of {\"type\": \"function\", \"function\": {\"name\", ...}}",
+                  "tools")
+    return tools or None
