@@ -9,7 +9,7 @@ checkpoint's own (0.8 -> 0.4 for the release), T=0.5 halves both ends, and so on
 `top_p` must be 1, `n` 1, penalties 0; anything else is refused, never ignored. The
 diffusion knobs (`max_denoising_steps`, `entropy_bound`, `stability_threshold`,
 `confidence_threshold`, `t_min`, `t_max`) are accepted as extra fields, as are
-`stream_drafts`, `ignore_eos` and `mode` (only "reference" exists).
+`stream_drafts`, `ignore_eos` and `mode` ("reference" or "fast").
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from .config import SEED_MAX, GenerationConfig
+from .drafter import MODES
 
-MODES = ("reference",)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 GEN_EXTRAS = {
     "max_denoising_steps": int,
@@ -91,8 +91,7 @@ def flag(body: Dict[str, Any], key: str) -> bool:
 def check_unsupported(body: Dict[str, Any]) -> None:
     """OpenAI fields this sampler cannot honour: refused unless at their neutral value."""
     if body.get("mode") is not None and body.get("mode") not in MODES:
-        raise bad(f"mode must be one of {', '.join(MODES)} (got {body.get('mode')!r}); "
-                  "no fast mode exists yet", "mode")
+        raise bad(f"mode must be one of {', '.join(MODES)} (got {body.get('mode')!r})", "mode")
     for key, neutral in (("top_p", 1), ("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0)):
         if body.get(key) is not None and body.get(key) != neutral:
             raise bad(f"{key}={body.get(key)!r} is not supported: the block-diffusion sampler "
@@ -160,6 +159,7 @@ class Options:
     stream: bool
     include_usage: bool
     stream_drafts: bool
+    mode: Optional[str] = None  # None: the server's
 
 
 def options(body: Dict[str, Any], defaults: GenerationConfig) -> Options:
@@ -172,7 +172,7 @@ def options(body: Dict[str, Any], defaults: GenerationConfig) -> Options:
         raise bad("stream_options must be an object", "stream_options")
     include_usage = flag(so or {}, "include_usage")
     return Options(gen_kwargs, max_tokens, seed_of(body), stop_strings(body), stream,
-                   include_usage, flag(body, "stream_drafts"))
+                   include_usage, flag(body, "stream_drafts"), body.get("mode"))
 
 
 # -- messages and tools ------------------------------------------------------------------

@@ -214,6 +214,15 @@ def pad_after_eos(
 
 # -- shared by both backends' stream_generate / generate ------------------------------
 
+# reference: the released sampler, token-exact to transformers; fast: fast.py (MLX only).
+MODES = ("reference", "fast")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+    return mode
+
 
 def generation_config(model, **overrides) -> GenerationConfig:
     """The model's generation defaults (read from its directory once, at load, into

@@ -10,18 +10,13 @@ import mlx.core as mx
 from .cache import EncoderCache
 from .config import check_seed
 from .denoiser import MLXDenoiser
-from .drafter import Event, collect, generation_config, stream
+from .drafter import Event, check_mode, collect, generation_config, stream
 from .fast import FastDenoiser, FastOptions
 from .noise import NoiseSource
 
-MODES = ("reference", "fast")
-
-
 def make_denoiser(model, gen, *, cache=None, noise=None, mode: str = "reference",
                   fast: Optional[FastOptions] = None) -> MLXDenoiser:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
-    if mode == "fast":
+    if check_mode(mode) == "fast":
         return FastDenoiser(model, gen, cache=cache, noise=noise, options=fast)
     if fast is not None:
         raise ValueError("fast options need mode='fast'")

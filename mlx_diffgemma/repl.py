@@ -125,6 +125,7 @@ Commands:
   /system TEXT          set the system prompt (/system alone clears it); the next turn re-encodes
   /set key=value ...    steps=N temp=a-b max_new_tokens=N seed=N|none entropy_bound=X
                         stability=N confidence=X t_min=X t_max=X eos=none|ID,ID,...
+                        mode=reference|fast
   /stats                settings, cache and the last reply's numbers
   /save FILE            write the transcript as JSON
   /exit                 quit (Ctrl-D too)
@@ -559,6 +560,7 @@ def main_chat(args) -> int:
         max_context=args.max_context,
         model_name=str(args.model if args.model == str(path) else f"{args.model} → {path}"),
         keep_history=args.history,
+        mode=args.mode,
     )
     return run_repl(session, console)
 

@@ -156,7 +156,7 @@ class Engine:
 
     def __init__(self, load, model_id: str, *, max_tokens: Optional[int] = None,
                  max_context: Optional[int] = None, cache_entries: int = 4,
-                 cache_bytes: int = 8 << 30, aliases=()):
+                 cache_bytes: int = 8 << 30, aliases=(), mode: str = "reference"):
         """`load()` -> (model, tokenizer) runs on the worker thread: MLX binds arrays to
         the thread that builds them, so the model is built where it runs."""
         self.model_id = model_id
@@ -166,7 +166,7 @@ class Engine:
         self.counts = {"requests": 0, "completed": 0, "cancelled": 0, "waiting": 0}
         self.tasks: "queue.Queue[Optional[_Task]]" = queue.Queue()
         ready = _Task(None, None)
-        settings = dict(max_tokens=max_tokens, max_context=max_context)
+        settings = dict(max_tokens=max_tokens, max_context=max_context, mode=mode)
         self.worker = threading.Thread(target=self._work, args=(load, settings, ready),
                                        name="generation", daemon=True)
         self.worker.start()
@@ -174,7 +174,7 @@ class Engine:
         if ready.error is not None:
             raise ready.error
 
-    def _setup(self, load, max_tokens, max_context) -> None:
+    def _setup(self, load, max_tokens, max_context, mode) -> None:
         model, tokenizer = load()
         if max_tokens is None:
             from .repl import _chat_max_new_tokens
@@ -182,7 +182,7 @@ class Engine:
             max_tokens = _chat_max_new_tokens(model)
         self.session = ChatSession(model, tokenizer, gen_kwargs={"max_new_tokens": max_tokens},
                                    max_context=max_context, model_name=self.model_id,
-                                   keep_history=False)
+                                   keep_history=False, mode=mode)
         self.tokenizer = tokenizer
 
     def noise_for(self, seed: Optional[int]):
@@ -314,7 +314,7 @@ class Engine:
         opts = job.opts
         events = self.session.complete(
             job.split, lambda: out.done or sink.poll(), gen_kwargs=opts.gen_kwargs,
-            seed=opts.seed, noise=self.noise_for(opts.seed))
+            seed=opts.seed, noise=self.noise_for(opts.seed), mode=opts.mode)
         try:
             for ev in events:
                 if isinstance(ev, Prefill):
@@ -605,7 +605,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, Hugging Face id or packaged model name (default {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="mlx (default) or the torch reference path")
-    p.add_argument("--mode", choices=api.MODES, default="reference", help="generation mode (only reference exists yet)")
+    p.add_argument("--mode", choices=api.MODES, default="reference", help="generation mode of requests that name none (default reference; fast: fast.py, MLX only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request but /health")
@@ -628,7 +628,7 @@ def build_engine(args) -> Engine:
                   max_tokens=args.max_tokens, max_context=args.max_context,
                   cache_entries=args.prompt_cache_size,
                   cache_bytes=int(args.prompt_cache_gb * 1e9),
-                  aliases=(args.model, str(path), path.name))
+                  aliases=(args.model, str(path), path.name), mode=args.mode)
 
 
 def main_serve(args) -> int:

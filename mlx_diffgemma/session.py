@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .config import SEED_MAX, GenerationConfig, check_seed
-from .drafter import Commit, Summary, check_context, generation_config, reserved_tokens
+from .drafter import Commit, Summary, check_context, check_mode, generation_config, reserved_tokens
 
 # Tokens per encoder call while prefilling: bounds memory, and how long a Ctrl-C waits
 # for the stop flag to be checked (about a second for the 26B model on CPU).
@@ -442,6 +442,7 @@ class ChatSession:
         max_context: Optional[int] = None,
         model_name: Optional[str] = None,
         keep_history: bool = True,
+        mode: str = "reference",
     ):
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer: the model directory has none")
@@ -461,6 +462,7 @@ class ChatSession:
             raise ValueError(f"max_context must be a positive number of tokens (got {max_context})")
         self.max_context = min(max_context, limit) if max_context else limit
         self.seed = check_seed(seed)
+        self.mode = self._check_mode(mode)
         self.gen_kwargs: Dict[str, Any] = {}
         self.update_settings(**(gen_kwargs or {}))
         self.messages: List[Dict[str, str]] = []
@@ -475,15 +477,22 @@ class ChatSession:
     def gen(self) -> GenerationConfig:
         return generation_config(self.model, **self.gen_kwargs)
 
+    def _check_mode(self, mode: str) -> str:
+        if check_mode(mode) == "fast" and self.backend.name != "mlx":
+            raise ValueError("fast mode runs on the MLX backend only")
+        return mode
+
     def update_settings(self, **kwargs) -> None:
         """Validates and applies generation overrides (GenerationConfig names, plus
         `temp` as "a-b" and `seed`)."""
         new = dict(self.gen_kwargs)
-        seed = self.seed
+        seed, mode = self.seed, self.mode
         for key, value in kwargs.items():
             if value is None:
                 continue
-            if key == "temp":
+            if key == "mode":
+                mode = self._check_mode(str(value).strip().lower())
+            elif key == "temp":
                 new["t_min"], new["t_max"] = parse_temp(str(value))
             elif key == "seed":
                 seed = parse_seed(value)
@@ -493,7 +502,7 @@ class ChatSession:
                 name = SETTING_ALIASES[key]
                 new[name] = parse_number(key, type(getattr(GenerationConfig(), name)), value)
             else:
-                known = ", ".join(sorted(set(SETTING_ALIASES) | {"temp", "seed", "eos"}))
+                known = ", ".join(sorted(set(SETTING_ALIASES) | {"temp", "seed", "eos", "mode"}))
                 raise ValueError(f"unknown setting {key!r}; known: {known}")
         gen = generation_config(self.model, **new)  # ValueError when invalid
         if self._reserve(gen) >= self.max_context:
@@ -501,7 +510,7 @@ class ChatSession:
                 f"max_new_tokens={gen.max_new_tokens} reserves {self._reserve(gen)} tokens, "
                 f"the whole {self.max_context}-token context; lower it"
             )
-        self.gen_kwargs, self.seed = new, seed
+        self.gen_kwargs, self.seed, self.mode = new, seed, mode
 
     def settings(self) -> Dict[str, Any]:
         g = self.gen
@@ -514,6 +523,7 @@ class ChatSession:
             "confidence": g.confidence_threshold,
             "seed": self.seed,
             "eos": "none" if g.eos_token_id is None else ",".join(str(t) for t in g.eos_token_id),
+            "mode": self.mode,
         }
 
     # -- conversation -----------------------------------------------------------------
@@ -621,20 +631,21 @@ class ChatSession:
         def finish(summary: Summary, stats: TurnStats) -> None:
             self._finish_turn(user_text, summary, stats)
 
-        yield from self._turn(split, should_stop, self.gen_kwargs, seed, self.noise, finish)
+        yield from self._turn(split, should_stop, self.gen_kwargs, seed, self.noise, finish, self.mode)
 
     def complete(self, split: "PromptSplit", should_stop: Callable[[], bool] = lambda: False,
                  *, gen_kwargs: Optional[Dict[str, Any]] = None, seed: Optional[int] = None,
-                 noise=None) -> Iterator[Any]:
+                 noise=None, mode: Optional[str] = None) -> Iterator[Any]:
         """One turn of a conversation the caller keeps (the server renders each request's
         messages itself): the same cut, prefill, generation and rollback as `send`, on
         `split` (a `split_prompt`, or a raw prompt whose ids are all stable), with this
         request's generation overrides; the session's own conversation is left as is."""
         kw = dict(self.gen_kwargs, **(gen_kwargs or {}))
-        yield from self._turn(split, should_stop, kw, check_seed(seed), noise, None)
+        mode = self.mode if mode is None else self._check_mode(mode)
+        yield from self._turn(split, should_stop, kw, check_seed(seed), noise, None, mode)
 
     def _turn(self, split: "PromptSplit", should_stop, gen_kwargs: Dict[str, Any],
-              seed: Optional[int], noise, on_finish) -> Iterator[Any]:
+              seed: Optional[int], noise, on_finish, mode: str = "reference") -> Iterator[Any]:
         gen = generation_config(self.model, **gen_kwargs)
         self.check_context(len(split.ids), gen)
 
@@ -655,8 +666,9 @@ class ChatSession:
         encoded = split.stable - keep
         yield Prefill(keep, encoded, len(split.suffix), prefill_time, note, rolled_back)
         stats = TurnStats(keep, encoded, len(split.suffix), prefill_time, prefill_time, note=note)
+        run_kwargs = gen_kwargs if mode == "reference" else dict(gen_kwargs, mode=mode)
         events = self.backend.stream_generate(
-            self.tokenizer, split.suffix, self.cache, noise, seed, gen_kwargs)
+            self.tokenizer, split.suffix, self.cache, noise, seed, run_kwargs)
         yield from self._generate(events, split, stats, should_stop, on_finish)
 
     def _generate(self, events, split: "PromptSplit", stats: "TurnStats", should_stop, on_finish):

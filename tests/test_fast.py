@@ -154,3 +154,35 @@ def test_options_are_checked():
         FastOptions(confidence=1.5)
     with pytest.raises(ValueError, match="mode must be one of"):
         list(md.stream_generate(None, None, [1], mode="turbo"))
+
+
+PUZZLE, SOLUTION = "1.3.34..2.4.4.1.", "1234342121434312"  # the unique solution
+
+
+def test_generate_and_chat_run_fast_mode_end_to_end(capsys):
+    """`mlx-diffgemma generate --mode fast` and a chat session in fast mode (also switched
+    with /set) solve the toy model's puzzle; the torch backend refuses fast mode."""
+    import io
+
+    from rich.console import Console
+
+    from mlx_diffgemma import cli, repl
+    from mlx_diffgemma.session import ChatSession
+
+    assert cli.main(["generate", "--model", "toy-sudoku", "-p", PUZZLE, "--mode", "fast", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip() == SOLUTION
+
+    model, tok = md.load("toy-sudoku")
+    s = ChatSession(model, tok, seed=0, keep_history=False, mode="fast")
+    for _ in range(2):
+        summary = [e for e in s.send(PUZZLE) if e.kind == "summary"][-1]
+        assert summary.text == SOLUTION
+    out = io.StringIO()
+    con = Console(file=out, width=200)
+    repl._command(s, con, "/set mode=reference")
+    assert s.mode == "reference" and "mode=reference" in out.getvalue()
+    repl._command(s, con, "/set mode=warp")
+    assert s.mode == "reference" and "mode must be one of reference, fast" in out.getvalue()
+    assert cli.main(["generate", "--model", "toy-sudoku", "-p", PUZZLE, "--mode", "fast",
+                     "--backend", "torch"]) == 2
+    assert "MLX backend only" in capsys.readouterr().err

@@ -102,6 +102,11 @@ def test_chat_and_completions_plain_and_streaming(server):
     finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert text == SOLUTION and finish == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 17
+
+    # Fast mode per request (an extra field, as the diffusion knobs are).
+    r = c.chat.completions.create(model="toy-sudoku", messages=_ask(PUZZLE), seed=3, max_tokens=24,
+                                  extra_body={"mode": "fast"})
+    assert r.choices[0].message.content == SOLUTION and r.choices[0].finish_reason == "stop"
     # Same request twice: the second finds its prompt in the cache (up to "<|turn>model\n").
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
 
@@ -205,7 +210,7 @@ BAD_PARAMS = [
     ({"max_tokens": "many"}, "max_tokens"),
     ({"seed": -1}, "seed"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"mode": "fast"}, "mode"),
+    ({"mode": "turbo"}, "mode"),
     ({"max_denoising_steps": 0}, None),
     ({"entropy_bound": "x"}, "entropy_bound"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
