@@ -4,12 +4,15 @@ Each approximation is a switch of `FastOptions`, measured alone in the benchmark
 every switch off (`FastOptions.off()`) the fast denoiser runs the reference's operations
 and gives reference mode's tokens.
 
-- `freeze`: positions that settle stop changing. "entropy": the positions the entropy
-  bound accepts keep their sampled token; "confidence" (Fast-dLLM, Diffusers'
-  BlockRefinement): open positions whose top probability reaches `confidence` keep their
-  argmax, at least the most confident one per step, every one at the last step. Open
-  positions are still sampled, accepted and renoised as the reference does. A canvas
-  whose positions are all frozen is committed.
+- `freeze`: positions that settle stop changing. "confidence" (Fast-dLLM, Diffusers'
+  BlockRefinement, mlx-vlm's default): open positions whose argmax has probability at
+  least `confidence` (at temperature 1 unless `confidence_at_t1` is off) are frozen with
+  it, at least the most confident one per step, every one at the last step; "entropy":
+  the positions the entropy bound accepts keep their sampled token. Open positions are
+  still sampled, accepted and renoised as the reference does (`renoise=False`: they
+  carry their argmax instead). A canvas whose positions are all frozen is committed:
+  the last forward's argmax wherever it computed (`commit_argmax`), the frozen tokens
+  being its input, else the frozen tokens.
 - `active_set` (with freezing): the decoder runs only the open positions and those frozen
   at the previous step (once more, so their keys and values reflect their final token);
   every other frozen position keeps, per layer, the keys and values of the last step
@@ -27,6 +30,8 @@ and gives reference mode's tokens.
   EOS rule pads them at the commit anyway) and never computed again.
 - `repair`: one full, fresh forward of the final canvas before the commit, whose argmax
   is committed.
+- `self_conditioning=False`: the decoder never sees the previous step's logits (as
+  mlx-vlm's confidence sampler runs).
 
 Work is counted per step (`FastDenoiser.work`): positions run through the layers, LM-head
 rows, and self-conditioning rows times the vocabulary entries they read.
@@ -51,15 +56,19 @@ FREEZE_RULES = (None, "entropy", "confidence")
 @dataclass(frozen=True)
 class FastOptions:
     # Defaults measured on the toy models (BENCHMARKS.md): a sampled token frozen by the
-    # entropy bound at an early, hot step is wrong too often; a 0.99-confident argmax is not.
+    # entropy bound at an early, hot step is wrong too often; a 0.9-confident argmax (at
+    # temperature 1), re-predicted by the last forward, is not.
     freeze: Optional[str] = "confidence"
-    confidence: float = 0.99
+    confidence: float = 0.9
     active_set: bool = True
     top_k: int = 64
     sc_top_k: int = 64
     skip_after_eos: bool = True
     repair: bool = False
     renoise: bool = True  # False: open positions carry their argmax to the next step
+    self_conditioning: bool = True  # False: the decoder never sees the previous step
+    confidence_at_t1: bool = True  # the confidence rule at temperature 1, not the schedule's
+    commit_argmax: bool = True  # commit the last forward's argmax where it was computed
     buckets: Tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # capped at the canvas length
 
     def __post_init__(self):
@@ -75,7 +84,8 @@ class FastOptions:
     @classmethod
     def off(cls) -> "FastOptions":
         """Every approximation off: reference mode's operations."""
-        return cls(freeze=None, active_set=False, top_k=0, sc_top_k=0, skip_after_eos=False)
+        return cls(freeze=None, active_set=False, top_k=0, sc_top_k=0, skip_after_eos=False,
+                   commit_argmax=False)
 
 
 @dataclass
@@ -237,7 +247,12 @@ class FastDenoiser(MLXDenoiser):
         tokens = mx.array(self._tokens[None].astype(np.int32))
         frozen_now = mx.array(self._frozen[None])
         next_canvas = mx.where(frozen_now, tokens, next_canvas)
-        argmax_out = mx.where(frozen_now, tokens, self._argmax_all)
+        # The canvas shown and committed: the model's argmax wherever this step computed it
+        # (the frozen tokens are its input, as in Fast-dLLM); frozen tokens elsewhere.
+        keep = self._frozen.copy()
+        if o.commit_argmax:
+            keep[pos] = False
+        argmax_out = mx.where(mx.array(keep[None]), tokens, self._argmax_all)
         if o.freeze is not None and self._frozen.all():
             stop = mx.array([True])
         else:
@@ -270,7 +285,11 @@ class FastDenoiser(MLXDenoiser):
             entropy = token_entropy(vals)
             top = vals.max(axis=-1)
             argmax, sample = argmax.astype(mx.int32), sample.astype(mx.int32)
-        confidence = mx.exp(top - mx.logsumexp(processed, axis=-1))
+        # The confidence rule reads the model's own probability (temperature 1): at the
+        # schedule's 0.4-0.8 every position looks surer than the model is.
+        scale = self.gen.temperature(step) if self.options.confidence_at_t1 else 1.0
+        confidence = mx.exp((top - processed.max(axis=-1)) * scale
+                            - mx.logsumexp((processed - processed.max(axis=-1, keepdims=True)) * scale, axis=-1))
         return argmax, sample, entropy, confidence
 
     def _gumbel(self, shape, idx: mx.array, canvas_index: int, step: int) -> mx.array:
@@ -288,6 +307,8 @@ class FastDenoiser(MLXDenoiser):
     def _keep_self_conditioning(self, processed: mx.array, idx: mx.array, full: bool) -> None:
         """What the next step's self-conditioning reads: the processed logits (cast to the
         embedding dtype, as the reference feeds them back), or their top-K probabilities."""
+        if not self.options.self_conditioning:
+            return
         k = self.options.sc_top_k
         if k:
             probs = mx.softmax(processed.astype(mx.float32), axis=-1)

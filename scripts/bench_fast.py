@@ -40,9 +40,9 @@ MODES: Dict[str, Optional[FastOptions]] = {
     "freeze + active set": FastOptions(top_k=0, sc_top_k=0),
     "top-K sampling only": FastOptions(freeze=None, active_set=False, sc_top_k=0, skip_after_eos=False),
     "sparse self-cond. only": FastOptions(freeze=None, active_set=False, top_k=0, skip_after_eos=False),
-    "fast + repair": FastOptions(repair=True),
+    "fast, no self-cond.": FastOptions(self_conditioning=False),
     "fast, argmax carried": FastOptions(renoise=False),
-    "fast, argmax, conf 0.9": FastOptions(renoise=False, confidence=0.9),
+    "fast + repair": FastOptions(repair=True),
 }
 
 
