@@ -56,9 +56,13 @@ def vision_shapes(config: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
     return out
 
 
-def quantized_nbytes(shape: Sequence[int], bits: int, group: int, scale_itemsize: int) -> int:
-    """Bytes of an affine-quantized tensor: packed uint32 weight + scales + biases."""
+def quantized_nbytes(shape: Sequence[int], bits: int, group: int, scale_itemsize: int,
+                     mode: str = "affine") -> int:
+    """Bytes of a quantized tensor: packed uint32 weight + scales + biases (affine, in the
+    float dtype), or + one uint8 scale per group (mxfp4/nvfp4/mxfp8)."""
     n = math.prod(shape)
+    if mode != "affine":
+        return n * bits // 8 + n // group
     return n * bits // 8 + 2 * (n // group) * scale_itemsize
 
 
@@ -100,8 +104,8 @@ def estimate(
     text_params = text_bytes = 0
     for name, shape in expected_shapes(args).items():
         n = math.prod(shape)
-        qp = r.params_for(name, shape)
-        nbytes = quantized_nbytes(shape, qp[0], qp[1], item) if qp else n * item
+        qp = r.quant_for(name, shape)
+        nbytes = quantized_nbytes(shape, qp[0], qp[1], item, qp[2]) if qp else n * item
         add(module_kind(name) or "norms_and_scalars", n, nbytes)
         text_params += n
         text_bytes += nbytes
@@ -127,5 +131,7 @@ def estimate(
         "gib": total_bytes / 2**30,
         "bits_per_weight": 8 * total_bytes / total_params,
         "text_bits_per_weight": 8 * text_bytes / text_params,
+        # what our (text-only) runtime holds: the vision tower is never loaded
+        "text_bytes": text_bytes,
         "by_kind": kinds,
     }
