@@ -54,13 +54,13 @@ def memory_limit() -> Tuple[int, str]:
 
 
 def runtime_bytes(config: Dict[str, Any], context: int = 4096) -> int:
-    """What generation adds to the weights (bench.memory_arithmetic): the KV cache of a
+    """What generation adds to the weights (sizes.generation_memory): the KV cache of a
     `context`-token prompt plus a canvas of new tokens, one denoising step's float32
     logits and sampler temporaries, and a layer's activations."""
-    from .bench import memory_arithmetic
+    from .sizes import generation_memory
 
-    m = memory_arithmetic(config, "bf16", prompt=context)
-    return int(1e9 * (m["kv_cache_gb"] + m["step_activations_gb"] + m["layer_activations_gb"]))
+    g = generation_memory(config, prompt=context)
+    return int(g["kv"] + g["step"] + g["layer_acts"])
 
 
 def _gb(n: float) -> str:

@@ -135,3 +135,38 @@ def estimate(
         "text_bytes": text_bytes,
         "by_kind": kinds,
     }
+
+
+def generation_memory(config: Mapping[str, Any], prompt: int = 4096, new_tokens: int = 256,
+                      act_bytes: int = 2, prefill_chunk: int = 2048) -> Dict[str, Any]:
+    """Bytes a generation adds to the weights (`bench.memory_arithmetic` explains each
+    part): the KV cache (`kv`), one denoising step's activations (`step`, in `unit`s of a
+    [canvas x vocab] float32 array, `step_units`), a layer's activations at the canvas
+    (`layer_acts`) and the prefill's largest transient (`prefill`, below the step's)."""
+    from .config import ModelArgs
+
+    a = ModelArgs.from_dict(config)
+    C, V = a.canvas_length, a.vocab_size
+    slack = C  # make_cache's default
+    context = prompt + new_tokens
+    kv = 0
+    for i, kind in enumerate(a.layer_types):
+        heads, dim = a.kv_heads_of(i), a.head_dim_of(i)
+        kept = min(context, a.sliding_window - 1 + slack) if kind == "sliding_attention" else context
+        kv += 2 * heads * dim * kept * act_bytes
+    unit = C * V * 4
+    step_units = {
+        "processed logits, float32 (the raw logits' buffer)": 1.0,
+        "self-conditioning input kept for the next step (bf16)": act_bytes / 4,
+        "sampler temporaries (Gumbel draw + fused entropy pass)": 2.0,
+    }
+    layer_acts = (
+        # a full layer's attention scores and their softmax, canvas x (context + canvas)
+        2 * a.num_attention_heads * C * (context + C) * act_bytes
+        # routed activations: canvas x top-k x 2 x moe_intermediate (gate_up), twice
+        + 2 * C * a.top_k_experts * 2 * a.moe_intermediate_size * act_bytes
+    )
+    prefill = 2 * a.num_attention_heads * prefill_chunk * prompt * act_bytes
+    step = sum(step_units.values()) * unit
+    return {"kv": kv, "unit": unit, "step_units": step_units, "step": step,
+            "layer_acts": layer_acts, "prefill": prefill}
