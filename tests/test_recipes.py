@@ -21,7 +21,7 @@ from mlx_diffgemma.recipes import RecipeError, check_quantization_record, make_r
 from mlx_diffgemma.sizes import estimate
 from mlx_diffgemma.verify import VerifyError, compare_logits, verify
 from teacher_forcing import assert_argmax_where_certain
-from test_convert import _args, _inputs, _kind, _our_logits, _tensors, _vlm_logits
+from test_convert import _args, _inputs, _kind, _our_logits, _tensors, _vlm_logits, assert_same_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,13 +108,7 @@ def test_quantize_round_trips(hf, converted, tmp_path):
     # the same recipe again: every tensor copied as it is
     same = tmp_path / "same"
     quantize(src, same, recipe="mxfp4-mixed", progress=False, verbose=False)
-    a, b = _tensors(src), _tensors(same)
-    assert set(a) == set(b)
-    for k in a:
-        with open(a[k].file, "rb") as fa, open(b[k].file, "rb") as fb:
-            fa.seek(a[k].begin)
-            fb.seek(b[k].begin)
-            assert fa.read(a[k].nbytes) == fb.read(b[k].nbytes), k
+    assert_same_tensors(src, same)
     # MXFP4 -> float32 computes what the MXFP4 model does
     deq = tmp_path / "deq"
     quantize(src, deq, recipe="fp32", progress=False, verbose=False)
