@@ -384,33 +384,12 @@ def memory_arithmetic(config: Dict[str, Any], recipe: str = "mixed-4", prompt: i
       (a full layer's unfused attention scores + softmax over a `prefill_chunk`-token
       chunk), which is smaller than the step's and so not added.
     """
-    from .config import ModelArgs
-    from .sizes import estimate
+    from .sizes import estimate, generation_memory
 
-    a = ModelArgs.from_dict(config)
     est = estimate(config, recipe)
-    C, V = a.canvas_length, a.vocab_size
-    slack = C  # make_cache's default
-    context = prompt + new_tokens
-    kv = 0
-    for i, kind in enumerate(a.layer_types):
-        heads, dim = a.kv_heads_of(i), a.head_dim_of(i)
-        kept = min(context, a.sliding_window - 1 + slack) if kind == "sliding_attention" else context
-        kv += 2 * heads * dim * kept * act_bytes
-    unit = C * V * 4
-    step_units = {
-        "processed logits, float32 (the raw logits' buffer)": 1.0,
-        "self-conditioning input kept for the next step (bf16)": act_bytes / 4,
-        "sampler temporaries (Gumbel draw + fused entropy pass)": 2.0,
-    }
-    layer_acts = (
-        # a full layer's attention scores and their softmax, canvas x (context + canvas)
-        2 * a.num_attention_heads * C * (context + C) * act_bytes
-        # routed activations: canvas x top-k x 2 x moe_intermediate (gate_up), twice
-        + 2 * C * a.top_k_experts * 2 * a.moe_intermediate_size * act_bytes
-    )
-    prefill = 2 * a.num_attention_heads * prefill_chunk * prompt * act_bytes
-    step = sum(step_units.values()) * unit
+    g = generation_memory(config, prompt, new_tokens, act_bytes, prefill_chunk)
+    kv, unit, step_units, step = g["kv"], g["unit"], g["step_units"], g["step"]
+    layer_acts, prefill = g["layer_acts"], g["prefill"]
     total = est["bytes"] + kv + step + layer_acts
     return {
         "recipe": est["recipe"],

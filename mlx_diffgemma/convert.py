@@ -5,7 +5,8 @@ Output layout (the mlx-community one, made by mlx-vlm's converter; see
 docs/mlx-vlm-layout.md): Hugging Face tensor names, the fused expert tensors with a
 `.weight` suffix, `lm_head` and the encoder's tied copies dropped (the encoder's own
 `layer_scalar`s kept), the vision tower passed through unquantized, quantized matrices as
-`<module>.weight` (packed uint32) + `.scales` + `.biases`, shards of at most 5 GiB named
+`<module>.weight` (packed uint32) + `.scales` + `.biases` (affine; mxfp4/nvfp4/mxfp8:
+uint8 `.scales` and no biases), shards of at most 5 GiB named
 `model-0000K-of-0000N.safetensors` with `model.safetensors.index.json`, `config.json`
 with the generation parameters merged in and the per-module `quantization` record, and
 the tokenizer files, `chat_template.jinja` and `generation_config.json` copied.
@@ -73,7 +74,9 @@ from .model import expected_shapes
 from .paths import hub_snapshot
 from .recipes import (
     DTYPE_NAMES,
+    MODES,
     RECIPES,
+    Quant,
     Recipe,
     RecipeError,
     check_quantization_record,
@@ -173,9 +176,9 @@ class Job:
     src: TensorRef  # the float source, or the packed weight of a quantized source
     src_scales: Optional[TensorRef] = None
     src_biases: Optional[TensorRef] = None
-    src_quant: Optional[Tuple[int, int]] = None  # (bits, group) of a quantized source
-    out_dtype: str = "F32"  # floats out: the tensor itself, or the scales/biases
-    quant: Optional[Tuple[int, int]] = None  # (bits, group) to quantize to
+    src_quant: Optional[Quant] = None  # (bits, group, mode) of a quantized source
+    out_dtype: str = "F32"  # floats out: the tensor itself, or the (affine) scales/biases
+    quant: Optional[Quant] = None  # (bits, group, mode) to quantize to
     outputs: List[Tuple[str, str, Tuple[int, ...]]] = field(default_factory=list)
 
     @property
@@ -206,13 +209,34 @@ class Job:
         if self.quant is None:
             self.outputs = [(self.name, self.out_dtype, self.shape)]
             return
-        bits, group = self.quant
+        bits, group, mode = self.quant
         lead, c = self.shape[:-1], self.cols
         self.outputs = [
             (f"{self.module}.weight", "U32", lead + (c * bits // 32,)),
-            (f"{self.module}.scales", self.out_dtype, lead + (c // group,)),
-            (f"{self.module}.biases", self.out_dtype, lead + (c // group,)),
+            (f"{self.module}.scales", self.out_dtype if mode == "affine" else "U8", lead + (c // group,)),
         ]
+        if mode == "affine":  # the other modes keep no biases
+            self.outputs.append((f"{self.module}.biases", self.out_dtype, lead + (c // group,)))
+
+
+def _source_mode(base, s: TensorRef, b: Optional[TensorRef], bits: int, group: int, src_record) -> str:
+    """The mode of a quantized source module: affine keeps float scales and biases; the
+    others uint8 scales alone, each with one (bits, group) (mlx-lm's infer_quant_config),
+    and the record must say the same."""
+    if s.dtype != "U8":
+        if b is None:
+            raise ConversionError(f"{base} has float scales but no biases: an affine module needs both")
+        mode = "affine"
+    else:
+        found = [m for m, fixed in MODES.items() if fixed == (bits, group)]
+        if not found or b is not None:
+            raise ConversionError(f"{base}: uint8 scales with {bits} bits, group {group}"
+                                  f"{' and biases' if b is not None else ''} fit no quantization mode")
+        mode = found[0]
+    qp = module_quantization(src_record, base)
+    if qp is not None and qp[2] != mode:
+        raise ConversionError(f"{base} is stored as {mode} but config.json's record says {qp[2]}")
+    return mode
 
 
 def _infer_source_quant(base, w: TensorRef, s: TensorRef, expected, src_record):
@@ -268,14 +292,10 @@ def plan_jobs(
     config_path: Path = Path("config.json"),
 ) -> Tuple[List[Job], Dict[str, Tuple[int, int]]]:
     """Maps source tensors to output jobs (renamed, checked against the config's shapes,
-    quantization decided per module). Returns the jobs and {module: (bits, group)} of
+    quantization decided per module). Returns the jobs and {module: (bits, group, mode)} of
     those quantized."""
     _, expected = model_args(config, config_path)
     src_record = source_record(config, str(config_path))
-    if src_record and src_record.get("mode", "affine") != "affine":
-        raise ConversionError(
-            f"source is quantized with mode {src_record.get('mode')!r}; only affine is supported"
-        )
 
     renamed: Dict[str, TensorRef] = {}
     for key, ref in tensors.items():
@@ -286,6 +306,9 @@ def plan_jobs(
             raise ConversionError(f"tensors {renamed[name].key} and {key} both map to {name}")
         renamed[name] = ref
 
+    floats_seen = [r.dtype for n, r in renamed.items() if r.dtype in FLOAT_DTYPES and not n.endswith(QUANT_SUFFIXES)]
+    # the float dtype of a module whose scales are uint8 (mxfp4/nvfp4/mxfp8) when dequantized
+    model_float = max(set(floats_seen), key=floats_seen.count) if floats_seen else "F32"
     jobs: List[Job] = []
     for name in sorted(renamed):
         if name.endswith(QUANT_SUFFIXES):
@@ -299,25 +322,24 @@ def plan_jobs(
         if base is not None and f"{base}.scales" in renamed:
             s = renamed[f"{base}.scales"]
             b = renamed.get(f"{base}.biases")
-            if b is None:
-                raise ConversionError(f"{base} has scales but no biases: only affine quantization is supported")
             bits, group, shape = _infer_source_quant(base, ref, s, expected.get(name), src_record)
-            job.shape, job.src_scales, job.src_biases, job.src_quant = shape, s, b, (bits, group)
-            floats = (s, b)
+            mode = _source_mode(base, s, b, bits, group, src_record)
+            job.shape, job.src_scales, job.src_biases, job.src_quant = shape, s, b, (bits, group, mode)
+            floats = (s, b) if mode == "affine" else ()  # uint8 scales: checked by _source_mode
         else:
             floats = (ref,)
-        for f in floats:  # every tensor of the model is float but the packed weights
+        for f in floats:  # every tensor of the model is float but the packed weights (and uint8 scales)
             _require_float(f)
-        src_float = floats[0].dtype
+        src_float = floats[0].dtype if floats else model_float
         job.out_dtype = _NAME_TO_ST[recipe.dtype] if recipe.dtype else src_float
         if not is_vision_tensor(name):
-            job.quant = recipe.params_for(name, job.shape)
+            job.quant = recipe.quant_for(name, job.shape)
         job.plan_outputs()
         jobs.append(job)
 
     _check_against_config(jobs, expected)
 
-    quantized: Dict[str, Tuple[int, int]] = {}
+    quantized: Dict[str, Quant] = {}
     skipped = []
     for j in jobs:
         if j.quant is not None:
@@ -445,10 +467,12 @@ def _stream_job(job: Job, files: _Files, fd: int, offsets: Dict[str, int], on_by
     step = max(1, CHUNK_BYTES // (4 * cols))
     raw_copy = job.quant is None and job.src_quant is None and job.out_dtype == job.src.dtype
     out_item = {name: ST_DTYPES[dt][0] * (math.prod(shape) // rows) for name, dt, shape in job.outputs}
-    if job.quant is not None and job.src_quant == job.quant and job.src_scales.dtype == job.out_dtype:
+    if job.quant is not None and job.src_quant == job.quant and all(
+        ref.dtype == dt for (_, dt, _), ref in zip(job.outputs[1:], (job.src_scales, job.src_biases))
+    ):
         # Already quantized exactly so: copy the packed weight, scales and biases as they are
         # (dequantize + quantize would be lossy for no reason).
-        bits, group = job.quant
+        bits, group, _ = job.quant
         for (name, _, _), ref, width in zip(
             job.outputs,
             (job.src, job.src_scales, job.src_biases),
@@ -470,12 +494,14 @@ def _stream_job(job: Job, files: _Files, fd: int, offsets: Dict[str, int], on_by
                 on_bytes(data.nbytes)
             continue
         if job.src_quant is not None:
-            bits, group = job.src_quant
+            bits, group, mode = job.src_quant
             w = _to_mx(files.read(job.src, r0, r1, cols * bits // 32), job.src.dtype)
             s = _to_mx(files.read(job.src_scales, r0, r1, cols // group), job.src_scales.dtype)
-            b = _to_mx(files.read(job.src_biases, r0, r1, cols // group), job.src_biases.dtype)
-            x = mx.dequantize(w, s, b, group_size=group, bits=bits)
-            nread = (w.nbytes + s.nbytes + b.nbytes)
+            b = None
+            if job.src_biases is not None:
+                b = _to_mx(files.read(job.src_biases, r0, r1, cols // group), job.src_biases.dtype)
+            x = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode)
+            nread = w.nbytes + s.nbytes + (b.nbytes if b is not None else 0)
         else:
             x = _to_mx(files.read(job.src, r0, r1, cols), job.src.dtype)
             nread = x.nbytes
@@ -483,8 +509,8 @@ def _stream_job(job: Job, files: _Files, fd: int, offsets: Dict[str, int], on_by
         if job.quant is None:
             parts = [x]
         else:
-            bits, group = job.quant
-            parts = list(mx.quantize(x, group_size=group, bits=bits))
+            bits, group, mode = job.quant
+            parts = list(mx.quantize(x, group_size=group, bits=bits, mode=mode))
         mx.eval(parts)
         for (name, _, _), part in zip(job.outputs, parts):
             _pwrite_all(fd, _to_bytes(part), offsets[name] + r0 * out_item[name])
@@ -969,7 +995,7 @@ def _summary(jobs, quantized, r, out, src, names, dest: Path, copied, warnings) 
     total_out = sum(j.out_bytes for j in jobs)
     by_bits: Dict[str, int] = {}
     for j in jobs:
-        key = f"{j.quant[0]}-bit" if j.quant else j.out_dtype.lower()
+        key = (f"{j.quant[0]}-bit" if j.quant[2] == "affine" else j.quant[2]) if j.quant else j.out_dtype.lower()
         by_bits[key] = by_bits.get(key, 0) + j.params
     return {
         "path": str(out),
@@ -1098,7 +1124,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="quantize (recipe mixed-4 unless --recipe says otherwise)")
     p.add_argument("--recipe", default=None, choices=RECIPES,
                    help="mixed-4 (experts + self-conditioning 4-bit, the rest 8-bit; the default "
-                   "with -q), 4bit, 8bit, or bf16/fp16/fp32 (unquantized)")
+                   "with -q), 4bit, 8bit, mxfp4-mixed (experts MXFP4), 3bit-mixed, 2bit-mixed (fits a "
+                   "16 GB Mac), or bf16/fp16/fp32 (unquantized)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     add_output_args(p)
     return p

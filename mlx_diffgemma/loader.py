@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,15 +19,95 @@ from .model import Model
 from .paths import resolve_model_path
 from .weights import hf_to_mlx_name
 
+def _scan(model_path: Path):
+    try:
+        return scan_checkpoint(model_path)
+    except ConversionError as e:
+        raise WeightsError(str(e)) from e
+
+
 def weight_files(model_path: Path) -> List[Path]:
     """The safetensors shards of a directory, every header checked as the converter
     checks it (cheap: headers only) and against the index when there is one, so a
     damaged or incomplete checkpoint never reaches mx.load."""
-    try:
-        tensors = scan_checkpoint(model_path)
-    except ConversionError as e:
-        raise WeightsError(str(e)) from e
-    return sorted({ref.file for ref in tensors.values()})
+    return sorted({ref.file for ref in _scan(model_path).values()})
+
+
+# -- will it fit? ------------------------------------------------------------------------------
+
+
+def memory_limit() -> Tuple[int, str]:
+    """(bytes, what they are) a model may use here: on Metal MLX's
+    `max_recommended_working_set_size` (about 2/3 to 3/4 of a Mac's memory), elsewhere the
+    machine's physical memory."""
+    for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None), "device_info", None)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info = get() if get is not None else {}
+        except Exception:  # no Metal, or an MLX without the call
+            info = {}
+        limit = info.get("max_recommended_working_set_size")
+        if limit:
+            return int(limit), "the GPU's recommended working set"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
+def runtime_bytes(config: Dict[str, Any], context: int = 4096) -> int:
+    """What generation adds to the weights (sizes.generation_memory): the KV cache of a
+    `context`-token prompt plus a canvas of new tokens, one denoising step's float32
+    logits and sampler temporaries, and a layer's activations."""
+    from .sizes import generation_memory
+
+    g = generation_memory(config, prompt=context)
+    return int(g["kv"] + g["step"] + g["layer_acts"])
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def check_fits(path_or_config: Union[str, Path, Dict[str, Any]], context: int = 4096,
+               limit: Optional[int] = None, out=None) -> Dict[str, Any]:
+    """Whether a model directory (or, from its config alone, a conversion of it) fits
+    this device: the text weights our runtime loads (the vision tower never is) plus
+    `runtime_bytes(context)` against `memory_limit()`. When it does not, prints one line
+    to `out` (stderr) naming the widest recipe whose estimate would fit. Reads headers
+    and config.json only. Returns the numbers and the line (None when it fits)."""
+    from .recipes import QUANTIZED_RECIPES
+    from .sizes import estimate
+
+    if isinstance(path_or_config, dict):
+        config, where = path_or_config, "this model"
+        weights = estimate(config, None)["text_bytes"]
+    else:
+        where = Path(path_or_config)
+        config = load_config(where)
+        weights = sum(r.nbytes for k, r in _scan(where).items() if hf_to_mlx_name(k) is not None)
+    extra = runtime_bytes(config, context)
+    if limit is None:
+        limit, what = memory_limit()
+    else:
+        what = "the given limit"
+    need = weights + extra
+    report: Dict[str, Any] = {"weights": weights, "runtime": extra, "need": need, "limit": limit,
+                              "fits": need <= limit, "suggestion": None, "message": None}
+    if report["fits"]:
+        return report
+    for r in QUANTIZED_RECIPES:
+        size = estimate(config, r)["text_bytes"] + extra
+        if size <= limit and size < need:
+            report["suggestion"] = (r, size)
+            break
+    ctx = f"{context // 1024}K" if context % 1024 == 0 else str(context)
+    advice = (f"convert with --recipe {report['suggestion'][0]} (about "
+              f"{_gb(report['suggestion'][1])})" if report["suggestion"]
+              else "no recipe fits; use a machine with more memory")
+    report["message"] = (
+        f"warning: {where} needs about {_gb(need)} (weights {_gb(weights)} + {ctx} context "
+        f"and one step {_gb(extra)}) but {what} is {_gb(limit)}: {advice}")
+    print(report["message"], file=out or sys.stderr)
+    return report
 
 
 def load_safetensors(path: Path) -> Dict[str, mx.array]:
@@ -82,6 +165,11 @@ def _quantize_like_checkpoint(model: Model, config: Dict[str, Any], weights: Dic
 
 
 def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model, Dict[str, Any]]:
+    """Builds the model and installs the checkpoint's arrays without a second copy of any
+    weight: Model(args)'s float init and nn.quantize's re-quantization of it are lazy and
+    never evaluated (the modules' arrays are replaced before anything runs), mx.load is
+    lazy, and `model.update` installs the loaded arrays themselves; evaluating the
+    parameters then reads each tensor once (see tests/test_recipes.py)."""
     model_path = Path(model_path)
     config = load_config(model_path)
     config_path = model_path / "config.json"
@@ -170,10 +258,16 @@ def check_sidecars(path: Path) -> List[str]:
     return problems
 
 
-def load(path_or_repo: Union[str, Path], lazy: bool = False):
+def load(path_or_repo: Union[str, Path], lazy: bool = False, check_memory: bool = True):
     """Loads a DiffusionGemma model directory or hub id: returns (model, tokenizer), the
-    tokenizer None when the directory has none."""
+    tokenizer None when the directory has none. First (`check_memory`) says in one line
+    when the model will not fit this device (`check_fits`)."""
     model_path = resolve_model_path(path_or_repo)
+    if check_memory:
+        try:
+            check_fits(model_path)
+        except (ConfigError, WeightsError, ValueError, TypeError, KeyError):
+            pass  # load_model reports a broken directory properly
     model, config = load_model(model_path, lazy=lazy)
     model.model_path = model_path
     # Read once here; every generation applies its overrides to these.

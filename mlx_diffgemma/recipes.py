@@ -1,12 +1,21 @@
 """Quantization recipes and the per-module quantization record. Imports nothing of
 ours: the converter, the size estimates and the loader all read it.
 
-Recipes (affine quantization, group 64 unless told otherwise):
+Recipes (affine quantization, group 64 unless told otherwise; MLX's other modes have a
+fixed width and group: mxfp4 4/32, nvfp4 4/16, mxfp8 8/32, uint8 scales and no biases):
 
 * ``mixed-4`` (the default, and what mlx-vlm's converter / the mlx-community 4-bit
   checkpoints use): the routed experts and the self-conditioning MLP at 4 bits; the
   embedding, attention q/k/v/o, the dense MLP and the router projection at 8 bits.
 * ``4bit`` / ``8bit``: every quantizable matrix at that width.
+* ``mxfp4-mixed``: the routed experts and the self-conditioning MLP in MXFP4 (4-bit
+  floats, one power-of-two scale per 32 weights, no biases: 4.25 bits a weight); the
+  rest 8-bit affine as in ``mixed-4``.
+* ``3bit-mixed``: experts and self-conditioning MLP 3-bit affine; the embedding (also
+  the LM head) and the router 8-bit; attention and the dense MLP 6-bit.
+* ``2bit-mixed`` (the one whose weights, a 4K context and a step fit a 16 GB Mac's ~11 GB
+  working set): experts and self-conditioning MLP 2-bit affine; the router 8-bit; the
+  embedding, attention and dense MLP 6-bit.
 * ``bf16`` / ``fp16`` / ``fp32``: no quantization, weights cast to that dtype.
 
 Never quantized: norms, ``layer_scalar``, the router's ``scale`` and ``per_expert_scale``
@@ -16,7 +25,10 @@ The record in ``config.json`` is mlx-lm's / mlx-vlm's: ``quantization`` (and the
 as ``quantization_config``) holds the default ``group_size``/``bits``/``mode`` plus one
 entry per module path whose settings differ from the default, e.g.
 ``"model.decoder.layers.0.self_attn.q_proj": {"group_size": 64, "bits": 8}``. Modules at
-the default settings are recognised by their ``.scales`` tensor, as both loaders do.
+the default settings are recognised by their ``.scales`` tensor, as both loaders do. A
+module entry without ``mode`` is affine (both loaders hand the entry to
+``to_quantized``, whose default mode is affine), so a recipe that uses another mode
+writes ``mode`` in every entry.
 """
 
 from __future__ import annotations
@@ -62,7 +74,20 @@ def module_kind(name: str) -> Optional[str]:
 
 # -- recipes -------------------------------------------------------------------------------
 
-RECIPES = ("mixed-4", "4bit", "8bit", "bf16", "fp16", "fp32")
+RECIPES = ("mixed-4", "4bit", "8bit", "mxfp4-mixed", "3bit-mixed", "2bit-mixed", "bf16", "fp16", "fp32")
+# The quantized recipes, widest first (what the load-time memory check offers instead).
+QUANTIZED_RECIPES = ("8bit", "mixed-4", "mxfp4-mixed", "4bit", "3bit-mixed", "2bit-mixed")
+# mode -> the (bits, group) it requires; affine takes any of SUPPORTED_BITS/GROUPS.
+MODES = {"affine": None, "mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+# name -> kind -> bits (an int: affine at the recipe's group size) or a mode name.
+_MIXED_SPECS = {
+    "mxfp4-mixed": {EXPERTS: "mxfp4", SELF_CONDITIONING: "mxfp4", EMBEDDING: 8, ATTENTION: 8,
+                    DENSE_MLP: 8, ROUTER: 8},
+    "3bit-mixed": {EXPERTS: 3, SELF_CONDITIONING: 3, EMBEDDING: 8, ROUTER: 8, ATTENTION: 6,
+                   DENSE_MLP: 6},
+    "2bit-mixed": {EXPERTS: 2, SELF_CONDITIONING: 2, ROUTER: 8, EMBEDDING: 6, ATTENTION: 6,
+                   DENSE_MLP: 6},
+}
 DEFAULT_RECIPE = "mixed-4"
 DTYPE_NAMES = {
     "bf16": "bfloat16",
@@ -76,6 +101,7 @@ DTYPE_NAMES = {
 }
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
+Quant = Tuple[int, int, str]  # (bits, group, mode) of one module
 
 
 class RecipeError(ValueError):
@@ -92,30 +118,44 @@ class Recipe:
     default_bits: Optional[int] = None
     # Output float dtype ("bfloat16" / "float16" / "float32"), None = keep the source's.
     dtype: Optional[str] = None
-    mode: str = "affine"
+    mode: str = "affine"  # the default mode recorded at the top level
+    # kind -> mode other than affine (its bits and group are the mode's)
+    modes: Dict[str, str] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
         return bool(self.bits)
 
-    def params_for(self, name: str, shape: Sequence[int]) -> Optional[Tuple[int, int]]:
-        """(bits, group_size) for tensor `name` of (unquantized) `shape`, or None when it
-        stays unquantized: not a quantizable kind, not in this recipe, or its input
-        dimension is not a multiple of the group size (as mlx-vlm's converter does)."""
+    @property
+    def default_group(self) -> int:
+        fixed = MODES.get(self.mode)
+        return fixed[1] if fixed else self.group_size
+
+    def quant_for(self, name: str, shape: Sequence[int]) -> Optional[Quant]:
+        """(bits, group_size, mode) for tensor `name` of (unquantized) `shape`, or None
+        when it stays unquantized: not a quantizable kind, not in this recipe, or its
+        input dimension is not a multiple of the group size (as mlx-vlm's converter does)."""
         kind = module_kind(name)
         if kind is None or kind not in self.bits or len(shape) < 2:
             return None
-        if shape[-1] % self.group_size:
+        mode = self.modes.get(kind, "affine")
+        bits, group = MODES[mode] or (self.bits[kind], self.group_size)
+        if shape[-1] % group:
             return None
-        return self.bits[kind], self.group_size
+        return bits, group, mode
+
+    def params_for(self, name: str, shape: Sequence[int]) -> Optional[Tuple[int, int]]:
+        """(bits, group_size) of `quant_for`."""
+        q = self.quant_for(name, shape)
+        return None if q is None else q[:2]
 
     def describe(self) -> str:
         if not self.quantized:
             return f"unquantized, {self.dtype}" if self.dtype else "unquantized, source dtype"
-        by_bits: Dict[int, list] = {}
+        by_bits: Dict[Any, list] = {}
         for kind, b in self.bits.items():
-            by_bits.setdefault(b, []).append(kind)
-        parts = [f"{b}-bit: {', '.join(kinds)}" for b, kinds in sorted(by_bits.items())]
+            by_bits.setdefault(self.modes.get(kind) or f"{b}-bit", []).append(kind)
+        parts = [f"{b}: {', '.join(kinds)}" for b, kinds in sorted(by_bits.items())]
         return f"{self.name} ({'; '.join(parts)}; group {self.group_size}, {self.mode})"
 
 
@@ -174,6 +214,15 @@ def make_recipe(
         bits = {EXPERTS: low, SELF_CONDITIONING: low, EMBEDDING: 8, ATTENTION: 8, DENSE_MLP: 8, ROUTER: 8}
         name = "mixed-4" if low == 4 else f"mixed-{low}"
         return Recipe(name=name, bits=bits, group_size=group, default_bits=low, dtype=dtype)
+    if recipe in _MIXED_SPECS:
+        if q_bits is not None:
+            raise RecipeError(f"recipe {recipe} fixes its widths; --q-bits applies to mixed-4 only")
+        spec = _MIXED_SPECS[recipe]
+        modes = {k: v for k, v in spec.items() if isinstance(v, str)}
+        bits = {k: (MODES[v][0] if isinstance(v, str) else v) for k, v in spec.items()}
+        mode = modes.get(EXPERTS, "affine")  # the experts are most of the model: the default
+        return Recipe(name=recipe, bits=bits, group_size=group, default_bits=bits[EXPERTS],
+                      dtype=dtype, mode=mode, modes=modes)
     width = 4 if recipe == "4bit" else 8
     if q_bits is not None and int(q_bits) != width:
         raise RecipeError(f"recipe {recipe} conflicts with --q-bits {q_bits}")
@@ -181,30 +230,37 @@ def make_recipe(
     return Recipe(name=recipe, bits=bits, group_size=group, default_bits=width, dtype=dtype)
 
 
-def quantization_record(recipe: Recipe, quantized: Mapping[str, Tuple[int, int]]) -> Optional[dict]:
+def quantization_record(recipe: Recipe, quantized: Mapping[str, Quant]) -> Optional[dict]:
     """config.json's `quantization` dict for the modules actually quantized
-    (module path -> (bits, group)), or None when nothing is."""
+    (module path -> (bits, group, mode)), or None when nothing is. Entries name their
+    `mode` when any mode but affine is in play (an entry without one is affine)."""
     if not quantized:
         return None
-    record: Dict[str, Any] = {
-        "group_size": recipe.group_size,
-        "bits": recipe.default_bits,
-        "mode": recipe.mode,
-    }
+    default = (recipe.default_bits, recipe.default_group, recipe.mode)
+    record: Dict[str, Any] = {"group_size": default[1], "bits": default[0], "mode": default[2]}
+    explicit = any(q[2] != "affine" for q in quantized.values())
     for path in sorted(quantized):
-        bits, group = quantized[path]
-        if bits != recipe.default_bits or group != recipe.group_size:
-            record[path] = {"group_size": group, "bits": bits}
+        q = tuple(quantized[path])
+        if q != default:
+            record[path] = {"group_size": q[1], "bits": q[0]}
+            if explicit:
+                record[path]["mode"] = q[2]
     return record
 
 
-def _check_params(entry: Mapping[str, Any], where: str) -> None:
-    for key, allowed in (("bits", SUPPORTED_BITS), ("group_size", SUPPORTED_GROUPS)):
+def _check_params(entry: Mapping[str, Any], where: str, mode: str = "affine") -> None:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise RecipeError(f"{where}.mode is {mode!r}; expected one of {', '.join(MODES)}")
+    fixed = MODES[mode]
+    for i, (key, allowed) in enumerate((("bits", SUPPORTED_BITS), ("group_size", SUPPORTED_GROUPS))):
         if key not in entry:
             continue
         v = entry[key]
+        if fixed:
+            allowed = (fixed[i],)
         if isinstance(v, bool) or not isinstance(v, int) or v not in allowed:
-            raise RecipeError(f"{where}.{key} is {v!r}; expected one of {allowed}")
+            raise RecipeError(f"{where}.{key} is {v!r}; expected one of {allowed}"
+                              + (f" with mode {mode}" if fixed else ""))
 
 
 def check_quantization_record(record: Any, where: str = "quantization") -> None:
@@ -216,27 +272,26 @@ def check_quantization_record(record: Any, where: str = "quantization") -> None:
         return
     if not isinstance(record, dict):
         raise RecipeError(f"{where} must be an object (found {type(record).__name__})")
-    _check_params(record, where)
-    mode = record.get("mode", "affine")
-    if not isinstance(mode, str):
-        raise RecipeError(f"{where}.mode is {mode!r}; expected a string such as 'affine'")
+    _check_params(record, where, record.get("mode", "affine"))
     for key, entry in record.items():
         if key in ("bits", "group_size", "mode") or entry is False:
             continue
         if isinstance(entry, dict):
-            _check_params(entry, f"{where}[{key!r}]")
+            _check_params(entry, f"{where}[{key!r}]", entry.get("mode", "affine"))
 
 
-def module_quantization(record: Optional[Mapping[str, Any]], path: str) -> Optional[Tuple[int, int]]:
-    """(bits, group) a config `quantization` record gives module `path`: its own entry,
-    else the defaults. None when there is no record or the entry says False."""
+def module_quantization(record: Optional[Mapping[str, Any]], path: str) -> Optional[Quant]:
+    """(bits, group, mode) a config `quantization` record gives module `path`: its own
+    entry (affine unless it names a mode, as the loaders read it), else the defaults.
+    None when there is no record or the entry says False."""
     if not record:
         return None
     entry = record.get(path)
     if entry is False:
         return None
     if isinstance(entry, dict):
-        return int(entry.get("bits", record.get("bits", 4))), int(
-            entry.get("group_size", record.get("group_size", 64))
-        )
-    return int(record.get("bits", 4)), int(record.get("group_size", 64))
+        mode = entry.get("mode", "affine")
+        fixed = MODES.get(mode) or (None, None)
+        return (int(entry.get("bits", fixed[0] or record.get("bits", 4))),
+                int(entry.get("group_size", fixed[1] or record.get("group_size", 64))), mode)
+    return int(record.get("bits", 4)), int(record.get("group_size", 64)), record.get("mode", "affine")

@@ -56,9 +56,13 @@ def vision_shapes(config: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
     return out
 
 
-def quantized_nbytes(shape: Sequence[int], bits: int, group: int, scale_itemsize: int) -> int:
-    """Bytes of an affine-quantized tensor: packed uint32 weight + scales + biases."""
+def quantized_nbytes(shape: Sequence[int], bits: int, group: int, scale_itemsize: int,
+                     mode: str = "affine") -> int:
+    """Bytes of a quantized tensor: packed uint32 weight + scales + biases (affine, in the
+    float dtype), or + one uint8 scale per group (mxfp4/nvfp4/mxfp8)."""
     n = math.prod(shape)
+    if mode != "affine":
+        return n * bits // 8 + n // group
     return n * bits // 8 + 2 * (n // group) * scale_itemsize
 
 
@@ -100,8 +104,8 @@ def estimate(
     text_params = text_bytes = 0
     for name, shape in expected_shapes(args).items():
         n = math.prod(shape)
-        qp = r.params_for(name, shape)
-        nbytes = quantized_nbytes(shape, qp[0], qp[1], item) if qp else n * item
+        qp = r.quant_for(name, shape)
+        nbytes = quantized_nbytes(shape, qp[0], qp[1], item, qp[2]) if qp else n * item
         add(module_kind(name) or "norms_and_scalars", n, nbytes)
         text_params += n
         text_bytes += nbytes
@@ -127,5 +131,42 @@ def estimate(
         "gib": total_bytes / 2**30,
         "bits_per_weight": 8 * total_bytes / total_params,
         "text_bits_per_weight": 8 * text_bytes / text_params,
+        # what our (text-only) runtime holds: the vision tower is never loaded
+        "text_bytes": text_bytes,
         "by_kind": kinds,
     }
+
+
+def generation_memory(config: Mapping[str, Any], prompt: int = 4096, new_tokens: int = 256,
+                      act_bytes: int = 2, prefill_chunk: int = 2048) -> Dict[str, Any]:
+    """Bytes a generation adds to the weights (`bench.memory_arithmetic` explains each
+    part): the KV cache (`kv`), one denoising step's activations (`step`, in `unit`s of a
+    [canvas x vocab] float32 array, `step_units`), a layer's activations at the canvas
+    (`layer_acts`) and the prefill's largest transient (`prefill`, below the step's)."""
+    from .config import ModelArgs
+
+    a = ModelArgs.from_dict(config)
+    C, V = a.canvas_length, a.vocab_size
+    slack = C  # make_cache's default
+    context = prompt + new_tokens
+    kv = 0
+    for i, kind in enumerate(a.layer_types):
+        heads, dim = a.kv_heads_of(i), a.head_dim_of(i)
+        kept = min(context, a.sliding_window - 1 + slack) if kind == "sliding_attention" else context
+        kv += 2 * heads * dim * kept * act_bytes
+    unit = C * V * 4
+    step_units = {
+        "processed logits, float32 (the raw logits' buffer)": 1.0,
+        "self-conditioning input kept for the next step (bf16)": act_bytes / 4,
+        "sampler temporaries (Gumbel draw + fused entropy pass)": 2.0,
+    }
+    layer_acts = (
+        # a full layer's attention scores and their softmax, canvas x (context + canvas)
+        2 * a.num_attention_heads * C * (context + C) * act_bytes
+        # routed activations: canvas x top-k x 2 x moe_intermediate (gate_up), twice
+        + 2 * C * a.top_k_experts * 2 * a.moe_intermediate_size * act_bytes
+    )
+    prefill = 2 * a.num_attention_heads * prefill_chunk * prompt * act_bytes
+    step = sum(step_units.values()) * unit
+    return {"kv": kv, "unit": unit, "step_units": step_units, "step": step,
+            "layer_acts": layer_acts, "prefill": prefill}

@@ -98,18 +98,24 @@ def _tensor_problems(tensors: Dict[str, TensorRef], expected, record) -> Tuple[L
             if qp is None:
                 problems.append(f"{base} is quantized but config.json has no quantization record")
                 continue
-            bits, group = qp
+            bits, group, mode = qp
             cols = shape[-1]
             want_w = tuple(shape[:-1]) + (cols * bits // 32,)
             want_s = tuple(shape[:-1]) + (cols // group,)
             if w.dtype != "U32" or w.shape != want_w:
                 problems.append(f"{base}.weight is {w.dtype}{list(w.shape)}, expected U32{list(want_w)} ({bits}-bit)")
-            if s.shape != want_s or b is None or b.shape != want_s:
-                problems.append(f"{base}.scales/.biases do not match group size {group}: expected {list(want_s)}")
-            problems += [
-                f"{t.file.name}: {t.key} is {t.dtype}, expected a float dtype"
-                for t in (s, b) if t is not None and t.dtype not in FLOAT_DTYPES
-            ]
+            if mode == "affine":
+                if s.shape != want_s or b is None or b.shape != want_s:
+                    problems.append(f"{base}.scales/.biases do not match group size {group}: expected {list(want_s)}")
+                problems += [
+                    f"{t.file.name}: {t.key} is {t.dtype}, expected a float dtype"
+                    for t in (s, b) if t is not None and t.dtype not in FLOAT_DTYPES
+                ]
+            else:
+                if s.shape != want_s or s.dtype != "U8":
+                    problems.append(f"{base}.scales is {s.dtype}{list(s.shape)}, expected U8{list(want_s)} ({mode})")
+                if b is not None:
+                    problems.append(f"{base}.biases is stored but {mode} keeps none")
             quantized += 1
         elif name in names:
             ref = tensors[names[name]]

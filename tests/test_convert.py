@@ -224,19 +224,24 @@ def test_real_model_estimate():
 # -- re-quantizing an MLX directory ----------------------------------------------------------------
 
 
-def test_requantize(hf, tmp_path):
-    mixed = tmp_path / "mixed"
-    convert(hf, mixed, quantize=True, progress=False, verbose=False)
-    # same recipe again: the packed tensors are copied as they are
-    same = tmp_path / "same"
-    quantize(mixed, same, recipe="mixed-4", progress=False, verbose=False)
-    a, b = _tensors(mixed), _tensors(same)
+def assert_same_tensors(x: Path, y: Path) -> None:
+    """Both directories hold the same tensor names with byte-identical data."""
+    a, b = _tensors(x), _tensors(y)
     assert set(a) == set(b)
     for k in a:
         with open(a[k].file, "rb") as fa, open(b[k].file, "rb") as fb:
             fa.seek(a[k].begin)
             fb.seek(b[k].begin)
             assert fa.read(a[k].nbytes) == fb.read(b[k].nbytes), k
+
+
+def test_requantize(hf, tmp_path):
+    mixed = tmp_path / "mixed"
+    convert(hf, mixed, quantize=True, progress=False, verbose=False)
+    # same recipe again: the packed tensors are copied as they are
+    same = tmp_path / "same"
+    quantize(mixed, same, recipe="mixed-4", progress=False, verbose=False)
+    assert_same_tensors(mixed, same)
     # to 8 bit, and back to float32: the dequantized model computes what the 4-bit one does
     q8 = tmp_path / "q8"
     quantize(mixed, q8, recipe="8bit", progress=False, verbose=False)
