@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mlx_diffgemma.recipes import RECIPES  # noqa: E402
 from mlx_diffgemma.sizes import estimate  # noqa: E402
 
 FULL = "full_attention"
@@ -65,7 +66,6 @@ REAL_CONFIG = {
     },
 }
 
-RECIPES = ("mixed-4", "4bit", "8bit", "bf16", "fp16", "fp32")
 
 
 def main(argv=None) -> int:
