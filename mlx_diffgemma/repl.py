@@ -8,12 +8,13 @@ canvas to a terminal's stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import SEED_MAX, GenerationConfig
 from .drafter import Commit, Draft, Summary, check_context, generation_config
@@ -21,7 +22,6 @@ from .paths import DEFAULT_MODEL, resolve_model_path
 from .session import (
     SETTING_ALIASES,
     ChatSession,
-    Interrupted,
     Prefill,
     check_text,
     encode_text,
@@ -116,6 +116,42 @@ class CanvasView:
         return header, body
 
 
+class LiveCanvas:
+    """The live view of the canvas being denoised, for the REPL and `generate`: a
+    transient rich Live region, redrawn at most 20 times a second (and at each canvas's
+    last step), holding `head` lines above the canvas."""
+
+    def __init__(self, console, tokenizer, steps: int, **live_options):
+        from rich.live import Live
+
+        self.view = CanvasView(tokenizer, steps)
+        self.live = Live(console=console, auto_refresh=False, transient=True, **live_options)
+        self.lines: Tuple = ()
+        self._last = 0.0
+
+    def __enter__(self) -> "LiveCanvas":
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from rich.text import Text
+
+        self.live.update(Text(""), refresh=True)
+        self.live.stop()
+
+    def draft(self, ev: Draft, head: Sequence = ()) -> None:
+        self.lines = self.view.render(ev)
+        now = time.perf_counter()
+        if now - self._last > 1 / 20 or ev.step == 1:
+            self.show(head)
+            self._last = now
+
+    def show(self, head: Sequence = ()) -> None:
+        from rich.console import Group
+
+        self.live.update(Group(*head, *self.lines), refresh=True)
+
+
 # -- the REPL ----------------------------------------------------------------------------
 
 HELP = """\
@@ -172,17 +208,13 @@ def _interrupt_flag():
 
 def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
     """One turn on screen: live canvas while it denoises, committed text above it."""
-    from rich.console import Group
-    from rich.live import Live
     from rich.text import Text
 
-    view = CanvasView(session.tokenizer, session.gen.max_denoising_steps)
     label = Text("model › ", style="bold magenta")
     pending = ""  # committed text not yet printed (no newline yet)
     label_done = False
     prefill = None
-    last_draw = 0.0
-    canvas_lines: Tuple = ()
+    summary = None
 
     def tail():
         t = Text()
@@ -191,28 +223,19 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
         t.append(pending)
         return t
 
-    def frame():
-        return Group(tail(), *canvas_lines)
-
-    live = Live(console=console, auto_refresh=False, transient=True, vertical_overflow="visible")
-    live.start()
-    if hasattr(flag, "on_set"):
-        flag.on_set = lambda: live.console.print(Text("stopping…", style="yellow"))
-    summary = None
-    try:
+    with LiveCanvas(console, session.tokenizer, session.gen.max_denoising_steps,
+                    vertical_overflow="visible") as live:
+        if hasattr(flag, "on_set"):
+            flag.on_set = lambda: live.live.console.print(Text("stopping…", style="yellow"))
         for ev in session.send(text, should_stop=flag.is_set):
             if isinstance(ev, Prefill):
                 prefill = ev
                 if ev.note:
-                    live.console.print(Text(f"({ev.note})", style="yellow"))
-                canvas_lines = (Text(f"encoded {ev.encoded} new prompt tokens ({ev.reused} cached) in {ev.time:.3f} s", style="dim"),)
-                live.update(frame(), refresh=True)
+                    live.live.console.print(Text(f"({ev.note})", style="yellow"))
+                live.lines = (Text(f"encoded {ev.encoded} new prompt tokens ({ev.reused} cached) in {ev.time:.3f} s", style="dim"),)
+                live.show((tail(),))
             elif isinstance(ev, Draft):
-                now = time.perf_counter()
-                canvas_lines = view.render(ev)
-                if now - last_draw > 1 / 20 or ev.step == 1:
-                    live.update(frame(), refresh=True)
-                    last_draw = now
+                live.draft(ev, (tail(),))
             elif isinstance(ev, Commit):
                 pending += ev.text
                 if "\n" in pending:
@@ -222,16 +245,11 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
                         line.append_text(label)
                         label_done = True
                     line.append(done)
-                    live.console.print(line)
-                canvas_lines = ()
-                live.update(frame(), refresh=True)
+                    live.live.console.print(line)
+                live.lines = ()
+                live.show((tail(),))
             elif isinstance(ev, Summary):
                 summary = ev
-            elif isinstance(ev, Interrupted):
-                pass
-    finally:
-        live.update(Text(""), refresh=True)
-        live.stop()
     if summary is None:
         if pending or label_done:
             console.print(tail())
@@ -580,7 +598,6 @@ def _read_stdin() -> str:
 
 def main_generate(args) -> int:
     from rich.console import Console
-    from rich.live import Live
     from rich.text import Text
 
     prompt = check_text(args.prompt, "--prompt") if args.prompt is not None else _read_stdin()
@@ -602,36 +619,21 @@ def main_generate(args) -> int:
                   "shorten the prompt or lower --max-new-tokens")
 
     err = Console(stderr=True, highlight=False)
-    show_drafts = args.verbose and sys.stderr.isatty()
-    view = CanvasView(tokenizer, gen.max_denoising_steps)
-    live = None
-    if show_drafts:
-        # No stdout redirection: the text goes to stdout, the drafts to the terminal.
-        live = Live(console=err, auto_refresh=False, transient=True,
-                    redirect_stdout=False, redirect_stderr=False)
-        live.start()
     summary = None
-    last = 0.0
-    try:
+    # Drafts only on a terminal, and no stdout redirection: the text goes to stdout.
+    live = LiveCanvas(err, tokenizer, gen.max_denoising_steps, redirect_stdout=False,
+                      redirect_stderr=False) if args.verbose and sys.stderr.isatty() else None
+    with live or contextlib.nullcontext():
         mode = {} if args.mode == "reference" else {"mode": args.mode}
         events = backend.stream_generate(tokenizer, ids, None, None, args.seed, dict(overrides, **mode))
         for ev in events:
             if isinstance(ev, Draft) and live is not None:
-                now = time.perf_counter()
-                if now - last > 1 / 20:
-                    from rich.console import Group
-
-                    live.update(Group(*view.render(ev)), refresh=True)
-                    last = now
+                live.draft(ev)
             elif isinstance(ev, Commit):
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
             elif isinstance(ev, Summary):
                 summary = ev
-    finally:
-        if live is not None:
-            live.update(Text(""), refresh=True)
-            live.stop()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose and summary is not None:
