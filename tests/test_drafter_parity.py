@@ -25,6 +25,7 @@ from mlx_diffgemma.config import GenerationConfig
 from mlx_diffgemma.denoiser import MLXDenoiser
 from mlx_diffgemma.drafter import Summary
 from teacher_forcing import from_reference, recording, replay
+from tiny_checkpoints import DRAFTER_RUNS, random_prompt
 
 ATOL = 1e-3  # raw logits (~20); two float32 implementations land near 1e-4
 
@@ -37,8 +38,7 @@ def _summary(events) -> Summary:
     return events[-1]
 
 
-def _prompt(V, n, seed):
-    return np.random.default_rng(seed).integers(3, V, n).tolist()
+_prompt = random_prompt
 
 
 # -- 1. teacher-forced replay -------------------------------------------------------------
@@ -72,18 +72,7 @@ def test_per_step_replay_matches_reference(shape, ckpt_factory):
 
 # -- 2. whole runs ------------------------------------------------------------------------
 
-RUNS = [
-    # (seed, prompt_len, canvases, kwargs)
-    (0, 5, 3, dict(max_denoising_steps=12)),
-    (1, 11, 3, dict(max_denoising_steps=12)),
-    (2, 20, 2, dict(max_denoising_steps=20)),
-    # Random weights never meet the released stopping rule: these stop data-dependently.
-    (3, 9, 3, dict(max_denoising_steps=16, stability_threshold=0, confidence_threshold=0.9)),
-    # Accept-everything at low temperature: the argmax canvas settles, so the stability
-    # window (threshold 1) is exercised too.
-    (4, 9, 3, dict(max_denoising_steps=16, stability_threshold=1, confidence_threshold=0.9,
-                   entropy_bound=1e3, t_min=0.05, t_max=0.1)),
-]
+RUNS = DRAFTER_RUNS
 
 
 @pytest.fixture(scope="module")

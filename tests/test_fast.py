@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import mlx_diffgemma as md
+from tiny_checkpoints import DRAFTER_RUNS, random_prompt
 from mlx_diffgemma.drafter import generation_config, stream
 from mlx_diffgemma.fast import (
     FastDenoiser,
@@ -21,12 +22,7 @@ from mlx_diffgemma.fast import (
     sparse_soft_embedding_bound,
 )
 
-RUNS = [
-    (0, 5, 3, dict(max_denoising_steps=12)),
-    (3, 9, 3, dict(max_denoising_steps=16, stability_threshold=0, confidence_threshold=0.9)),
-    (4, 9, 3, dict(max_denoising_steps=16, stability_threshold=1, confidence_threshold=0.9,
-                   entropy_bound=1e3, t_min=0.05, t_max=0.1)),
-]
+RUNS = [DRAFTER_RUNS[i] for i in (0, 3, 4)]  # a plain run and both data-dependent stops
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +32,7 @@ def mixed(ckpt_factory):
     return path, model, tok
 
 
-def _prompt(V, n, seed):
-    return np.random.default_rng(seed).integers(3, V, n).tolist()
+_prompt = random_prompt
 
 
 @pytest.mark.parametrize("seed, prompt_len, canvases, kw", RUNS)

@@ -415,3 +415,24 @@ def make_checkpoint_with_tokenizer(path, shape: str = "mixed", **kwargs) -> Path
     path = make_checkpoint(path, shape=shape, **kwargs)
     write_tokenizer(path, SHAPES[shape]["text_config"]["vocab_size"])
     return path
+
+
+# Drafter runs on random checkpoints: (noise seed, prompt length, canvases, generation
+# kwargs). Random weights never meet the released stopping rule, so runs 3 and 4 stop
+# data-dependently: no stability window, and accept-everything at a low temperature (the
+# argmax canvas settles, so the stability window of 1 is exercised too).
+DRAFTER_RUNS = [
+    (0, 5, 3, dict(max_denoising_steps=12)),
+    (1, 11, 3, dict(max_denoising_steps=12)),
+    (2, 20, 2, dict(max_denoising_steps=20)),
+    (3, 9, 3, dict(max_denoising_steps=16, stability_threshold=0, confidence_threshold=0.9)),
+    (4, 9, 3, dict(max_denoising_steps=16, stability_threshold=1, confidence_threshold=0.9,
+                   entropy_bound=1e3, t_min=0.05, t_max=0.1)),
+]
+
+
+def random_prompt(vocab: int, n: int, seed: int) -> list:
+    """n token ids in [3, vocab): no pad, EOS or BOS."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
