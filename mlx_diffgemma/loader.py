@@ -40,16 +40,17 @@ def memory_limit() -> Tuple[int, str]:
     """(bytes, what they are) a model may use here: on Metal MLX's
     `max_recommended_working_set_size` (about 2/3 to 3/4 of a Mac's memory), elsewhere the
     machine's physical memory."""
-    for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None), "device_info", None)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                info = get() if get is not None else {}
-        except Exception:  # no Metal, or an MLX without the call
-            info = {}
-        limit = info.get("max_recommended_working_set_size")
-        if limit:
-            return int(limit), "the GPU's recommended working set"
+    # mx.device_info where MLX has it (mx.metal.device_info is deprecated there).
+    get = getattr(mx, "device_info", None) or getattr(getattr(mx, "metal", None), "device_info", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = get() if get is not None else {}
+    except Exception:  # no Metal, or an MLX without the call
+        info = {}
+    limit = info.get("max_recommended_working_set_size")
+    if limit:
+        return int(limit), "the GPU's recommended working set"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 

@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -175,23 +175,28 @@ def mlx_vlm_mode(path: Path, prompts, check, max_new: int) -> Dict[str, Any]:
             "tokens_per_second": tokens / (time.perf_counter() - t0)}
 
 
-def sudoku_task(hf_dir: Path, n: int):
+def toy_task(hf_dir: Path, n: int):
+    """The held-out prompts of a toy model trained by scripts/train_toy.py (its
+    heldout.json names the task) and the task's checker."""
     from transformers import AutoTokenizer
 
-    from train_toy import prompt_ids, solves
+    import train_toy
 
     hf = AutoTokenizer.from_pretrained(str(hf_dir))
-    puzzles = json.loads((hf_dir / "heldout.json").read_text())["puzzles"][:n]
-    prompts = [(p["puzzle"], prompt_ids(hf, p["puzzle"])) for p in puzzles]
-    return prompts, solves
-
-
-TASKS: Dict[str, Callable] = {"toy-sudoku": sudoku_task}
+    data = json.loads((hf_dir / "heldout.json").read_text())
+    get_task = getattr(train_toy, "get_task", None)
+    task = get_task(data.get("task", "sudoku")) if get_task else None
+    items = data["puzzles"][:n]
+    if task is None:  # a training script without tasks: the sudoku toy
+        return [(it["puzzle"], train_toy.prompt_ids(hf, it["puzzle"])) for it in items], train_toy.solves
+    by_prompt = {it["puzzle"]: it for it in items}
+    prompts = [(it["puzzle"], train_toy.prompt_ids(hf, it["puzzle"], task)) for it in items]
+    return prompts, lambda prompt, answer: task.check(by_prompt[prompt], answer)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="toy-sudoku", choices=sorted(TASKS))
+    p.add_argument("--model", default="toy-sudoku", help="a packaged toy model (toy-sudoku, toy-narayana) or its hf/ folder")
     p.add_argument("--n", type=int, default=100, help="held-out prompts (default 100)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: two canvases")
     p.add_argument("--no-mlx-vlm", action="store_true")
@@ -200,9 +205,10 @@ def main(argv=None) -> int:
     from mlx_diffgemma.paths import packaged_model
     from mlx_diffgemma.synthetic import preset_args
 
-    mlx_dir = packaged_model(a.model)
+    mlx_dir = packaged_model(a.model) or Path(a.model)
+    hf_dir = packaged_model(a.model, prefer="hf") or Path(a.model)
     model, tok = md.load(mlx_dir)
-    prompts, check = TASKS[a.model](packaged_model(a.model, prefer="hf"), a.n)
+    prompts, check = toy_task(hf_dir, a.n)
     max_new = a.max_new_tokens or 2 * model.canvas_length
     real = preset_args("real")
     rows: Dict[str, Dict[str, Any]] = {}
