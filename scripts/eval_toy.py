@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Evaluate a toy DiffusionGemma (4x4 Sudoku or running sums) on its held-out prompts.
+"""Evaluate a toy DiffusionGemma (4x4 Sudoku or Narayana's sequence mod 10) on its held-out prompts.
 
 ``python scripts/eval_toy.py --model DIR [--n 200] [--backend transformers] [--seed 0]``
 
 DIR is a checkpoint written by ``scripts/train_toy.py`` (HF format plus ``heldout.json``),
-e.g. ``mlx_diffgemma/assets/toy-sudoku/hf`` or ``mlx_diffgemma/assets/toy-runsum/hf``; the
+e.g. ``mlx_diffgemma/assets/toy-sudoku/hf`` or ``mlx_diffgemma/assets/toy-narayana/hf``; the
 task is read from ``heldout.json`` (``"task"``, absent = sudoku). For the Sudoku model,
 for each backend it reports:
 
@@ -16,7 +16,7 @@ for each backend it reports:
   two (default ``--max-new-tokens`` = 2 x canvas_length), with the first EOS at index 16 and
   only pad after it.
 
-For the running-sum model (answers span two canvases) the solve rate is exact match of the
+For the Narayana-sequence model (answers span two canvases) the solve rate is exact match of the
 text before the first EOS; steps per canvas are averaged over the canvases of each answer
 and then over answers; "canvases per answer" counts the generated canvases; "EOS ended"
 means the first EOS sits right after the answer, generation stopped with the canvas that
@@ -191,7 +191,7 @@ def evaluate_task(solve: Solve, tokenizer, puzzles: list[dict], canvas: int, max
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Held-out solve rate of a toy model (Sudoku or running sums).")
+    ap = argparse.ArgumentParser(description="Held-out solve rate of a toy model (Sudoku or Narayana's sequence mod 10).")
     ap.add_argument("--model", required=True, help="checkpoint dir (HF format + heldout.json)")
     ap.add_argument("--n", type=int, default=200, help="number of held-out puzzles (max: all)")
     ap.add_argument("--backend", action="append", choices=sorted(BACKENDS), help="repeatable; default all")
