@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         ("wall seconds", "seconds", "{:.1f}"),
     ]
     if task.name != "sudoku":
-        rows[1] = ("exact-match accuracy", "solve_rate", "{:.4f}")
+        rows[1] = (getattr(task, "metric", "exact-match accuracy"), "solve_rate", "{:.4f}")
         rows.insert(4, ("canvases per answer", "canvases_per_answer", "{:.2f}"))
         rows[6] = ("EOS ended after the answer's last canvas", "eos_ended", "{:.4f}")
     print(f"model: {model_dir}   task: {task.name}   max_new_tokens: {max_new}   seed: {args.seed}")

@@ -291,6 +291,11 @@ class NarayanaTask:
 
     name = "narayana"
     asset = "toy-narayana"
+    description = (
+        "Narayana's cows sequence mod 10: puzzle = three digits x0 x1 x2 separated by spaces; "
+        "solution = the next 30 terms of x[k] = (x[k-1] + x[k-3]) mod 10, separated by spaces. "
+        "Split by starting triple: these 240 triples never occur as training prompts (the "
+        "other 760 do).")
     canvas_length = SEQ_CANVAS_LENGTH
     example = "3 7 1"
 
@@ -312,7 +317,62 @@ class NarayanaTask:
         return sorted(triples[SEQ_HELDOUT:]), heldout
 
 
-TASKS = {"sudoku": SudokuTask, "narayana": NarayanaTask}
+class OpenSudokuTask:
+    """4x4 Sudoku with many blanks, so most puzzles have several solutions (any valid
+    completion is right), answered on 12-token canvases: the 16 digits and EOS span two."""
+
+    name = "sudoku-open"
+    asset = "toy-sudoku-open"
+    metric = "solve rate (any valid grid keeping the givens)"
+    description = (
+        "4x4 Sudoku with 11-16 blanks (most puzzles have several solutions; any valid grid that "
+        "keeps the givens is right). solution = the grid the puzzle was made from. Split by "
+        "solution grid as toy-sudoku: 48 held-out grids, 5 puzzles each, never in training.")
+    canvas_length = 12
+    example = "1..........3...."
+
+    def __init__(self):
+        self.maker = PuzzleMaker()
+        self.grid_of: dict = {}
+
+    def normalize(self, text: str) -> str:
+        return normalize_puzzle(text)
+
+    def answer(self, prompt: str) -> str:
+        """The grid a training puzzle was made from; else the first valid completion."""
+        if prompt in self.grid_of:
+            return self.grid_of[prompt]
+        return next(g for g in self.maker.grids if all(p in (".", c) for p, c in zip(prompt, g)))
+
+    def check(self, item: dict, answer: str) -> bool:
+        grid = answer.replace(" ", "")[:16]
+        return (len(grid) == 16 and is_valid_grid(grid)
+                and all(p in (".", c) for p, c in zip(item["puzzle"], grid)))
+
+    def _puzzle(self, grid: str, rng: random.Random) -> str:
+        blanks = set(rng.sample(range(16), rng.randint(11, 16)))
+        return "".join("." if i in blanks else c for i, c in enumerate(grid))
+
+    def split(self, seed: int) -> tuple[list[str], list[dict]]:
+        """Split by solution grid as toy-sudoku: puzzles of held-out grids never train."""
+        train_grids, held_grids = split_grids(seed)
+        rng = random.Random(seed + 1)
+        heldout = []
+        for grid in held_grids:
+            for _ in range(5):
+                p = self._puzzle(grid, rng)
+                heldout.append({"puzzle": p, "solution": grid,
+                                "n_solutions": self.maker.n_solutions(p)})
+        train = []
+        for grid in train_grids:
+            for _ in range(40):
+                p = self._puzzle(grid, rng)
+                self.grid_of.setdefault(p, grid)
+                train.append(p)
+        return sorted(set(train)), heldout
+
+
+TASKS = {"sudoku": SudokuTask, "narayana": NarayanaTask, "sudoku-open": OpenSudokuTask}
 
 
 def get_task(name: str = "sudoku"):
@@ -440,7 +500,7 @@ def build_config(tokenizer, args, canvas_length: int = CANVAS_LENGTH):
     )
 
 
-def build_generation_config(tokenizer, canvas_length: int = CANVAS_LENGTH):
+def build_generation_config(tokenizer, canvas_length: int = CANVAS_LENGTH, max_new_tokens: int = 0):
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
         DiffusionGemmaGenerationConfig,
         EntropyBoundSamplerConfig,
@@ -448,7 +508,7 @@ def build_generation_config(tokenizer, canvas_length: int = CANVAS_LENGTH):
 
     d = SAMPLER_DEFAULTS
     return DiffusionGemmaGenerationConfig(
-        max_new_tokens=canvas_length,
+        max_new_tokens=max_new_tokens or canvas_length,
         max_denoising_steps=d["max_denoising_steps"],
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=d["entropy_bound"]),
         t_min=d["t_min"],
@@ -784,10 +844,7 @@ def train_task(args, task, tokenizer, out: Path, t_start: float) -> None:
     (out / "heldout.json").write_text(
         json.dumps(
             {
-                "description": "Narayana's cows sequence mod 10: puzzle = three digits x0 x1 x2 "
-                "separated by spaces; solution = the next 30 terms of x[k] = (x[k-1] + x[k-3]) mod 10, "
-                "separated by spaces. Split by starting triple: these 240 triples never occur as "
-                "training prompts (the other 760 do).",
+                "description": task.description,
                 "task": task.name,
                 "seed": args.seed,
                 "canvas_length": C,
@@ -802,11 +859,15 @@ def train_task(args, task, tokenizer, out: Path, t_start: float) -> None:
     config = build_config(tokenizer, args, canvas_length=C)
     if args.init:  # continue from an earlier checkpoint of the same task (fresh schedule)
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init)
+        model.config.canvas_length = C  # the task's canvas, not the initial checkpoint's
         print(f"initialized from {args.init}", flush=True)
     else:
         model = DiffusionGemmaForBlockDiffusion(config)
     model.set_experts_implementation("eager")
-    model.generation_config = build_generation_config(tokenizer, canvas_length=C)
+    # Room for the whole answer and its EOS: the checkpoint's default reply length.
+    answer_canvases = math.ceil((len(task.answer(train_prompts[0])) + 1) / C)
+    model.generation_config = build_generation_config(tokenizer, canvas_length=C,
+                                                      max_new_tokens=answer_canvases * C)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"task {task.name}, canvas {C}, params (unique): {n_params:,}", flush=True)
@@ -930,7 +991,7 @@ def check_checkpoint(out: Path, task=None) -> None:
     tok = AutoTokenizer.from_pretrained(str(out))
     m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(out))
     gc = m.generation_config
-    assert gc.max_new_tokens == task.canvas_length, gc.max_new_tokens
+    assert gc.max_new_tokens % task.canvas_length == 0 and gc.max_new_tokens >= task.canvas_length, gc.max_new_tokens
     assert list(gc.eos_token_id) == eos_ids(tok), gc.eos_token_id
     assert gc.max_denoising_steps == 48 and gc.sampler_config.entropy_bound == 0.1
     assert m.config.canvas_length == task.canvas_length
