@@ -34,14 +34,14 @@ from mlx_diffgemma.fast import FastDenoiser, FastOptions, Work  # noqa: E402
 
 MODES: Dict[str, Optional[FastOptions]] = {
     "reference": None,
-    "fast (all)": FastOptions(),
-    "freeze (confidence) only": FastOptions(active_set=False, top_k=0, sc_top_k=0),
-    "freeze (entropy) only": FastOptions(freeze="entropy", active_set=False, top_k=0, sc_top_k=0),
-    "freeze + active set": FastOptions(top_k=0, sc_top_k=0),
-    "top-K sampling only": FastOptions(freeze=None, active_set=False, sc_top_k=0, skip_after_eos=False),
-    "sparse self-cond. only": FastOptions(freeze=None, active_set=False, top_k=0, skip_after_eos=False),
+    "fast (defaults)": FastOptions(),
+    "freeze (confidence) only": FastOptions(top_k=0, sc_top_k=0),
+    "freeze (entropy) only": FastOptions(freeze="entropy", top_k=0, sc_top_k=0),
+    "top-K sampling only": FastOptions(freeze=None, sc_top_k=0, skip_after_eos=False, renoise=True),
+    "sparse self-cond. only": FastOptions(freeze=None, top_k=0, skip_after_eos=False, renoise=True),
+    "fast, open renoised": FastOptions(renoise=True),
+    "fast + active set": FastOptions(active_set=True),
     "fast, no self-cond.": FastOptions(self_conditioning=False),
-    "fast, argmax carried": FastOptions(renoise=False),
     "fast + repair": FastOptions(repair=True),
 }
 

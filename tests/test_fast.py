@@ -112,10 +112,12 @@ def test_sparse_self_conditioning_and_its_bound(mixed):
 
 OPTIONS = {
     "default": FastOptions(),
-    "entropy-freeze": FastOptions(freeze="entropy", buckets=(2, 4, 8)),
-    "freeze only": FastOptions(active_set=False, top_k=0, sc_top_k=0),
-    "top-k only": FastOptions(freeze=None, active_set=False, sc_top_k=0, skip_after_eos=False),
-    "sparse sc only": FastOptions(freeze=None, active_set=False, top_k=0, skip_after_eos=False),
+    "active set": FastOptions(active_set=True, buckets=(2, 4, 8)),
+    "entropy-freeze, active set, renoised": FastOptions(freeze="entropy", active_set=True, renoise=True,
+                                                        buckets=(2, 4, 8)),
+    "freeze only": FastOptions(top_k=0, sc_top_k=0),
+    "top-k only": FastOptions(freeze=None, sc_top_k=0, skip_after_eos=False, renoise=True),
+    "sparse sc only": FastOptions(freeze=None, top_k=0, skip_after_eos=False, renoise=True),
     "repair": FastOptions(repair=True),
 }
 
@@ -142,7 +144,7 @@ def test_fast_mode_runs_with_each_approximation(mixed, name):
 
 def test_options_are_checked():
     with pytest.raises(ValueError, match="active set needs a freeze rule"):
-        FastOptions(freeze=None)
+        FastOptions(freeze=None, active_set=True)
     with pytest.raises(ValueError, match="freeze must be one of"):
         FastOptions(freeze="sometimes")
     with pytest.raises(ValueError, match="confidence"):
