@@ -623,9 +623,7 @@ def quick_eval(model, tokenizer, heldout: list[dict], n: int, seed: int, task=No
 
 def train(args) -> None:
     import torch
-    import torch.nn.functional as F
     from transformers import DiffusionGemmaForBlockDiffusion
-    from transformers.cache_utils import DynamicCache
 
     t_start = time.time()
     torch.set_num_threads(args.threads)
@@ -669,10 +667,6 @@ def train(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params (unique): {n_params:,}", flush=True)
 
-    vocab = config.text_config.vocab_size
-    P = len(prompt_ids(tokenizer, heldout[0]["puzzle"]))
-    pos = torch.arange(P, P + CANVAS_LENGTH).unsqueeze(0)
-
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     total = args.steps
     warmup = min(200, max(1, total // 10))
@@ -711,29 +705,7 @@ def train(args) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         prompt, clean = batch()
-        B = prompt.shape[0]
-        t = 1.0 - torch.rand(B, generator=gen)  # U(0, 1]
-        noise_mask = torch.rand(B, CANVAS_LENGTH, generator=gen) < t[:, None]
-        noise = torch.randint(0, vocab, (B, CANVAS_LENGTH), generator=gen)
-        noisy = torch.where(noise_mask, noise, clean)
-        sc_mask = torch.rand(B, generator=gen) < 0.5
-        sc_temp = args.t_sc_min + (args.t_sc_max - args.t_sc_min) * torch.rand(B, 1, 1, generator=gen)
-
-        cache = DynamicCache(config=config.text_config)
-        model.model.encoder(input_ids=prompt, past_key_values=cache)
-        sc_logits = None
-        if sc_mask.any():
-            with torch.no_grad():
-                first = model(past_key_values=cache, decoder_input_ids=noisy, decoder_position_ids=pos)
-            sc_logits = (first.logits / sc_temp).detach()
-        outputs = model(
-            past_key_values=cache,
-            decoder_input_ids=noisy,
-            decoder_position_ids=pos,
-            self_conditioning_logits=sc_logits,
-            self_conditioning_mask=sc_mask if sc_logits is not None else None,
-        )
-        loss = F.cross_entropy(outputs.logits.reshape(-1, vocab), clean.reshape(-1))
+        loss = block_diffusion_loss(model, config, prompt, clean, args, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
