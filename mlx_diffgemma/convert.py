@@ -40,17 +40,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import errno
-import functools
 import json
 import math
 import os
-import re
 import shutil
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +67,14 @@ from .config import ConfigError, load_config
 from .loader import check_sidecars
 from .model import expected_shapes
 from .paths import hub_snapshot
+from .publish import (
+    _Terminated,
+    check_no_overlap,
+    output_target,
+    publish,
+    remove_stale_tmp,
+    terminate_as_interrupt,
+)
 from .recipes import (
     DTYPE_NAMES,
     MODES,
@@ -575,219 +578,6 @@ def copy_sidecars(src: Path, dst: Path) -> List[str]:
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     return copied
-
-
-# -- where the output goes, and publishing it safely ---------------------------------------
-
-
-@dataclass
-class OutputTarget:
-    """The output directory: `path` as the user named it, `dest` the real directory
-    written (a symlinked output is published at the link's target, keeping the link),
-    and `identity` (st_dev, st_ino) of the directory found there at the start (None when
-    there was none): publishing replaces only that directory."""
-
-    path: Path
-    dest: Path
-    identity: Optional[Tuple[int, int]]
-
-    @property
-    def tmp(self) -> Path:
-        return self.dest.parent / f"{self.dest.name}.tmp-{os.getpid()}"
-
-
-def _identity(p: Path) -> Optional[Tuple[int, int]]:
-    try:
-        st = os.stat(p)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _lineage(p: Path) -> set:
-    """Identities of `p` and of each of its existing ancestors. Compared by inode, not
-    by name, so case-insensitive file systems, bind mounts and hard links cannot hide
-    that two paths are the same directory."""
-    ids = set()
-    for a in (p, *p.parents):
-        i = _identity(a)
-        if i is not None:
-            ids.add(i)
-    return ids
-
-
-def check_no_overlap(src: Path, dest: Path, files: Sequence[Path] = ()) -> None:
-    """Refuses an output that is the source, lies inside it, or contains it (or any of
-    the source's files, which may be symlinks elsewhere, as in the hub cache): replacing
-    it would delete the checkpoint being read."""
-    src = Path(os.path.realpath(src))
-    src_id, dest_id = _identity(src), _identity(dest)
-    if dest_id is not None and dest_id == src_id:
-        how = "is"
-    elif src_id is not None and src_id in _lineage(dest):
-        how = "is inside"
-    elif dest_id is not None and any(dest_id in _lineage(Path(os.path.realpath(f))) for f in (src, *files)):
-        how = "contains"
-    else:
-        return
-    raise ConversionError(
-        f"refusing to write {dest}: it {how} the source {src}, which would be deleted; "
-        "choose an --mlx-path outside the source directory"
-    )
-
-
-def output_target(mlx_path: Union[str, Path], force: bool) -> OutputTarget:
-    out = Path(mlx_path).expanduser().absolute()
-    dest = Path(os.path.realpath(out))
-    if not os.path.lexists(dest):
-        return OutputTarget(out, dest, None)
-    if not force:
-        raise ConversionError(f"{out} already exists; pass --force (force=True) to overwrite it")
-    if not dest.is_dir():
-        raise ConversionError(f"{out} exists and is not a directory")
-    return OutputTarget(out, dest, _identity(dest))
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate it there; keep the directory
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, someone else's
-        return True
-    return True
-
-
-def remove_stale_tmp(dest: Path) -> List[str]:
-    """Removes `<dest>.tmp-<pid>` directories left by conversions killed beyond cleanup
-    (SIGKILL, power loss): those whose process is gone. Returns what it removed."""
-    pattern = re.compile(re.escape(dest.name) + r"\.tmp-(\d+)")
-    removed = []
-    if not dest.parent.is_dir():
-        return removed
-    for p in sorted(dest.parent.iterdir()):
-        m = pattern.fullmatch(p.name)
-        if not m or p.is_symlink() or not p.is_dir():
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
-            continue  # a conversion in progress
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p.name)
-    return removed
-
-
-@functools.lru_cache(maxsize=None)
-def _noreplace_rename() -> Optional[Callable[[bytes, bytes], int]]:
-    """The C call that renames without replacing: macOS renamex_np(RENAME_EXCL), Linux
-    renameat2(RENAME_NOREPLACE); None where neither exists."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover
-        return None
-    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
-        f = libc.renamex_np
-        f.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
-        return lambda a, b: f(a, b, 0x4)
-    if hasattr(libc, "renameat2"):
-        f = libc.renameat2
-        f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        return lambda a, b: f(-100, a, -100, b, 1)  # AT_FDCWD, RENAME_NOREPLACE
-    return None  # pragma: no cover
-
-
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """os.rename that raises FileExistsError instead of replacing `dst` (plain rename
-    silently replaces an empty directory or a file). Atomic where the OS supports it;
-    elsewhere checks first, leaving a window of microseconds."""
-    fn = _noreplace_rename()
-    if fn is not None:
-        if fn(os.fsencode(src), os.fsencode(dst)) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-        if err not in (errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EINVAL)):
-            raise OSError(err, os.strerror(err), str(src))
-        # the file system does not support the flag: fall through
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-    os.rename(src, dst)
-
-
-def _keep_finished(tmp: Path, dest: Path, why: str) -> ConversionError:
-    """The error for a publish that would replace what was not checked: the finished
-    output is kept under a name no cleanup removes."""
-    kept = dest.parent / f"{dest.name}.converted-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    try:
-        rename_noreplace(tmp, kept)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return ConversionError(f"{why}; left it untouched and removed the new output")
-    return ConversionError(f"{why}; left it untouched and kept the new output at {kept}")
-
-
-def publish(tmp: Path, target: OutputTarget) -> None:
-    """Moves the finished `tmp` to `target.dest`. Never removes what was not checked at
-    the start: with nothing there then, the rename refuses to replace whatever appeared
-    since; with a directory there then (--force), only that same directory (same inode)
-    is moved aside and removed."""
-    dest, old = target.dest, None
-    if target.identity is not None:
-        old = dest.parent / f"{dest.name}.old-{os.getpid()}"
-        try:
-            rename_noreplace(dest, old)
-        except FileNotFoundError:
-            old = None  # gone meanwhile: nothing to replace
-        else:
-            if _identity(old) != target.identity:
-                rename_noreplace(old, dest)
-                raise _keep_finished(tmp, dest, f"{dest} was replaced by another directory during the conversion")
-    try:
-        rename_noreplace(tmp, dest)
-    except FileExistsError:
-        if old is not None:
-            raise _keep_finished(
-                tmp, dest, f"{dest} appeared during the conversion (the previous output is at {old})"
-            ) from None
-        raise _keep_finished(tmp, dest, f"{dest} appeared during the conversion") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the conversion was, as Ctrl-C's KeyboardInterrupt is."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """For its duration, SIGTERM and SIGHUP (a closed terminal, `kill`, a service
-    manager) interrupt the conversion as Ctrl-C does, so its partial output is removed
-    instead of left behind. The first signal only: cleanup is not interrupted again.
-    Handlers can only be installed from the main thread; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise _Terminated(signum)
-
-    sigs = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    previous = {s: signal.signal(s, handler) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 # -- convert ---------------------------------------------------------------------------------------
