@@ -667,16 +667,6 @@ def train(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params (unique): {n_params:,}", flush=True)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    total = args.steps
-    warmup = min(200, max(1, total // 10))
-
-    def lr_at(step):
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        prog = (step - warmup) / max(1, total - warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
-
     data_rng = random.Random(args.seed + 2)
     gen = torch.Generator().manual_seed(args.seed + 3)
     # Cache prompt/canvas ids per puzzle string (the tokenizer is the slow part).
@@ -694,47 +684,18 @@ def train(args) -> None:
             targets.append(b)
         return torch.tensor(prompts), torch.tensor(targets)
 
-    deadline = t_start + args.minutes * 60
-    good_evals, step, ema = 0, 0, None
-    history = []
-    stop_reason = "steps"
-    while step < total:
-        if time.time() > deadline:
-            stop_reason = "time"
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        prompt, clean = batch()
-        loss = block_diffusion_loss(model, config, prompt, clean, args, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+    def evaluate(step: int) -> dict:
+        te = time.time()
+        r = quick_eval(model, tokenizer, heldout, args.eval_n, seed=args.seed + step)
+        print(
+            f"  eval@{step}: solve {r['solve_rate']:.3f}  mean steps {r['mean_steps']:.2f}  "
+            f"eos@16 {r['eos_at_16']:.3f}  tpf {r['tpf']:.2f}  ({time.time() - te:.1f}s)",
+            flush=True,
+        )
+        r["good"] = r["solve_rate"] >= args.target and r["eos_at_16"] >= 0.98 and r["mean_steps"] < 12
+        return r
 
-        if step % args.log_every == 0 or step == total:
-            print(
-                f"step {step:6d}  loss {loss.item():.4f}  ema {ema:.4f}  lr {lr_at(step - 1):.2e}  "
-                f"elapsed {time.time() - t_start:7.1f}s",
-                flush=True,
-            )
-        if args.eval_every and step % args.eval_every == 0 and step < total:
-            te = time.time()
-            r = quick_eval(model, tokenizer, heldout, args.eval_n, seed=args.seed + step)
-            r.update(step=step, elapsed=round(time.time() - t_start, 1))
-            history.append(r)
-            print(
-                f"  eval@{step}: solve {r['solve_rate']:.3f}  mean steps {r['mean_steps']:.2f}  "
-                f"eos@16 {r['eos_at_16']:.3f}  tpf {r['tpf']:.2f}  ({time.time() - te:.1f}s)",
-                flush=True,
-            )
-            good = r["solve_rate"] >= args.target and r["eos_at_16"] >= 0.98 and r["mean_steps"] < 12
-            good_evals = good_evals + 1 if good else 0
-            if good_evals >= args.patience:
-                stop_reason = "early-stop (target reached)"
-                break
-
+    step, stop_reason, history = optimize(model, config, batch, evaluate, args, gen, t_start)
     train_s = time.time() - t_start
     print(f"training stopped after {step} steps, {train_s:.1f}s ({stop_reason})", flush=True)
 
@@ -765,6 +726,60 @@ def train(args) -> None:
     write_readme(out, info)
     check_checkpoint(out)
     print(f"total wall time {time.time() - t_start:.1f}s", flush=True)
+
+
+def optimize(model, config, batch, evaluate, args, gen, t_start: float):
+    """The training loop both trainers share: AdamW with warm-up and a cosine schedule over
+    `args.steps`, the block-diffusion loss on `batch()`, a log line every `log_every`
+    steps, and every `eval_every` steps `evaluate(step)` (a dict whose "good" counts
+    towards the early stop). Stops at the schedule's end, the time cap or the early stop.
+    Returns (steps taken, why it stopped, the evaluations)."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    total = args.steps
+    warmup = min(200, max(1, total // 10))
+
+    def lr_at(step):
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        prog = (step - warmup) / max(1, total - warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+    deadline = t_start + args.minutes * 60
+    good_evals, step, ema = 0, 0, None
+    history = []
+    stop_reason = "steps"
+    while step < total:
+        if time.time() > deadline:
+            stop_reason = "time"
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        enc_ids, clean = batch()
+        loss = block_diffusion_loss(model, config, enc_ids, clean, args, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % args.log_every == 0 or step == total:
+            print(
+                f"step {step:6d}  loss {loss.item():.4f}  ema {ema:.4f}  lr {lr_at(step - 1):.2e}  "
+                f"elapsed {time.time() - t_start:7.1f}s",
+                flush=True,
+            )
+        if args.eval_every and step % args.eval_every == 0 and step < total:
+            r = evaluate(step)
+            r.update(step=step, elapsed=round(time.time() - t_start, 1))
+            good = r.pop("good")
+            history.append(r)
+            good_evals = good_evals + 1 if good else 0
+            if good_evals >= args.patience:
+                stop_reason = "early-stop (target reached)"
+                break
+    return step, stop_reason, history
 
 
 def block_diffusion_loss(model, config, enc_ids, clean, args, gen):
@@ -844,16 +859,6 @@ def train_task(args, task, tokenizer, out: Path, t_start: float) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"task {task.name}, canvas {C}, params (unique): {n_params:,}", flush=True)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    total = args.steps
-    warmup = min(200, max(1, total // 10))
-
-    def lr_at(step):
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        prog = (step - warmup) / max(1, total - warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
-
     data_rng = random.Random(args.seed + 2)
     gen = torch.Generator().manual_seed(args.seed + 3)
 
@@ -878,51 +883,23 @@ def train_task(args, task, tokenizer, out: Path, t_start: float) -> None:
             tgt.append(full[k * C : (k + 1) * C])
         return torch.tensor(enc), torch.tensor(tgt)
 
-    deadline = t_start + args.minutes * 60
-    good_evals, step, ema = 0, 0, None
-    history = []
-    stop_reason = "steps"
-    while step < total:
-        if time.time() > deadline:
-            stop_reason = "time"
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        enc_ids, clean = batch()
-        loss = block_diffusion_loss(model, config, enc_ids, clean, args, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % args.log_every == 0 or step == total:
-            print(
-                f"step {step:6d}  loss {loss.item():.4f}  ema {ema:.4f}  lr {lr_at(step - 1):.2e}  "
-                f"elapsed {time.time() - t_start:7.1f}s",
-                flush=True,
-            )
-        if args.eval_every and step % args.eval_every == 0 and step < total:
-            te = time.time()
-            r = quick_eval(model, tokenizer, heldout, args.eval_n, seed=args.seed + step, task=task)
-            r.update(step=step, elapsed=round(time.time() - t_start, 1))
-            history.append(r)
-            print(
-                f"  eval@{step}: solve {r['solve_rate']:.3f}  steps/canvas {r['mean_steps']:.2f}  "
-                f"canvases {r['canvases']:.2f}  eos ok {r['eos_ok']:.3f}  tpf {r['tpf']:.2f}  "
-                f"({time.time() - te:.1f}s)",
-                flush=True,
-            )
-            # a partial run is usable: keep the latest weights on disk
-            model.eval()
-            model.save_pretrained(str(out), safe_serialization=True)
-            model.train()
-            good = r["solve_rate"] >= args.target and r["eos_ok"] >= 0.98
-            good_evals = good_evals + 1 if good else 0
-            if good_evals >= args.patience:
-                stop_reason = "early-stop (target reached)"
-                break
+    def evaluate(step: int) -> dict:
+        te = time.time()
+        r = quick_eval(model, tokenizer, heldout, args.eval_n, seed=args.seed + step, task=task)
+        print(
+            f"  eval@{step}: solve {r['solve_rate']:.3f}  steps/canvas {r['mean_steps']:.2f}  "
+            f"canvases {r['canvases']:.2f}  eos ok {r['eos_ok']:.3f}  tpf {r['tpf']:.2f}  "
+            f"({time.time() - te:.1f}s)",
+            flush=True,
+        )
+        # a partial run is usable: keep the latest weights on disk
+        model.eval()
+        model.save_pretrained(str(out), safe_serialization=True)
+        model.train()
+        r["good"] = r["solve_rate"] >= args.target and r["eos_ok"] >= 0.98
+        return r
 
+    step, stop_reason, history = optimize(model, config, batch, evaluate, args, gen, t_start)
     train_s = time.time() - t_start
     print(f"training stopped after {step} steps, {train_s:.1f}s ({stop_reason})", flush=True)
     model.eval()
