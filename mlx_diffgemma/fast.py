@@ -375,12 +375,14 @@ def _put(buffer: mx.array, idx: mx.array, rows: mx.array) -> mx.array:
 
 def forward_positions(model, ids: mx.array, idx: mx.array, length: int, cache,
                       kv: List[Optional[Tuple[mx.array, mx.array]]], sc_logits=None,
-                      sc_sparse=None) -> mx.array:
+                      sc_sparse=None, head: bool = True) -> mx.array:
     """The decoder on the canvas positions `idx` (tokens `ids` [1, A]) of a canvas of
     `length`: their queries attend to the cached context and to every canvas position's
     keys and values in `kv` (per layer, [1, heads, length, dim]), where this call first
     writes their own; the others keep what an earlier step wrote. Returns float32
-    logits [1, A, V]. With every position computed it is the full decoder's forward."""
+    logits [1, A, V] (with `head=False`, the last layer's hidden states: the bench times
+    the layers and the LM head apart). With every position computed it is the full
+    decoder's forward."""
     dec = model.model.decoder
     h = model.embed(ids)
     if sc_sparse is not None:
@@ -403,7 +405,7 @@ def forward_positions(model, ids: mx.array, idx: mx.array, length: int, cache,
         kv[i] = (kb, vb)
         keys, values = attn.keys_values(kb, vb, cache=c)
         h = layer.finish(h, q, keys, values, None, layer.layer_scalar)
-    return model.head(h)
+    return model.head(h) if head else h
 
 
 def work_per_token(work: Work, tokens: int, layers: int, vocab: int) -> Dict[str, float]:
