@@ -77,9 +77,9 @@ class Target:
     """The mlx-lm target: its cache holds every kept token but the last, which opens the
     next verify forward."""
 
-    def __init__(self, model, prefill_step_size: int = 2048):
+    def __init__(self, model, cache: Optional[list] = None, prefill_step_size: int = 2048):
         self.model = model
-        self.cache = make_target_cache(model)
+        self.cache = make_target_cache(model) if cache is None else cache
         self.prefill_step_size = prefill_step_size
         self.forwards = 0
 
@@ -114,11 +114,11 @@ class BlockDrafter:
     for up to `gen.max_denoising_steps` steps by the usual denoiser (reference or fast
     mode; the decoder runs any canvas length)."""
 
-    def __init__(self, model, gen, *, mode: str = "fast", fast: Optional[FastOptions] = None):
+    def __init__(self, model, gen, *, mode: str = "fast", fast: Optional[FastOptions] = None, cache=None):
         if fast is not None and fast.active_set:
             raise ValueError("speculative drafting reads every position's logits: use fast options "
                              "without active_set")
-        self.denoiser = make_denoiser(model, gen, mode=mode, fast=fast)
+        self.denoiser = make_denoiser(model, gen, cache=cache, mode=mode, fast=fast)
         self.denoiser.keep_logits = True
         self.forwards = 0
 
@@ -241,6 +241,9 @@ def speculative_stream_generate(
     seed: Optional[int] = None,
     mode: str = "fast",
     fast: Optional[FastOptions] = None,
+    max_context: Optional[int] = None,
+    cache=None,
+    target_cache: Optional[list] = None,
     **generation_kwargs,
 ) -> Iterator[Event]:
     """Generates the target's output (an mlx-lm model, `mlx_lm.load`) with our model
@@ -251,6 +254,10 @@ def speculative_stream_generate(
     (the tokens kept) and a final `SpeculativeSummary`. `prompt`: text (encoded as is) or
     token ids. `mode`/`fast` and `generation_kwargs` configure the drafter's denoiser
     (as `stream_generate`'s). Stops at the target tokenizer's EOS or `max_new_tokens`.
+    `max_context` caps both models' contexts. `cache` (the drafter's `EncoderCache`) and
+    `target_cache` (`make_target_cache`), given together, hold the same context: then
+    `prompt` is only the tokens that follow it; both are left past the context, holding
+    generated tokens (a chat trims them back).
     """
     check_tokenizers(target_tokenizer, tokenizer)
     _check_settings(k, temperature, max_new_tokens)
@@ -259,9 +266,14 @@ def speculative_stream_generate(
     ids = prompt_ids(target_tokenizer, prompt)
     if not ids:
         raise ValueError("the prompt is empty: the target needs at least one token to continue")
-    blocks = BlockDrafter(drafter, gen, mode=mode, fast=fast)
-    tgt = Target(target)
-    _check_contexts(len(ids), max_new_tokens + k, blocks.denoiser.max_context, tgt.max_context)
+    if (cache is None) != (target_cache is None):
+        raise ValueError("pass both caches (the drafter's and the target's, holding the same context) or neither")
+    blocks = BlockDrafter(drafter, gen, mode=mode, fast=fast, cache=cache)
+    tgt = Target(target, cache=target_cache)
+    limits = [blocks.denoiser.max_context, tgt.max_context]
+    if max_context is not None:
+        limits = [min(x, max_context) if x is not None else max_context for x in limits]
+    _check_contexts(blocks.denoiser.cached_tokens + len(ids), max_new_tokens + k, *limits)
     if check_seed(seed) is not None:
         mx.random.seed(seed)
     eos = set(int(e) for e in getattr(target_tokenizer, "eos_token_ids", None) or [])

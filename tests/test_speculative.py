@@ -14,6 +14,7 @@ autoregressive Gemma 4 target (built with transformers, loaded with `mlx_lm.load
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -36,8 +37,13 @@ NEAR_TIE = 5e-3
 
 
 @pytest.fixture(scope="module")
-def pair_tiny(tmp_path_factory, ckpt_tiny):
-    target, ttok = mlx_lm_load(str(make_target_checkpoint(tmp_path_factory.mktemp("target-tiny"), "tiny")))
+def target_tiny(tmp_path_factory):
+    return make_target_checkpoint(tmp_path_factory.mktemp("target-tiny"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def pair_tiny(target_tiny, ckpt_tiny):
+    target, ttok = mlx_lm_load(str(target_tiny))
     drafter, dtok = load(ckpt_tiny)
     return target, ttok, drafter, dtok
 
@@ -297,3 +303,25 @@ def test_bad_settings(pair_tiny):
         next(speculative_stream_generate(target, ttok, drafter, dtok, [5], k=0))
     with pytest.raises(ValueError, match=r"^temperature must be >= 0 \(got -1\); 0 is greedy$"):
         next(speculative_stream_generate(target, ttok, drafter, dtok, [5], temperature=-1))
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_generate_command_with_target(pair_tiny, target_tiny, ckpt_tiny, ckpt_mixed, capsys):
+    from mlx_diffgemma import cli
+
+    argv = ["generate", "--model", str(ckpt_tiny), "--target", str(target_tiny), "--raw", "--prompt", "hi there",
+            "--max-new-tokens", "12", "--draft-tokens", "3", "--draft-steps", "2", "--seed", "0", "--verbose"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    target, ttok, drafter, dtok = pair_tiny
+    text = spec.speculative_generate(target, ttok, drafter, dtok, "hi there", k=3, draft_steps=2,
+                                     max_new_tokens=12, seed=0)
+    assert out == text + "\n"
+    assert re.search(r"\d+ rounds · acceptance \d+\.\d\d tok/round \(k=3\) · \d+ target \+ \d+ drafter forwards", err)
+
+    assert cli.main(["generate", "--model", str(ckpt_mixed), "--target", str(target_tiny), "--prompt", "hi"]) == 2
+    assert "the target's tokenizer differs from the drafter's (128 vs 384 tokens" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(ckpt_tiny), "--target", str(ckpt_tiny), "--prompt", "hi"]) == 2
+    assert f"cannot load the target '{ckpt_tiny}' with mlx-lm" in capsys.readouterr().err
