@@ -629,6 +629,14 @@ def main_chat(args) -> int:
     mode = resolve_mode(args)
     with console.status(f"loading {args.model} ({args.backend}) …"):
         model, tokenizer, path = load_for(args.model, args.backend, mode)
+    backend = None
+    if args.target:
+        with console.status(f"loading the target {args.target} …"):
+            target, target_tokenizer = load_target(args.target, tokenizer, args.backend)
+        from .speculative import SpeculativeBackend
+
+        backend = SpeculativeBackend(model, target, target_tokenizer, k=args.draft_tokens,
+                                     draft_steps=args.draft_steps, temperature=args.target_temp)
     session = ChatSession(
         model,
         tokenizer,
@@ -639,6 +647,7 @@ def main_chat(args) -> int:
         model_name=str(args.model if args.model == str(path) else f"{args.model} → {path}"),
         keep_history=args.history,
         mode=mode,
+        backend=backend,
     )
     return run_repl(session, console)
 

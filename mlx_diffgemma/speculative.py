@@ -31,6 +31,7 @@ from .drafter import (Commit, Draft, Event, SpeculativeSummary, check_reserve, c
                       prompt_ids, text_decoder)
 from .fast import FastOptions
 from .generation import make_denoiser
+from .session import MLXBackend
 
 # -- the target's cache ----------------------------------------------------------------
 
@@ -99,11 +100,17 @@ class Target:
 
     @property
     def max_context(self) -> Optional[int]:
-        args = getattr(self.model, "args", None)
-        limit = getattr(args, "max_position_embeddings", None)
-        if limit is None and isinstance(getattr(args, "text_config", None), dict):
-            limit = args.text_config.get("max_position_embeddings")
-        return limit
+        return target_context(self.model)
+
+
+def target_context(model) -> Optional[int]:
+    """An mlx-lm model's context in tokens, when its config says (a text model's args or
+    a multimodal one's text_config)."""
+    args = getattr(model, "args", None)
+    limit = getattr(args, "max_position_embeddings", None)
+    if limit is None and isinstance(getattr(args, "text_config", None), dict):
+        limit = args.text_config.get("max_position_embeddings")
+    return limit
 
 
 # -- the drafter ------------------------------------------------------------------------
@@ -352,3 +359,82 @@ def speculative_generate(target, target_tokenizer, drafter, tokenizer, prompt, *
     """`speculative_stream_generate`'s text."""
     return collect(speculative_stream_generate(target, target_tokenizer, drafter, tokenizer, prompt, **kwargs),
                    verbose)
+
+
+# -- chat -------------------------------------------------------------------------------------
+
+
+class SpeculativeCache:
+    """What a chat keeps per conversation: the drafter's and the target's caches, holding
+    the same tokens."""
+
+    def __init__(self, drafter, target: list):
+        self.drafter = drafter
+        self.target = target
+
+    @property
+    def offset(self) -> int:
+        return self.drafter.offset
+
+
+class SpeculativeBackend(MLXBackend):
+    """The chat backend (session.py) of speculative decoding: the drafter's cache goes
+    back to a turn's start by trimming, as `MLXBackend`'s; the target's sliding-window
+    layers cannot trim a whole turn, so each turn keeps their state at its start (no
+    copy: their updates make new arrays) and restores it."""
+
+    def __init__(self, model, target, target_tokenizer, *, k: int, draft_steps: int, temperature: float = 0.0):
+        super().__init__(model)
+        self.target, self.target_tokenizer = target, target_tokenizer
+        self.k, self.draft_steps, self.temperature = k, draft_steps, temperature
+        self.max_context = min(self.max_context, target_context(target) or self.max_context)
+        self._drafter_snapshot = False
+
+    def new_cache(self, max_new_tokens: int) -> SpeculativeCache:
+        return SpeculativeCache(super().new_cache(max_new_tokens), make_target_cache(self.target))
+
+    def encode(self, cache: SpeculativeCache, ids: Sequence[int]) -> None:
+        super().encode(cache.drafter, ids)
+        Target(self.target, cache=cache.target).prefill(ids)
+
+    def needs_snapshot(self, turn_tokens: int) -> bool:
+        # The drafter encodes every kept token: up to a canvas more than a diffusion turn.
+        self._drafter_snapshot = super().needs_snapshot(turn_tokens + self.canvas_length)
+        return True
+
+    def snapshot(self, cache: SpeculativeCache):
+        drafter = super().snapshot(cache.drafter) if self._drafter_snapshot else None
+        return drafter, [c.state for c in cache.target]
+
+    def rollback(self, cache: SpeculativeCache, length: int, snap):
+        drafter_snap = None if snap is None or snap[1][0] is None else (snap[0], snap[1][0])
+        if super().rollback(cache.drafter, length, drafter_snap) is None:
+            return None
+        have = cache.target[0].offset if cache.target else length
+        if have > length and snap is not None and snap[0] == length:
+            for c, state in zip(cache.target, snap[1][1]):
+                c.state = state
+        elif have != length:
+            return None
+        return cache
+
+    def fork(self, cache: SpeculativeCache) -> SpeculativeCache:
+        target = make_target_cache(self.target)
+        for c, src in zip(target, cache.target):
+            c.state = src.state
+        return SpeculativeCache(super().fork(cache.drafter), target)
+
+    def stream_generate(self, tokenizer, prompt, cache: SpeculativeCache, noise, seed, gen_kwargs):
+        if noise is not None:
+            raise ValueError("speculative decoding draws its own randomness: pass a seed, not a noise source")
+        kw = dict(gen_kwargs)
+        kw.setdefault("mode", "reference")  # the session names the mode only when not reference
+        kw.pop("max_denoising_steps", None)  # the drafter's steps are draft_steps
+        max_new = kw.pop("max_new_tokens", generation_config(self.model).max_new_tokens)
+        return speculative_stream_generate(
+            self.target, self.target_tokenizer, self.model, tokenizer, prompt, k=self.k,
+            draft_steps=self.draft_steps, temperature=self.temperature, max_new_tokens=max_new, seed=seed,
+            cache=cache.drafter, target_cache=cache.target, **kw)
+
+    def cache_bytes(self, cache: SpeculativeCache) -> int:
+        return cache.drafter.nbytes + sum(c.nbytes for c in cache.target)

@@ -325,3 +325,29 @@ def test_generate_command_with_target(pair_tiny, target_tiny, ckpt_tiny, ckpt_mi
     assert "the target's tokenizer differs from the drafter's (128 vs 384 tokens" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(ckpt_tiny), "--target", str(ckpt_tiny), "--prompt", "hi"]) == 2
     assert f"cannot load the target '{ckpt_tiny}' with mlx-lm" in capsys.readouterr().err
+
+
+# -- chat ----------------------------------------------------------------------------------------
+
+
+def test_chat_turns_are_the_targets_greedy_replies(pair_tiny):
+    """Three turns through ChatSession with the speculative backend: each reply is mlx-lm's
+    greedy continuation of the rendered conversation (up to a near-tie), and both caches
+    go back to the conversation's stable boundary after every turn, with no re-encode."""
+    from mlx_diffgemma.session import ChatSession, split_prompt
+    from mlx_diffgemma.speculative import SpeculativeBackend
+
+    target, ttok, drafter, dtok = pair_tiny
+    backend = SpeculativeBackend(drafter, target, ttok, k=4, draft_steps=2)
+    session = ChatSession(drafter, dtok, gen_kwargs={"max_new_tokens": 20}, seed=0, mode="fast", backend=backend)
+    compared = 0
+    for text in ("hi", "tell me more", "ok"):
+        split = split_prompt(dtok, session.conversation(text))
+        ref, gaps = reference_greedy(target, split.ids, 20)
+        summary = [e for e in session.send(text) if isinstance(e, SpeculativeSummary)][0]
+        got = summary.tokens
+        sure = next((i for i, g in enumerate(gaps[: len(got)]) if g < NEAR_TIE), len(got))
+        assert got[:sure] == ref[:sure]
+        compared += sure
+        assert session.cache.drafter.offset == len(session.cached_ids) == session.cache.target[0].offset
+    assert session.resets == 0 and compared >= 30
