@@ -504,7 +504,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
 
 # Speculative defaults, measured on the toy models (BENCHMARKS.md, "Speculative drafting").
 DRAFT_TOKENS = 8
-DRAFT_STEPS = 2
+DRAFT_STEPS = 1
 
 
 def _target_temp(text: str) -> float:

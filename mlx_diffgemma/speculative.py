@@ -242,7 +242,7 @@ def speculative_stream_generate(
     prompt,
     *,
     k: int = 8,
-    draft_steps: int = 4,
+    draft_steps: int = 1,
     temperature: float = 0.0,
     max_new_tokens: int = 256,
     seed: Optional[int] = None,
