@@ -229,7 +229,7 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
         t.append(pending)
         return t
 
-    with LiveCanvas(console, session.tokenizer, session.gen.max_denoising_steps,
+    with LiveCanvas(console, session.tokenizer, getattr(session.backend, "draft_steps", session.gen.max_denoising_steps),
                     vertical_overflow="visible") as live:
         if hasattr(flag, "on_set"):
             flag.on_set = lambda: live.live.console.print(Text("stopping…", style="yellow"))
@@ -697,7 +697,8 @@ def main_generate(args) -> int:
     err = Console(stderr=True, highlight=False)
     summary = None
     # Drafts only on a terminal, and no stdout redirection: the text goes to stdout.
-    live = LiveCanvas(err, tokenizer, gen.max_denoising_steps, redirect_stdout=False,
+    steps = args.draft_steps if target is not None else gen.max_denoising_steps
+    live = LiveCanvas(err, tokenizer, steps, redirect_stdout=False,
                       redirect_stderr=False) if args.verbose and sys.stderr.isatty() else None
     with live or contextlib.nullcontext():
         for ev in events:
