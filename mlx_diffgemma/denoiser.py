@@ -55,8 +55,14 @@ class MLXDenoiser:
             return mx.array(self.noise.init_canvas(canvas_index, shape, self.vocab_size).astype(np.int32))
         return mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32)
 
+    # Speculative drafting (speculative.py) reads the last step's raw logits
+    # (`last_logits`); off otherwise, so the scaled logits can take their buffer.
+    keep_logits = False
+
     def step(self, canvas: mx.array, canvas_index: int, step: int):
         logits = self.model.decode(canvas, self.cache, self._sc_logits)
+        if self.keep_logits:
+            self.last_logits = logits
         processed = logits / self.gen.temperature(step)
         # Hold no reference to the raw logits: `processed` can then take their buffer
         # ([canvas x vocab] float32, 268 MB at the real shapes) instead of a second one.

@@ -66,6 +66,19 @@ class Summary:
     kind: str = "summary"
 
 
+@dataclass
+class SpeculativeSummary(Summary):
+    """A speculative run's summary (speculative.py): each "canvas" is one draft-and-verify
+    round, `steps_per_canvas` the drafter's denoising steps in it, `tokens_per_forward`
+    the tokens kept per target forward."""
+
+    block_size: int = 0  # k: draft tokens proposed per round
+    acceptance_length: float = 0.0  # tokens kept per round: accepted drafts + the target's own
+    target_forwards: int = 0  # verify forwards (the prompt's prefill not counted)
+    drafter_forwards: int = 0  # denoising steps plus encodes of the kept tokens
+    kind: str = "summary"
+
+
 Event = Union[Draft, Commit, Summary]
 
 
@@ -254,11 +267,17 @@ def check_context(context_tokens: int, gen: GenerationConfig, canvas_length: int
                   fix: str = "shorten the prompt or lower max_new_tokens") -> None:
     """Refuses a generation that could run past `limit`: the context it starts from (what
     a cache holds plus the new prompt) and every canvas it may generate."""
-    reserve = reserved_tokens(gen, canvas_length)
+    check_reserve(context_tokens, reserved_tokens(gen, canvas_length), limit, fix)
+
+
+def check_reserve(context_tokens: int, reserve: int, limit: int,
+                  fix: str = "shorten the prompt or lower max_new_tokens", whose: str = "") -> None:
+    """Refuses `context_tokens` plus up to `reserve` more past `limit` (`whose`: which
+    model's context, for the message)."""
     if context_tokens + reserve > limit:
         raise ValueError(
             f"prompt too long: {context_tokens} context tokens + up to {reserve} generated "
-            f"exceed the {limit}-token context; {fix}"
+            f"exceed the {whose}{limit}-token context; {fix}"
         )
 
 

@@ -184,6 +184,8 @@ class FastDenoiser(MLXDenoiser):
         pos = self._positions()
         idx = mx.array(pos.astype(np.int32))
         logits = self._logits(canvas, pos, idx)
+        if self.keep_logits:
+            self.last_logits = logits
         processed = logits / self.gen.temperature(step)
         del logits
         self._count(len(pos))

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import SEED_MAX, GenerationConfig
-from .drafter import Commit, Draft, Summary, check_context, generation_config
+from .drafter import Commit, Draft, SpeculativeSummary, Summary, check_context, generation_config
 from .paths import DEFAULT_MODEL, resolve_model_path
 from .session import (
     SETTING_ALIASES,
@@ -54,6 +54,12 @@ def summary_line(summary: Summary, prefill: Optional[Prefill], prompt_time: floa
         f"{summary.tokens_per_forward:.2f} tok/forward",
         f"{summary.generation_tps:.1f} tok/s",
     ]
+    if isinstance(summary, SpeculativeSummary):
+        parts[1:4] = [
+            _plural(summary.canvases, "round"),
+            f"acceptance {summary.acceptance_length:.2f} tok/round (k={summary.block_size})",
+            f"{summary.target_forwards} target + {summary.drafter_forwards} drafter forwards",
+        ]
     if prefill is not None:
         parts.append(
             f"prompt {prefill.encoded + prefill.suffix} new + {prefill.reused} cached tokens "
@@ -223,7 +229,7 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
         t.append(pending)
         return t
 
-    with LiveCanvas(console, session.tokenizer, session.gen.max_denoising_steps,
+    with LiveCanvas(console, session.tokenizer, getattr(session.backend, "draft_steps", session.gen.max_denoising_steps),
                     vertical_overflow="visible") as live:
         if hasattr(flag, "on_set"):
             flag.on_set = lambda: live.live.console.print(Text("stopping…", style="yellow"))
@@ -478,13 +484,65 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_flag_type(_seed_arg, "seed"), default=None, help="random seed")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-context", type=_flag_type(_positive_int, "max_context"), default=None, help="context limit in tokens (default: the model's, 262,144)")
-    p.add_argument("--mode", choices=("reference", "fast"), default="reference",
+    p.add_argument("--mode", choices=("reference", "fast"), default=None,
                    help="reference (default: the released sampler, token-exact) or fast (fast.py: "
-                   "frozen positions, an active set, top-K sampling and self-conditioning)")
+                   "frozen positions, an active set, top-K sampling and self-conditioning; the "
+                   "default with --target)")
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, metavar="MODEL",
+                   help="an autoregressive Gemma 4 (mlx-lm model directory or Hugging Face id): its "
+                   "output, with this model drafting blocks of tokens (speculative decoding)")
+    p.add_argument("--draft-tokens", type=_flag_type(_positive_int, "draft_tokens"), default=DRAFT_TOKENS,
+                   help=f"with --target: tokens the drafter proposes per round (default {DRAFT_TOKENS})")
+    p.add_argument("--draft-steps", type=_flag_type(_positive_int, "draft_steps"), default=DRAFT_STEPS,
+                   help=f"with --target: denoising steps per proposal (default {DRAFT_STEPS})")
+    p.add_argument("--target-temp", type=_flag_type(_target_temp, "target_temp"), default=0.0,
+                   help="with --target: the target's sampling temperature (default 0: greedy)")
+
+
+# Speculative defaults, measured on the toy models (BENCHMARKS.md, "Speculative drafting").
+DRAFT_TOKENS = 8
+DRAFT_STEPS = 1
+
+
+def _target_temp(text: str) -> float:
+    value = parse_number("the temperature", float, text)
+    if not value >= 0:
+        raise ValueError(f"must be a temperature >= 0 (got {text!r})")
+    return value
+
+
+def resolve_mode(args) -> str:
+    """--mode as given, else fast with --target (drafting wants few steps) and reference
+    without."""
+    if args.mode is not None:
+        return args.mode
+    return "fast" if getattr(args, "target", None) else "reference"
+
+
+def load_target(target_arg: str, tokenizer, backend: str = "mlx"):
+    """(target model, its tokenizer) from mlx-lm, checked against the drafter's tokenizer."""
+    if backend != "mlx":
+        raise ValueError("--target runs on the MLX backend only; drop --backend torch")
+    from mlx_lm import load as mlx_lm_load
+
+    from .checkpoint import first_line
+    from .speculative import check_tokenizers
+
+    try:
+        target, target_tokenizer = mlx_lm_load(target_arg)
+    except Exception as e:  # mlx-lm's errors vary by what is missing
+        raise ValueError(f"cannot load the target {target_arg!r} with mlx-lm ({first_line(e)}); pass an "
+                         "mlx-lm model directory or Hugging Face id of an autoregressive Gemma 4") from None
+    check_tokenizers(target_tokenizer, tokenizer)
+    return target, target_tokenizer
 
 
 def add_chat_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common_args(p)
+    add_target_args(p)
     p.add_argument(
         "--no-history",
         dest="history",
@@ -496,6 +554,7 @@ def add_chat_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common_args(p)
+    add_target_args(p)
     p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template (default)")
@@ -567,8 +626,17 @@ def main_chat(args) -> int:
     from rich.console import Console
 
     console = Console(highlight=False)
+    mode = resolve_mode(args)
     with console.status(f"loading {args.model} ({args.backend}) …"):
-        model, tokenizer, path = load_for(args.model, args.backend, args.mode)
+        model, tokenizer, path = load_for(args.model, args.backend, mode)
+    backend = None
+    if args.target:
+        with console.status(f"loading the target {args.target} …"):
+            target, target_tokenizer = load_target(args.target, tokenizer, args.backend)
+        from .speculative import SpeculativeBackend
+
+        backend = SpeculativeBackend(model, target, target_tokenizer, k=args.draft_tokens,
+                                     draft_steps=args.draft_steps, temperature=args.target_temp)
     session = ChatSession(
         model,
         tokenizer,
@@ -578,7 +646,8 @@ def main_chat(args) -> int:
         max_context=args.max_context,
         model_name=str(args.model if args.model == str(path) else f"{args.model} → {path}"),
         keep_history=args.history,
-        mode=args.mode,
+        mode=mode,
+        backend=backend,
     )
     return run_repl(session, console)
 
@@ -603,7 +672,9 @@ def main_generate(args) -> int:
     prompt = check_text(args.prompt, "--prompt") if args.prompt is not None else _read_stdin()
     if args.system:
         check_text(args.system, "--system")
-    model, tokenizer, path = load_for(args.model, args.backend, args.mode)
+    mode = resolve_mode(args)
+    model, tokenizer, path = load_for(args.model, args.backend, mode)
+    target = load_target(args.target, tokenizer, args.backend) if args.target else None
     overrides = _to_generation_overrides(_gen_kwargs(args))
     gen = generation_config(model, **overrides)
     if args.chat:
@@ -614,18 +685,22 @@ def main_generate(args) -> int:
     else:
         ids = [int(t) for t in tokenizer.encode(prompt)]
     backend = make_backend(model)
-    limit = min(args.max_context or backend.max_context, backend.max_context)
-    check_context(len(ids), gen, backend.canvas_length, limit,
-                  "shorten the prompt or lower --max-new-tokens")
+    if target is None:
+        limit = min(args.max_context or backend.max_context, backend.max_context)
+        check_context(len(ids), gen, backend.canvas_length, limit,
+                      "shorten the prompt or lower --max-new-tokens")
+        run_mode = {} if mode == "reference" else {"mode": mode}
+        events = backend.stream_generate(tokenizer, ids, None, None, args.seed, dict(overrides, **run_mode))
+    else:
+        events = _speculative_events(args, model, tokenizer, target, ids, overrides, mode)
 
     err = Console(stderr=True, highlight=False)
     summary = None
     # Drafts only on a terminal, and no stdout redirection: the text goes to stdout.
-    live = LiveCanvas(err, tokenizer, gen.max_denoising_steps, redirect_stdout=False,
+    steps = args.draft_steps if target is not None else gen.max_denoising_steps
+    live = LiveCanvas(err, tokenizer, steps, redirect_stdout=False,
                       redirect_stderr=False) if args.verbose and sys.stderr.isatty() else None
     with live or contextlib.nullcontext():
-        mode = {} if args.mode == "reference" else {"mode": args.mode}
-        events = backend.stream_generate(tokenizer, ids, None, None, args.seed, dict(overrides, **mode))
         for ev in events:
             if isinstance(ev, Draft) and live is not None:
                 live.draft(ev)
@@ -639,3 +714,16 @@ def main_generate(args) -> int:
     if args.verbose and summary is not None:
         err.print(Text(summary_line(summary, None, summary.prompt_time), style="dim"), soft_wrap=True)
     return 0
+
+
+def _speculative_events(args, model, tokenizer, target, ids, overrides, mode):
+    """The target's output with `model` drafting (speculative.py), from the CLI flags."""
+    from .speculative import speculative_stream_generate
+
+    kw = dict(overrides)
+    kw.pop("max_denoising_steps", None)  # --draft-steps sets the drafter's steps
+    max_new = kw.pop("max_new_tokens", generation_config(model).max_new_tokens)
+    return speculative_stream_generate(
+        target[0], target[1], model, tokenizer, ids, k=args.draft_tokens, draft_steps=args.draft_steps,
+        temperature=args.target_temp, max_new_tokens=max_new, seed=args.seed, mode=mode,
+        max_context=args.max_context, **kw)

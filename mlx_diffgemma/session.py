@@ -443,12 +443,14 @@ class ChatSession:
         model_name: Optional[str] = None,
         keep_history: bool = True,
         mode: str = "reference",
+        backend=None,
     ):
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer: the model directory has none")
         self.model = model
         self.tokenizer = tokenizer
-        self.backend = make_backend(model)
+        # `backend`: another way to generate with this model (speculative.SpeculativeBackend).
+        self.backend = backend if backend is not None else make_backend(model)
         self.model_path = getattr(model, "model_path", None)
         self.model_name = model_name or str(self.model_path)
         self.template_source = ensure_chat_template(tokenizer, self.model_path)

@@ -728,12 +728,12 @@ def train(args) -> None:
     print(f"total wall time {time.time() - t_start:.1f}s", flush=True)
 
 
-def optimize(model, config, batch, evaluate, args, gen, t_start: float):
+def optimize(model, config, batch, evaluate, args, gen, t_start: float, loss_fn=None):
     """The training loop both trainers share: AdamW with warm-up and a cosine schedule over
-    `args.steps`, the block-diffusion loss on `batch()`, a log line every `log_every`
-    steps, and every `eval_every` steps `evaluate(step)` (a dict whose "good" counts
-    towards the early stop). Stops at the schedule's end, the time cap or the early stop.
-    Returns (steps taken, why it stopped, the evaluations)."""
+    `args.steps`, the block-diffusion loss (or `loss_fn`, same arguments) on `batch()`, a
+    log line every `log_every` steps, and every `eval_every` steps `evaluate(step)` (a dict
+    whose "good" counts towards the early stop). Stops at the schedule's end, the time cap
+    or the early stop. Returns (steps taken, why it stopped, the evaluations)."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -757,7 +757,7 @@ def optimize(model, config, batch, evaluate, args, gen, t_start: float):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         enc_ids, clean = batch()
-        loss = block_diffusion_loss(model, config, enc_ids, clean, args, gen)
+        loss = (loss_fn or block_diffusion_loss)(model, config, enc_ids, clean, args, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -194,8 +194,10 @@ def make_generation_config(vocab_size: int, **overrides):
 
 
 @torch.no_grad()
-def _redraw_weights(model, gen: torch.Generator, sc_down_scale: float) -> None:
-    """Realistic spread: every scale away from 1, logits reaching ~10-20, routing busy."""
+def _redraw_weights(model, gen: torch.Generator, sc_down_scale: float = 1.0) -> None:
+    """Realistic spread: every scale away from 1, logits reaching ~10-20, routing busy.
+    A DiffusionGemma, or an autoregressive Gemma 4 (`Gemma4ForCausalLM`: the same text
+    stack without self-conditioning or an encoder)."""
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen)
@@ -203,10 +205,10 @@ def _redraw_weights(model, gen: torch.Generator, sc_down_scale: float) -> None:
     def rand(*shape, lo=0.0, hi=1.0):
         return lo + (hi - lo) * torch.rand(*shape, generator=gen)
 
-    text_cfg = model.config.text_config
+    text_cfg = model.config.get_text_config()
     hidden = text_cfg.hidden_size
-    decoder = model.model.decoder
-    encoder_text = model.model.encoder.language_model
+    diffusion = hasattr(model.model, "decoder")
+    decoder = model.model.decoder if diffusion else model.model
 
     def norm_weight(p):
         # around a per-norm level in [0.6, 1.8], with spread per channel
@@ -225,7 +227,7 @@ def _redraw_weights(model, gen: torch.Generator, sc_down_scale: float) -> None:
     for layer in decoder.layers:
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(attn, name)
+            lin = getattr(attn, name, None)
             if lin is not None:
                 linear(lin.weight)
         norm_weight(attn.q_norm.weight)
@@ -253,6 +255,10 @@ def _redraw_weights(model, gen: torch.Generator, sc_down_scale: float) -> None:
         linear(experts.down_proj)
 
     norm_weight(decoder.norm.weight)
+    if not diffusion:
+        for layer in decoder.layers:
+            layer.layer_scalar.copy_(rand(1, lo=0.5, hi=1.5))
+        return
 
     sc = decoder.self_conditioning
     norm_weight(sc.pre_norm.weight)
@@ -264,7 +270,7 @@ def _redraw_weights(model, gen: torch.Generator, sc_down_scale: float) -> None:
     # layer_scalar: buffers, NOT tied; different per layer and between encoder/decoder.
     for layer in decoder.layers:
         layer.layer_scalar.copy_(rand(1, lo=0.5, hi=1.5))
-    for layer in encoder_text.layers:
+    for layer in model.model.encoder.language_model.layers:
         layer.layer_scalar.copy_(rand(1, lo=0.5, hi=1.5))
 
 
@@ -301,6 +307,50 @@ def make_checkpoint(
 
     hf_logging.disable_progress_bar()
     model.save_pretrained(path)
+    return path
+
+
+# What an autoregressive Gemma 4 sets beyond the shared text stack, as the released
+# gemma-4-26B-A4B does: MoE blocks, full layers with keys as values, no per-layer inputs
+# or shared KV layers; the eos ids of its config.
+_TARGET_TEXT = dict(
+    enable_moe_block=True,
+    attention_k_eq_v=True,
+    hidden_size_per_layer_input=0,
+    num_kv_shared_layers=0,
+    use_double_wide_mlp=False,
+    final_logit_softcapping=30.0,
+    tie_word_embeddings=True,
+    eos_token_id=[1, 106],
+    bos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def make_target_checkpoint(path, shape: str = "tiny", seed: int = 0) -> Path:
+    """A tiny autoregressive Gemma 4 (`Gemma4ForCausalLM`, weights redrawn as the
+    drafters') with `SHAPES[shape]`'s text stack and the tiny tokenizer, saved with
+    `save_pretrained`: the target of speculative decoding, loaded with `mlx_lm.load`."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+    from transformers.utils import logging as hf_logging
+
+    text = copy.deepcopy(SHAPES[shape]["text_config"])
+    text.pop("use_bidirectional_attention", None)
+    text["vocab_size_per_layer_input"] = text["vocab_size"]
+    config = Gemma4TextConfig(**text, **_TARGET_TEXT)
+    torch.manual_seed(seed)
+    model = Gemma4ForCausalLM(config).eval()
+    _redraw_weights(model, torch.Generator().manual_seed(20_000 + seed))
+    path = Path(path)
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(path)
+    # transformers 5 writes the full layers' head dim and kv heads per layer only; the
+    # released config.json (and mlx-lm's loader) carry them at the top level.
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["global_head_dim"] = text["global_head_dim"]
+    cfg["num_global_key_value_heads"] = text["num_global_key_value_heads"]
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_tokenizer(path, text["vocab_size"])
     return path
 
 
