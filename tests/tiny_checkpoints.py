@@ -323,25 +323,79 @@ _CHAT_TEMPLATE = (
     r"{{ bos_token }}"
     r"{% for message in messages %}"
     r"{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    r"{{ '<|turn>' + role + '\n' + message['content'] + '<turn|>\n' }}"
+    r"{{ '<|turn>' + role + '\n' }}"
+    r"{% if message['content'] is string %}{{ message['content'] }}"
+    r"{% else %}{% for item in message['content'] %}"
+    r"{% if item['type'] == 'image' %}{{ '<|image|>' }}"
+    r"{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    r"{% endfor %}{% endif %}"
+    r"{{ '<turn|>\n' }}"
     r"{% endfor %}"
     r"{% if add_generation_prompt %}"
     r"{{ '<|turn>model\n<|channel>thought\n<channel|>' }}"
     r"{% endif %}"
 )
 
+# The Gemma-4 multimodal specials (name in tokenizer_config -> token). Their real ids
+# (255999, 258880, 258882, ...) lie above any tiny vocab, so a tiny tokenizer holds them
+# only when asked, at ids inside its vocab (see `media_token_ids`).
+MEDIA_TOKENS = {
+    "boi_token": "<|image>",
+    "image_token": "<|image|>",
+    "eoi_token": "<image|>",
+    "boa_token": "<|audio>",
+    "audio_token": "<|audio|>",
+    "eoa_token": "<audio|>",
+}
+
+
+def media_token_ids(vocab_size: int, image_ids: dict | None = None) -> dict[str, int]:
+    """token -> id for `MEDIA_TOKENS`: the image tokens at `image_ids` ({"boi_token_id",
+    "image_token_id", "eoi_token_id"}, as a config names them) or at the top of the vocab,
+    the audio ones on the highest ids left (transformers' Gemma 4 processor wants them)."""
+    image_ids = image_ids or {
+        "boi_token_id": vocab_size - 6, "image_token_id": vocab_size - 5, "eoi_token_id": vocab_size - 4}
+    out = {MEDIA_TOKENS[k[: -len("_id")]]: int(v) for k, v in image_ids.items()}
+    free = (i for i in range(vocab_size - 1, -1, -1) if i not in out.values())
+    for name in ("boa_token", "audio_token", "eoa_token"):
+        out[MEDIA_TOKENS[name]] = next(free)
+    if any(i in SPECIAL_TOKENS.values() for i in out.values()):
+        raise ValueError(f"media token ids {out} collide with the text specials")
+    return out
+
+
+def vision_token_config(vocab_size: int) -> dict[str, int]:
+    """The `DiffusionGemmaConfig` image-token ids matching `media_token_ids(vocab_size)`."""
+    ids = media_token_ids(vocab_size)
+    return {f"{k}_id": ids[MEDIA_TOKENS[k]] for k in ("boi_token", "image_token", "eoi_token")}
+
+
+def _config_media_ids(path: Path, vocab_size: int) -> dict[str, int] | None:
+    """The media token ids for a checkpoint whose config.json puts its image tokens inside
+    the vocab (a tiny vision checkpoint); None otherwise (the text fixtures)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("boi_token_id", "image_token_id", "eoi_token_id")
+    if not all(isinstance(config.get(k), int) and config[k] < vocab_size for k in keys):
+        return None
+    return media_token_ids(vocab_size, {k: config[k] for k in keys})
+
+
 # Printable ASCII plus newline; a space is spelled "▁" in the vocab (SentencePiece style).
 _CHARS = ["\n", "▁"] + [chr(c) for c in range(33, 127)]
 
 
-def tokenizer_vocab(vocab_size: int) -> dict[str, int]:
-    """token -> id: the Gemma-4 specials at their ids, chars in the free ids, then
-    `<unused_k>` so every id below `vocab_size` decodes."""
-    vocab = dict(SPECIAL_TOKENS)
-    needed = len(SPECIAL_TOKENS) + len(_CHARS)
+def tokenizer_vocab(vocab_size: int, media: dict[str, int] | None = None) -> dict[str, int]:
+    """token -> id: the Gemma-4 specials at their ids (and the `media` tokens at theirs),
+    chars in the free ids, then `<unused_k>` so every id below `vocab_size` decodes."""
+    specials = dict(SPECIAL_TOKENS, **(media or {}))
+    vocab = dict(specials)
+    needed = len(specials) + len(_CHARS)
     if vocab_size < max(SPECIAL_TOKENS.values()) + 1 or vocab_size < needed:
         raise ValueError(f"vocab_size {vocab_size} too small for the tiny tokenizer")
-    free = (i for i in range(vocab_size) if i not in SPECIAL_TOKENS.values())
+    free = (i for i in range(vocab_size) if i not in specials.values())
     for ch in _CHARS:
         vocab[ch] = next(free)
     k = 0
@@ -352,26 +406,31 @@ def tokenizer_vocab(vocab_size: int) -> dict[str, int]:
     return vocab
 
 
-def write_tokenizer(path, vocab_size: int) -> Path:
+def write_tokenizer(path, vocab_size: int, media: dict[str, int] | None = None) -> Path:
     """A char-level `tokenizers` tokenizer.json + tokenizer_config.json + chat_template.jinja.
 
     Loads with `transformers.AutoTokenizer.from_pretrained(path)` and with
     `mlx_lm.tokenizer_utils.load(path)` (SentencePiece-style decoder, so mlx-lm picks its
     SPM streaming detokenizer, as for the real Gemma tokenizer). Its vocab size equals
-    `vocab_size`.
+    `vocab_size`. `media` (`media_token_ids`) adds the image and audio specials, named in
+    tokenizer_config.json as the real Gemma 4 tokenizer names them (`image_token`, ...);
+    by default they are added when `path/config.json` puts its image tokens inside the
+    vocab (a vision checkpoint), at the config's ids.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab = tokenizer_vocab(vocab_size)
+    media = _config_media_ids(path, vocab_size) if media is None else media
+    specials = dict(SPECIAL_TOKENS, **(media or {}))
+    vocab = tokenizer_vocab(vocab_size, media)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
     tok.normalizer = normalizers.Replace(Regex(" "), "▁")
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+        [AddedToken(t, special=True, normalized=False) for t in specials]
     )
     tok.save(str(path / "tokenizer.json"))
 
@@ -384,7 +443,7 @@ def write_tokenizer(path, vocab_size: int) -> Path:
             "single_word": False,
             "special": True,
         }
-        for t, i in SPECIAL_TOKENS.items()
+        for t, i in specials.items()
     }
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -399,6 +458,8 @@ def write_tokenizer(path, vocab_size: int) -> Path:
         "padding_side": "left",
         "added_tokens_decoder": added,
     }
+    if media:
+        tok_config["extra_special_tokens"] = dict(MEDIA_TOKENS)
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     (path / "special_tokens_map.json").write_text(
         json.dumps(
