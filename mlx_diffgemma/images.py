@@ -60,12 +60,18 @@ def _pil():
 # -- loading -------------------------------------------------------------------------------
 
 
-def _describe(source: ImageSource) -> str:
+def describe(source: Any) -> str:
+    """How messages and transcripts name an image source."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"the image data ({len(source)} bytes)"
     if isinstance(source, str) and source.startswith("data:"):
         return "the image data URL"
-    return str(source)
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, ImageInputs):
+        return "an image"
+    size = getattr(source, "size", None)
+    return f"a {size[0]} x {size[1]} image" if isinstance(size, tuple) and len(size) == 2 else "an image"
 
 
 def _data_url_bytes(url: str) -> bytes:
@@ -127,7 +133,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS):
     """`source` (path, data URL, bytes or PIL image) as a fully decoded RGB PIL image;
     `ImageError` with one line saying what is wrong otherwise."""
     Image, ImageFile, ImageOps = _pil()
-    what = _describe(source)
+    what = describe(source)
     truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         with warnings.catch_warnings():
@@ -403,8 +409,14 @@ class Processor:
 
     # -- prompts ------------------------------------------------------------------------
 
-    def images(self, images: Sequence[ImageSource]) -> ImageInputs:
-        return preprocess(images, self.config, self.max_pixels)
+    def images(self, images: Union[ImageInputs, Sequence[Any]]) -> ImageInputs:
+        """Sources -> one batch; items already preprocessed (`ImageInputs`) are kept as
+        they are (a chat keeps each image's arrays and re-sends them every turn)."""
+        if isinstance(images, ImageInputs):
+            return images
+        parts = [s if isinstance(s, ImageInputs) else preprocess([s], self.config, self.max_pixels)
+                 for s in images]
+        return ImageInputs.concat(parts, self.config)
 
     def expand(self, ids: Sequence[int], images: ImageInputs) -> Prompt:
         """`ids` with each lone image placeholder replaced by begin-of-image, the image's
@@ -442,18 +454,17 @@ class Processor:
     def __call__(self, text: Union[str, Sequence[int]], images: Sequence[ImageSource] = ()) -> Prompt:
         """`text` (encoded as is, no chat template, no BOS added) or ids, with `images`."""
         if isinstance(text, str):
-            from .session import encode_text
+            from .templates import encode_text
 
             ids = encode_text(self.tokenizer, text)
         else:
             ids = [int(i) for i in np.asarray(text).reshape(-1).tolist()]
-        inputs = images if isinstance(images, ImageInputs) else self.images(list(images))
-        return self.expand(ids, inputs)
+        return self.expand(ids, self.images(images))
 
     def apply_chat_template(self, messages: Sequence[Dict[str, Any]],
                             add_generation_prompt: bool = True, **kwargs) -> Prompt:
         """Chat messages (content parts may be images) -> `Prompt`."""
-        from .session import render
+        from .templates import render
 
         msgs, sources = split_image_parts(messages)
         text = render(self.tokenizer, msgs, add_generation_prompt, **kwargs)
@@ -500,3 +511,49 @@ def split_image_parts(messages: Sequence[Dict[str, Any]]) -> Tuple[List[Dict[str
                 parts.append(part)
         out.append(dict(m, content=parts))
     return out, sources
+
+
+# -- what the generation entry points share ------------------------------------------------------
+
+
+def processor_for(model, tokenizer) -> Processor:
+    """The model's processor; `ImageError` naming the fix when the model takes no images
+    (no vision tower) or has no tokenizer to expand prompts with."""
+    if tokenizer is None:
+        raise ImageError("images need the model's tokenizer to expand the prompt; load a "
+                         "directory that has one")
+    require = getattr(model, "require_vision", None)
+    if require is not None:
+        try:
+            require()
+        except ValueError as e:
+            raise ImageError(str(e)) from None
+    return Processor.from_model(model, tokenizer)
+
+
+def is_messages(prompt: Any) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def prepare_prompt(model, tokenizer, prompt: Any,
+                   images: Optional[Sequence[ImageSource]] = None) -> Tuple[Any, Optional[ImageInputs]]:
+    """A generation prompt with its images: (prompt or expanded ids, the images' arrays or
+    None). `prompt` is text or ids (one image placeholder per image in `images`), or
+    chat messages (rendered with the chat template; image content parts carry the
+    images). Without images, text and ids come back as they are."""
+    if is_messages(prompt):
+        from .templates import encode_text, ensure_chat_template, render
+
+        ensure_chat_template(tokenizer, getattr(model, "model_path", None))
+        if images:
+            raise ImageError("give the images of chat messages as their image content parts, "
+                             "not as images=")
+        msgs, sources = split_image_parts(prompt)
+        if not sources:
+            return encode_text(tokenizer, render(tokenizer, msgs, True)), None
+        p = processor_for(model, tokenizer).apply_chat_template(prompt)
+        return p.ids, p.images
+    if not images:
+        return prompt, None
+    p = processor_for(model, tokenizer)(prompt, images)
+    return p.ids, p.images
