@@ -31,9 +31,9 @@ VOCAB = 384
 def model_dir(tmp_path_factory):
     """A tokenizer with the Gemma 4 media specials and a config naming the image ids."""
     d = tmp_path_factory.mktemp("vision-tok")
-    write_tokenizer(d, VOCAB, media_token_ids(VOCAB))
+    write_tokenizer(d, VOCAB, vision=True)
     config = dict(vision_config={"model_type": "gemma4_vision", "patch_size": 16},
-                  vision_soft_tokens_per_image=280, **vision_token_config(VOCAB))
+                  vision_soft_tokens_per_image=280, **vision_token_config())
     (d / "config.json").write_text(json.dumps(config))
     return d
 

@@ -144,6 +144,35 @@ SHAPES["q64"] = dict(
     ),
 )
 
+# Ids of the image tokens in the "vision" shape's vocabulary (the real tokenizer's
+# strings; the released ids, 255999 / 258880 / 258882, do not fit a tiny vocab).
+VISION_TOKENS = {"<|image>": 255, "<|image|>": 256, "<image|>": 257}
+
+# A small Gemma-4 vision tower at the released structure (GQA, 2-D RoPE, 3x3 pooling,
+# standardised output, clamped linears), 4-pixel patches: images of ~100x100 pixels give
+# up to 70 soft tokens (the processor's smallest budget).
+VISION_TOWER = dict(
+    model_type="gemma4_vision",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=4,
+    pooling_kernel_size=3,
+    position_embedding_size=256,
+    standardize=True,
+    use_clipped_linears=True,
+)
+# "mixed" (bidirectional image blocks, sliding window 8) with a tower that is used.
+SHAPES["vision"] = dict(
+    SHAPES["mixed"],
+    vision_config=VISION_TOWER,
+    boi_token_id=VISION_TOKENS["<|image>"],
+    image_token_id=VISION_TOKENS["<|image|>"],
+    eoi_token_id=VISION_TOKENS["<image|>"],
+)
 # The smallest Gemma-4 vision tower transformers accepts (it cannot build the model
 # without one); its weights are saved but no text test uses them.
 _VISION_CONFIG = dict(
@@ -165,11 +194,8 @@ def make_config(shape: str = "mixed"):
 
     kwargs = copy.deepcopy(SHAPES[shape])
     text = kwargs.pop("text_config")
-    return DiffusionGemmaConfig(
-        text_config=text,
-        vision_config=dict(_VISION_CONFIG),
-        **kwargs,
-    )
+    vision = kwargs.pop("vision_config", _VISION_CONFIG)
+    return DiffusionGemmaConfig(text_config=text, vision_config=dict(vision), **kwargs)
 
 
 def _eos_ids(vocab_size: int) -> list[int]:
@@ -268,6 +294,38 @@ def _redraw_weights(model, gen: torch.Generator, sc_down_scale: float) -> None:
         layer.layer_scalar.copy_(rand(1, lo=0.5, hi=1.5))
 
 
+@torch.no_grad()
+def _redraw_vision(model, gen: torch.Generator) -> None:
+    """The tower's and embedder's weights with a realistic spread: norms, position
+    tables, standardisation and clamps all away from their init values."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def rand(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    encoder = model.model.encoder
+    for name, p in encoder.vision_tower.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(float(rand(1, lo=0.6, hi=1.8)) * (1.0 + 0.3 * randn(*p.shape)))
+        elif name.endswith("position_embedding_table"):
+            p.copy_(0.5 * randn(*p.shape))
+        else:  # linear weights
+            p.copy_(randn(*p.shape) / math.sqrt(p.shape[-1]))
+    for name, b in encoder.vision_tower.named_buffers():
+        if name.endswith("std_bias"):
+            b.copy_(0.5 * randn(*b.shape))
+        elif name.endswith("std_scale"):
+            b.copy_(rand(*b.shape, lo=0.5, hi=1.5))
+        elif name.endswith(("input_max", "output_max")):  # clamps that bite now and then
+            b.copy_(rand(1, lo=2.0, hi=4.0)[0])
+        elif name.endswith(("input_min", "output_min")):
+            b.copy_(-rand(1, lo=2.0, hi=4.0)[0])
+    w = encoder.embed_vision.embedding_projection.weight
+    w.copy_(randn(*w.shape) / math.sqrt(w.shape[-1]))
+
+
 def make_checkpoint(
     path,
     shape: str = "mixed",
@@ -286,6 +344,8 @@ def make_checkpoint(
     model.eval()
     gen = torch.Generator().manual_seed(10_000 + seed)
     _redraw_weights(model, gen, sc_down_scale)
+    if "vision_config" in SHAPES[shape]:  # other shapes keep transformers' init tower
+        _redraw_vision(model, gen)
 
     # The encoder's text weights must be the decoder's (tied) ones.
     enc0 = model.model.encoder.language_model.layers[0]
@@ -336,9 +396,8 @@ _CHAT_TEMPLATE = (
     r"{% endif %}"
 )
 
-# The Gemma-4 multimodal specials (name in tokenizer_config -> token). Their real ids
-# (255999, 258880, 258882, ...) lie above any tiny vocab, so a tiny tokenizer holds them
-# only when asked, at ids inside its vocab (see `media_token_ids`).
+# The Gemma-4 multimodal specials, named as the real tokenizer_config.json names them.
+# transformers' Gemma 4 processor wants the audio ones too, even for images alone.
 MEDIA_TOKENS = {
     "boi_token": "<|image>",
     "image_token": "<|image|>",
@@ -349,51 +408,31 @@ MEDIA_TOKENS = {
 }
 
 
-def media_token_ids(vocab_size: int, image_ids: dict | None = None) -> dict[str, int]:
-    """token -> id for `MEDIA_TOKENS`: the image tokens at `image_ids` ({"boi_token_id",
-    "image_token_id", "eoi_token_id"}, as a config names them) or at the top of the vocab,
-    the audio ones on the highest ids left (transformers' Gemma 4 processor wants them)."""
-    image_ids = image_ids or {
-        "boi_token_id": vocab_size - 6, "image_token_id": vocab_size - 5, "eoi_token_id": vocab_size - 4}
-    out = {MEDIA_TOKENS[k[: -len("_id")]]: int(v) for k, v in image_ids.items()}
-    free = (i for i in range(vocab_size - 1, -1, -1) if i not in out.values())
-    for name in ("boa_token", "audio_token", "eoa_token"):
-        out[MEDIA_TOKENS[name]] = next(free)
-    if any(i in SPECIAL_TOKENS.values() for i in out.values()):
-        raise ValueError(f"media token ids {out} collide with the text specials")
+def media_token_ids(vocab_size: int) -> dict[str, int]:
+    """token -> id of the media specials in a vision tokenizer: the image tokens at
+    VISION_TOKENS, the audio ones on the three highest ids."""
+    out = dict(VISION_TOKENS)
+    for i, name in zip(range(vocab_size - 1, vocab_size - 4, -1), ("boa_token", "audio_token", "eoa_token")):
+        out[MEDIA_TOKENS[name]] = i
     return out
 
 
-def vision_token_config(vocab_size: int) -> dict[str, int]:
-    """The `DiffusionGemmaConfig` image-token ids matching `media_token_ids(vocab_size)`."""
-    ids = media_token_ids(vocab_size)
-    return {f"{k}_id": ids[MEDIA_TOKENS[k]] for k in ("boi_token", "image_token", "eoi_token")}
-
-
-def _config_media_ids(path: Path, vocab_size: int) -> dict[str, int] | None:
-    """The media token ids for a checkpoint whose config.json puts its image tokens inside
-    the vocab (a tiny vision checkpoint); None otherwise (the text fixtures)."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    keys = ("boi_token_id", "image_token_id", "eoi_token_id")
-    if not all(isinstance(config.get(k), int) and config[k] < vocab_size for k in keys):
-        return None
-    return media_token_ids(vocab_size, {k: config[k] for k in keys})
+def vision_token_config() -> dict[str, int]:
+    """The `DiffusionGemmaConfig` image-token ids of VISION_TOKENS."""
+    return {"boi_token_id": VISION_TOKENS["<|image>"], "image_token_id": VISION_TOKENS["<|image|>"],
+            "eoi_token_id": VISION_TOKENS["<image|>"]}
 
 
 # Printable ASCII plus newline; a space is spelled "▁" in the vocab (SentencePiece style).
 _CHARS = ["\n", "▁"] + [chr(c) for c in range(33, 127)]
 
 
-def tokenizer_vocab(vocab_size: int, media: dict[str, int] | None = None) -> dict[str, int]:
-    """token -> id: the Gemma-4 specials at their ids (and the `media` tokens at theirs),
-    chars in the free ids, then `<unused_k>` so every id below `vocab_size` decodes."""
-    specials = dict(SPECIAL_TOKENS, **(media or {}))
+def tokenizer_vocab(vocab_size: int, specials: dict[str, int] = SPECIAL_TOKENS) -> dict[str, int]:
+    """token -> id: the Gemma-4 specials at their ids, chars in the free ids, then
+    `<unused_k>` so every id below `vocab_size` decodes."""
     vocab = dict(specials)
     needed = len(specials) + len(_CHARS)
-    if vocab_size < max(SPECIAL_TOKENS.values()) + 1 or vocab_size < needed:
+    if vocab_size < max(specials.values()) + 1 or vocab_size < needed:
         raise ValueError(f"vocab_size {vocab_size} too small for the tiny tokenizer")
     free = (i for i in range(vocab_size) if i not in specials.values())
     for ch in _CHARS:
@@ -406,24 +445,23 @@ def tokenizer_vocab(vocab_size: int, media: dict[str, int] | None = None) -> dic
     return vocab
 
 
-def write_tokenizer(path, vocab_size: int, media: dict[str, int] | None = None) -> Path:
+def write_tokenizer(path, vocab_size: int, vision: bool = False) -> Path:
     """A char-level `tokenizers` tokenizer.json + tokenizer_config.json + chat_template.jinja.
+    `vision`: also the media tokens (`media_token_ids`), named as Gemma-4's tokenizer names
+    them (`image_token`, `boi_token`, ... `MEDIA_TOKENS`) so a Gemma-4 processor can be
+    built on it.
 
     Loads with `transformers.AutoTokenizer.from_pretrained(path)` and with
     `mlx_lm.tokenizer_utils.load(path)` (SentencePiece-style decoder, so mlx-lm picks its
     SPM streaming detokenizer, as for the real Gemma tokenizer). Its vocab size equals
-    `vocab_size`. `media` (`media_token_ids`) adds the image and audio specials, named in
-    tokenizer_config.json as the real Gemma 4 tokenizer names them (`image_token`, ...);
-    by default they are added when `path/config.json` puts its image tokens inside the
-    vocab (a vision checkpoint), at the config's ids.
+    `vocab_size`.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    media = _config_media_ids(path, vocab_size) if media is None else media
-    specials = dict(SPECIAL_TOKENS, **(media or {}))
-    vocab = tokenizer_vocab(vocab_size, media)
+    specials = dict(SPECIAL_TOKENS, **(media_token_ids(vocab_size) if vision else {}))
+    vocab = tokenizer_vocab(vocab_size, specials)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
     tok.normalizer = normalizers.Replace(Regex(" "), "▁")
     tok.decoder = decoders.Sequence(
@@ -458,7 +496,7 @@ def write_tokenizer(path, vocab_size: int, media: dict[str, int] | None = None) 
         "padding_side": "left",
         "added_tokens_decoder": added,
     }
-    if media:
+    if vision:
         tok_config["extra_special_tokens"] = dict(MEDIA_TOKENS)
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     (path / "special_tokens_map.json").write_text(
@@ -474,7 +512,7 @@ def write_tokenizer(path, vocab_size: int, media: dict[str, int] | None = None) 
 def make_checkpoint_with_tokenizer(path, shape: str = "mixed", **kwargs) -> Path:
     """`make_checkpoint` plus `write_tokenizer` for the shape's vocab."""
     path = make_checkpoint(path, shape=shape, **kwargs)
-    write_tokenizer(path, SHAPES[shape]["text_config"]["vocab_size"])
+    write_tokenizer(path, SHAPES[shape]["text_config"]["vocab_size"], vision="vision_config" in SHAPES[shape])
     return path
 
 
