@@ -419,34 +419,37 @@ class Processor:
         return ImageInputs.concat(parts, self.config)
 
     def expand(self, ids: Sequence[int], images: ImageInputs) -> Prompt:
-        """`ids` with each lone image placeholder replaced by begin-of-image, the image's
-        soft tokens and end-of-image; a run already expanded (after a begin-of-image) is
-        kept when its length is its image's. Placeholders and images must pair up."""
-        t = self.tokens
+        """`ids` with each image placeholder replaced by begin-of-image, the image's soft
+        tokens and end-of-image; a run already expanded (right after a begin-of-image)
+        is kept when its length is its image's. Placeholders and images must pair up."""
+        t, ids = self.tokens, list(ids)
+        runs = image_blocks(ids, t.image_id)
+        expanded = [s > 0 and ids[s - 1] == t.boi_id for s, _ in runs]
+        count = sum(1 if x else e - s for (s, e), x in zip(runs, expanded))
+        if count != len(images):
+            raise ImageError(
+                f"the prompt has {count} image placeholder(s) ({t.image}) for {len(images)} "
+                f"image(s); put one {t.image} where each image goes")
         out: List[int] = []
         blocks: List[Tuple[int, int]] = []
-        runs = image_blocks(ids, t.image_id)
-        if len(runs) != len(images):
-            raise ImageError(
-                f"the prompt has {len(runs)} image placeholder(s) ({t.image}) for {len(images)} "
-                f"image(s); put one {t.image} where each image goes")
-        ids, last = list(ids), 0
-        for k, (s, e) in enumerate(runs):
-            n = images.num_soft_tokens[k]
+        last, k = 0, 0
+        for (s, e), done in zip(runs, expanded):
             out += ids[last:s]
-            expanded = s > 0 and ids[s - 1] == t.boi_id
-            if expanded and e - s != n:
-                raise ImageError(f"image {k + 1}'s expanded block holds {e - s} image tokens "
-                                 f"but the image has {n} soft tokens; expand it again")
-            if not expanded and e - s != 1:
-                raise ImageError(f"the prompt has {e - s} image tokens in a row without a "
-                                 f"begin-of-image; put one {t.image} per image")
-            if not expanded:
-                out.append(t.boi_id)
-            blocks.append((len(out), len(out) + n))
-            out += [t.image_id] * n
-            if not expanded:
-                out.append(t.eoi_id)
+            if done:  # one image, already expanded
+                n = images.num_soft_tokens[k]
+                if e - s != n:
+                    raise ImageError(f"image {k + 1}'s expanded block holds {e - s} image tokens "
+                                     f"but the image has {n} soft tokens; expand it again")
+                blocks.append((len(out), len(out) + n))
+                out += ids[s:e]
+                k += 1
+            else:  # one placeholder per image
+                for _ in range(e - s):
+                    n = images.num_soft_tokens[k]
+                    out.append(t.boi_id)
+                    blocks.append((len(out), len(out) + n))
+                    out += [t.image_id] * n + [t.eoi_id]
+                    k += 1
             last = e
         out += ids[last:]
         return Prompt(out, images, blocks)
@@ -464,10 +467,9 @@ class Processor:
     def apply_chat_template(self, messages: Sequence[Dict[str, Any]],
                             add_generation_prompt: bool = True, **kwargs) -> Prompt:
         """Chat messages (content parts may be images) -> `Prompt`."""
-        from .templates import render
-
         msgs, sources = split_image_parts(messages)
-        text = render(self.tokenizer, msgs, add_generation_prompt, **kwargs)
+        _, text = render_with_images(self.tokenizer, msgs, self.tokens.image, len(sources),
+                                     add_generation_prompt, **kwargs)
         return self(text, sources)
 
 
@@ -487,6 +489,26 @@ def image_tokens(tokenizer, config: Dict[str, Any]) -> ImageTokens:
                              f"{id_key}); use the tokenizer that ships with the model")
         out[key], out[f"{key}_id"] = token, int(want)
     return ImageTokens(**out)
+
+
+def render_with_images(tokenizer, messages: Sequence[Dict[str, Any]], token: str, n_images: int,
+                       add_generation_prompt: bool = True, **kwargs) -> Tuple[List[Dict[str, Any]], str]:
+    """(the messages as rendered, the text) for messages whose image parts are
+    `{"type": "image"}`: as content parts where the chat template places them, else with
+    the placeholder `token` written into the text (a template that reads strings only)."""
+    from .templates import render
+
+    text = render(tokenizer, messages, add_generation_prompt, **kwargs)
+    if not n_images or text.count(token) == n_images:
+        return list(messages), text
+    flat = [dict(m, content="".join(token if p.get("type") == "image" else p.get("text", "")
+                                    for p in m["content"]))
+            if isinstance(m.get("content"), list) else m for m in messages]
+    text = render(tokenizer, flat, add_generation_prompt, **kwargs)
+    if text.count(token) != n_images:
+        raise ImageError(f"the chat template does not place the {n_images} image(s) (found "
+                         f"{text.count(token)} {token}); use the model's own chat template")
+    return flat, text
 
 
 def split_image_parts(messages: Sequence[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[ImageSource]]:
@@ -557,3 +579,16 @@ def prepare_prompt(model, tokenizer, prompt: Any,
         return prompt, None
     p = processor_for(model, tokenizer)(prompt, images)
     return p.ids, p.images
+
+
+def torch_image_kwargs(model, ids, images) -> Dict[str, Any]:
+    """transformers' encoder arguments for `images` (ImageInputs) inside `ids`: the
+    arrays, and the token types that give each image its bidirectional block."""
+    if images is None:
+        return {}
+    import torch
+
+    dev = ids.device
+    return {"pixel_values": torch.as_tensor(images.pixel_values, device=dev),
+            "image_position_ids": torch.as_tensor(images.image_position_ids, device=dev),
+            "mm_token_type_ids": (ids == model.config.image_token_id).long()}

@@ -100,37 +100,20 @@ class PromptSplit:
         return next((bs for bs, be in self.blocks if bs < i < be), i)
 
 
-def _render_with_images(tokenizer, messages, processor, n_images: int, tools) -> Tuple[list, str]:
-    """(messages as rendered, the generation prompt): image parts as the template's
-    content parts where it places them, else written into the text as placeholders."""
-    full_text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
-    token = processor.tokens.image
-    if full_text.count(token) == n_images:
-        return messages, full_text
-    # A template that only reads string contents: the placeholders go into the text.
-    flat = [dict(m, content="".join(token if p.get("type") == "image" else p.get("text", "")
-                                    for p in m["content"]))
-            if isinstance(m.get("content"), list) else m for m in messages]
-    full_text = render(tokenizer, flat, add_generation_prompt=True, tools=tools)
-    if full_text.count(token) != n_images:
-        raise ValueError(f"the chat template does not place the {n_images} image(s) "
-                         f"(found {full_text.count(token)} {token}); use the model's own template")
-    return flat, full_text
-
-
 def split_prompt(tokenizer, messages: Sequence[Dict[str, Any]],
                  tools: Optional[List[Dict[str, Any]]] = None, processor=None) -> PromptSplit:
     """The generation prompt of `messages`, and how much of it is conversation-stable:
     the longest prefix that the next turn's rendering (this turn as history) repeats.
     Image content parts (`{"type": "image", "image": ...}`) are expanded by `processor`
     (images.Processor); the stable part holds them."""
-    from .images import split_image_parts
+    from .images import render_with_images, split_image_parts
 
     messages, sources = split_image_parts(messages)
     if sources and processor is None:
         raise ValueError("this conversation holds images but the model takes none")
     if sources:
-        messages, full_text = _render_with_images(tokenizer, messages, processor, len(sources), tools)
+        messages, full_text = render_with_images(tokenizer, messages, processor.tokens.image,
+                                                 len(sources), tools=tools)
     else:
         full_text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
     history = list(messages) + [
@@ -223,12 +206,12 @@ class MLXBackend:
         new.restore(cache.snapshot())
         return new
 
-    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
+    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
         from .generation import stream_generate
 
         return stream_generate(
-            self.model, tokenizer, prompt, cache=cache, noise=noise, seed=seed, **gen_kwargs
-        )
+            self.model, tokenizer, prompt, images=images, cache=cache, noise=noise, seed=seed,
+            **gen_kwargs)
 
     def cache_bytes(self, cache) -> int:
         return cache.nbytes
@@ -262,6 +245,8 @@ class TorchBackend:
     def encode(self, cache, ids: Sequence[int], images=None) -> None:
         t = self.torch.as_tensor([list(ids)], dtype=self.torch.long, device=self.device)
         with self.torch.no_grad():
+            from .images import torch_image_kwargs
+
             self.model.model.encoder(input_ids=t, past_key_values=cache,
                                      **torch_image_kwargs(self.model, t, images))
 
@@ -283,12 +268,12 @@ class TorchBackend:
     def fork(self, cache):
         return copy.deepcopy(cache)
 
-    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
+    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
         from .torch_backend import stream_generate
 
         return stream_generate(
-            self.model, tokenizer, prompt, cache=cache, noise=noise, seed=seed, **gen_kwargs
-        )
+            self.model, tokenizer, prompt, images=images, cache=cache, noise=noise, seed=seed,
+            **gen_kwargs)
 
     def cache_bytes(self, cache) -> int:
         total = 0
@@ -298,19 +283,6 @@ class TorchBackend:
                 if t is not None and hasattr(t, "numel"):
                     total += t.numel() * t.element_size()
         return total
-
-
-def torch_image_kwargs(model, ids, images) -> Dict[str, Any]:
-    """transformers' encoder arguments for `images` (ImageInputs) inside `ids`: the
-    arrays, and the token types that give each image its bidirectional block."""
-    if images is None:
-        return {}
-    import torch
-
-    dev = ids.device
-    return {"pixel_values": torch.as_tensor(images.pixel_values, device=dev),
-            "image_position_ids": torch.as_tensor(images.image_position_ids, device=dev),
-            "mm_token_type_ids": (ids == model.config.image_token_id).long()}
 
 
 def make_backend(model):

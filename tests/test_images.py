@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiny_checkpoints import media_token_ids, vision_token_config, write_tokenizer
+from tiny_checkpoints import media_token_ids, reference_processor, vision_token_config, write_tokenizer
 
 from mlx_diffgemma.images import (
     PIL_MISSING,
@@ -45,24 +45,6 @@ def hf_tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def reference_processor(tokenizer, budget: int, patch_size: int = 16):
-    """transformers' Gemma4Processor with its PIL image processor. Its video processor
-    needs torchvision, which the image path never uses: it is left out."""
-    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
-
-    class ImageOnly(Gemma4Processor):
-        def check_argument_for_proper_class(self, name, arg):
-            if name == "video_processor" and arg is None:
-                return None
-            return super().check_argument_for_proper_class(name, arg)
-
-    images = Gemma4ImageProcessorPil(max_soft_tokens=budget, patch_size=patch_size)
-    return ImageOnly(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images,
-                     tokenizer=tokenizer, video_processor=None, image_seq_length=budget)
-
-
 def ours(model_dir, tokenizer, budget: int, patch_size: int = 16) -> Processor:
     p = Processor.from_pretrained(model_dir, tokenizer)
     p.config = ImageConfig(max_soft_tokens=budget, patch_size=patch_size)
@@ -91,9 +73,10 @@ SIZES = [(100, 200), (480, 640), (640, 360), (768, 768), (1, 1), (37, 1500), (20
 def test_matches_reference_processor(model_dir, hf_tokenizer, budget):
     ref_p = reference_processor(hf_tokenizer, budget)
     our_p = ours(model_dir, hf_tokenizer, budget)
-    text = "<|turn>user\nwhat is <|image|> next to <|image|>?<turn|>\n"
+    text = "<|turn>user\nwhat is <|image|> next to <|image|>?<turn|>\n<|image|><|image|>"
     for k, (h, w) in enumerate(SIZES):
-        images = [noise_image(h, w, seed=k), noise_image(w // 3 + 1, h + 7, "RGBA", seed=k + 50)]
+        images = [noise_image(h, w, seed=k), noise_image(w // 3 + 1, h + 7, "RGBA", seed=k + 50),
+                  noise_image(w, h, seed=k + 100), noise_image(h, h, seed=k + 150)]
         ref = ref_p(text=[text], images=[images], return_tensors="np")
         prompt = our_p(text, images)
         assert_same(ref, prompt.arrays())

@@ -509,6 +509,24 @@ def write_tokenizer(path, vocab_size: int, vision: bool = False) -> Path:
     return path
 
 
+def reference_processor(tokenizer, budget: int, patch_size: int = 16):
+    """transformers' Gemma4Processor with its PIL image processor. Its video processor
+    needs torchvision, which the image path never uses: it is left out."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    class ImageOnly(Gemma4Processor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+
+    images = Gemma4ImageProcessorPil(max_soft_tokens=budget, patch_size=patch_size)
+    return ImageOnly(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images,
+                     tokenizer=tokenizer, video_processor=None, image_seq_length=budget)
+
+
 def make_checkpoint_with_tokenizer(path, shape: str = "mixed", **kwargs) -> Path:
     """`make_checkpoint` plus `write_tokenizer` for the shape's vocab."""
     path = make_checkpoint(path, shape=shape, **kwargs)
