@@ -14,6 +14,7 @@ _EXPORTS = {
     "load": "loader",
     "generate": "generation",
     "stream_generate": "generation",
+    "Processor": "images",
     "Draft": "drafter",
     "Commit": "drafter",
     "Summary": "drafter",

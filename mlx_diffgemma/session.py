@@ -643,7 +643,8 @@ class ChatSession:
             for s, e, images in split.chunks(keep, split.stable, PREFILL_CHUNK):
                 if should_stop():
                     return False
-                self.backend.encode(self.cache, split.ids[s:e], images)
+                # (text-only chunks call encode as it always was called)
+                self.backend.encode(self.cache, split.ids[s:e], **({"images": images} if images else {}))
                 self.cached_ids = keys[:e]
         except BaseException:
             self._clear_cache("")  # an encoder call broke off midway: the cache is unknown
