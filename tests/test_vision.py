@@ -2,7 +2,7 @@
 
 A tiny DiffusionGemma with a small vision tower in use (tiny_checkpoints' "vision"
 shape: 3 tower layers with GQA, 2-D RoPE, 3x3 pooling, standardised output and clamped
-linears; a 5-layer text model with sliding window 8 and bidirectional image blocks) is
+linears; the 4-layer "wide" text model, sliding window 12, bidirectional image blocks) is
 built by transformers, converted by our converter and loaded. Its inputs are the
 reference's own: pixel_values / image_position_ids from transformers' Gemma-4 image
 processor on synthetic images of three aspect ratios, prompts expanded to <|image>, one
@@ -110,18 +110,18 @@ def test_encoder_cache_matches_reference(names, vision):
         k, v = (np.array(a) for a in layer.view())
         assert k.shape == k_ref.shape
         worst = max(worst, float(np.abs(k - k_ref).max()), float(np.abs(v - v_ref).max()))
-    # Keys reach ~6; the soft tokens enter at ~1e-5 of the reference's and the float32
-    # difference grows through the layers at the image rows (the text-only cache test
-    # holds 1e-4 over a third as many tokens).
-    assert worst < 5e-4, worst
+    # Keys reach ~7; the soft tokens enter within ~2e-6 of the reference's and the
+    # float32 difference grows through the layers over 80-150 tokens (the last layer
+    # lands near 1e-4; the text-only cache test holds 1e-4 over a third as many tokens).
+    assert worst < 3e-4, worst
 
     # The image blocks do attend both ways: encoded causally, the full layers' keys of
     # the image tokens move far beyond that tolerance.
     causal_model = Model(ModelArgs(**{**model.args.__dict__, "use_bidirectional_attention": None}))
     causal_model.update(model.parameters())
     causal = _cache_with(causal_model, ids, pv, pos)
-    k_causal = np.array(causal.layers[4].view()[0])
-    assert np.abs(k_causal - expected[4][0]).max() > 1e-2
+    k_causal = np.array(causal.layers[3].view()[0])
+    assert np.abs(k_causal - expected[3][0]).max() > 1e-2
 
 
 @pytest.mark.parametrize("names, prefix", [(["wide"], False), (["square", "tall"], True)])
@@ -131,7 +131,7 @@ def test_decoder_logits_after_images(names, prefix, vision):
     ids = _prompt(counts, seed=7)
     rng = np.random.default_rng(3)
     C = model.canvas_length
-    canvas = rng.integers(0, 384, (1, C))
+    canvas = rng.integers(0, 512, (1, C))
     prefixes = [rng.integers(3, 200, (1, C))] if prefix else []
     cache = _cache_with(model, ids, pv, pos)
     for p in prefixes:
@@ -167,7 +167,7 @@ def test_chunked_prefill_with_images_matches_whole(chunk, vision):
     for a, b in zip(chunked.layers, whole.layers):
         for x, y in zip(a.view(), b.view()):
             np.testing.assert_allclose(np.array(x), np.array(y), atol=2e-5, rtol=1e-5)
-    canvas = mx.array(np.random.default_rng(5).integers(0, 384, (1, model.canvas_length)))
+    canvas = mx.array(np.random.default_rng(5).integers(0, 512, (1, model.canvas_length)))
     ours, expected = np.array(model.decode(canvas, chunked)), np.array(model.decode(canvas, whole))
     assert np.abs(ours - expected).max() <= ATOL
     assert_argmax_where_certain(ours, expected, f"chunk {chunk}")
