@@ -279,3 +279,23 @@ def test_pillow_missing(monkeypatch):
     with pytest.raises(ImageError, match=r"^images need Pillow: pip install 'mlx-diffgemma\[images\]'"):
         preprocess(["x.png"])
     assert PIL_MISSING.startswith("images need Pillow")
+
+
+def test_string_only_template_gets_placeholders_in_the_text(model_dir):
+    """A chat template that reads string contents only: the placeholders go into the
+    text; one that drops them is refused."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|turn>{{ m['role'] }}\n"
+                         "{{ m['content'] }}<turn|>\n{% endfor %}<|turn>model\n")
+    p = ours(model_dir, tok, 70)
+    im = noise_image(64, 64)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "what?"}]}]
+    flat = tok.apply_chat_template([{"role": "user", "content": "<|image|>what?"}], tokenize=False)
+    assert flat.startswith("<bos><|turn>user\n<|image|>what?")
+    assert p.apply_chat_template(msgs).ids == p(flat, [im]).ids
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}<|turn>{{ m['role'] }}<turn|>{% endfor %}"
+    with pytest.raises(ImageError, match=r"the chat template does not place the 1 image\(s\) \(found 0 "
+                                         r"<\|image\|>\); use the model's own chat template$"):
+        p.apply_chat_template(msgs)
