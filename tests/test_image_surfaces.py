@@ -276,9 +276,20 @@ def test_server_image_url_parts(image_server, image_file, tmp_path):
         engine.tokenizer, [{"role": "user", "content": [{"type": "image", "image": str(image_file)}, text]}],
         processor=engine.session.processor)
     assert r.json()["usage"]["prompt_tokens"] == len(split.ids)
-    # the same image as a local file under --image-dir: the same reply
+    # the same image as a local file under --image-dir: the same reply, its prompt
+    # found in the prompt cache (the tower does not run again)
+    model = engine.session.model
+    runs, real = [], model.image_features
+    model.image_features = lambda *a, **k: (runs.append(1), real(*a, **k))[1]
     r2 = _chat(srv.url, [_image_part(f"file://{image_file}"), text])
     assert r2.status_code == 200 and r2.json()["choices"] == r.json()["choices"]
+    assert r2.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == split.stable and runs == []
+    # another question after the same image: the image is in the shared prefix
+    r3 = _chat(srv.url, [_image_part(f"file://{image_file}"), {"type": "text", "text": "other question"}])
+    assert r3.status_code == 200 and runs == [] and r3.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    # text before the image: the prefixes part before it, so it is encoded again
+    r4 = _chat(srv.url, [{"type": "text", "text": "first this: "}, _image_part(f"file://{image_file}")])
+    assert r4.status_code == 200 and runs == [1]
     outside = tmp_path / "elsewhere.png"
     shutil.copy(image_file, outside)
     cases = [
