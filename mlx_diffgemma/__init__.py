@@ -17,6 +17,7 @@ _EXPORTS = {
     "speculative_generate": "speculative",
     "speculative_stream_generate": "speculative",
     "SpeculativeSummary": "drafter",
+    "Processor": "images",
     "Draft": "drafter",
     "Commit": "drafter",
     "Summary": "drafter",

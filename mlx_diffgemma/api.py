@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+from urllib.parse import unquote
 
 from .config import SEED_MAX, GenerationConfig
 from .drafter import MODES
@@ -178,19 +180,53 @@ def options(body: Dict[str, Any], defaults: GenerationConfig) -> Options:
 # -- messages and tools ------------------------------------------------------------------
 
 
-def _text_content(content: Any, where: str) -> str:
+def image_source(part: Dict[str, Any], where: str, image_dirs: Sequence[Path] = ()) -> str:
+    """The image of an OpenAI `image_url` content part: a data URL as is, or a local
+    file (file:// URL or absolute path) inside one of `image_dirs`, as its resolved path.
+    Remote URLs are never fetched; without `image_dirs` no local file is read."""
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str) or not url:
+        raise bad(f"{where}: an image_url part needs {{\"image_url\": {{\"url\": ...}}}}", "messages")
+    if url.startswith("data:"):
+        return url
+    if url.startswith(("http://", "https://")):
+        raise bad(f"{where}: remote image URLs are not fetched by this server; send the image "
+                  "as a data URL (data:image/png;base64,...)", "messages", "invalid_image")
+    path = unquote(url[len("file://"):]) if url.startswith("file://") else url
+    if not image_dirs:
+        raise bad(f"{where}: local image files are off on this server; send a data URL, or "
+                  "start the server with --image-dir DIR", "messages", "invalid_image")
+    resolved = Path(path).expanduser().resolve()
+    if not Path(path).expanduser().is_absolute() or not any(
+            resolved.is_relative_to(d) for d in image_dirs):
+        allowed = ", ".join(str(d) for d in image_dirs)
+        raise bad(f"{where}: {path} is not an absolute path inside the image directories "
+                  f"({allowed}); move the file there or send a data URL", "messages", "invalid_image")
+    return str(resolved)
+
+
+def _content(content: Any, where: str, image_dirs: Sequence[Path]) -> Any:
+    """A message's content: text, or (when it holds images) content parts as chat
+    templates take them: `{"type": "text", ...}` and `{"type": "image", "image": source}`."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
+        parts: List[Dict[str, Any]] = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad(f"{where}: only text content parts are supported", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise bad(f"{where}: content must be a string or a list of text parts", "messages")
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                parts.append({"type": "image", "image": image_source(part, where, image_dirs)})
+            else:
+                raise bad(f"{where}: content parts must be text or image_url", "messages")
+        if not any(p["type"] == "image" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+    raise bad(f"{where}: content must be a string or a list of text and image_url parts", "messages")
 
 
 def _tool_call(call: Any, where: str) -> Dict[str, Any]:
@@ -208,7 +244,9 @@ def _tool_call(call: Any, where: str) -> Dict[str, Any]:
             "function": {"name": fn["name"], "arguments": args}}
 
 
-def chat_messages(body: Dict[str, Any]) -> List[Dict[str, Any]]:
+def chat_messages(body: Dict[str, Any], image_dirs: Sequence[Path] = ()) -> List[Dict[str, Any]]:
+    """The request's messages as chat templates take them (`image_source` says which
+    images are accepted)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages must be a non-empty list", "messages")
@@ -219,7 +257,9 @@ def chat_messages(body: Dict[str, Any]) -> List[Dict[str, Any]]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise bad(f"{where}: role must be one of {', '.join(ROLES)}", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
-        msg: Dict[str, Any] = {"role": role, "content": _text_content(m.get("content"), where)}
+        msg: Dict[str, Any] = {"role": role, "content": _content(m.get("content"), where, image_dirs)}
+        if isinstance(msg["content"], list) and role != "user":
+            raise bad(f"{where}: images go in user messages", "messages")
         if role == "assistant" and m.get("tool_calls"):
             if not isinstance(m["tool_calls"], list):
                 raise bad(f"{where}: tool_calls must be a list", "messages")

@@ -38,6 +38,13 @@ _REQUIRED_TEXT_KEYS = (
 )
 
 
+# ModelArgs fields read from the top level of config.json, never from text_config.
+_TOP_LEVEL_FIELDS = (
+    "vision_config", "image_token_id", "boi_token_id", "eoi_token_id",
+    "vision_soft_tokens_per_image",
+)
+
+
 def default_layer_types(num_layers: int) -> List[str]:
     """The reference's default pattern: five sliding layers, then one full."""
     return ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(num_layers)]
@@ -143,6 +150,78 @@ def _check_rope(rope: Any, where: str) -> None:
             raise ConfigError(f"{where}.{kind}.rope_type must be a string")
 
 
+# -- the vision tower ------------------------------------------------------------------
+
+
+@dataclass
+class VisionArgs:
+    """The Gemma-4 vision tower (`vision_config`, model_type "gemma4_vision"). Defaults are
+    transformers' `Gemma4VisionConfig` defaults, so a partial config means what it means
+    there; the released tower is hidden 1152, 27 layers, 16-pixel patches."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 100.0
+    pooling_kernel_size: int = 3
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+
+    @classmethod
+    def from_dict(cls, vc: Dict[str, Any]) -> "VisionArgs":
+        where = "vision_config"
+        if vc.get("model_type", "gemma4_vision") != "gemma4_vision":
+            raise ConfigError(f"{where}.model_type is {vc.get('model_type')!r}, expected 'gemma4_vision'")
+        names = {f.name for f in fields(cls)} - {"rope_theta"}
+        kwargs = {k: v for k, v in vc.items() if k in names and v is not None}
+        for name in names - {"rms_norm_eps", "use_clipped_linears", "standardize"}:
+            if name in kwargs and not (is_int(kwargs[name]) and kwargs[name] >= 1):
+                raise ConfigError(f"{where}.{name} must be a positive integer (got {kwargs[name]!r}); fix the file")
+        for name in ("use_clipped_linears", "standardize"):
+            if name in kwargs and not isinstance(kwargs[name], bool):
+                raise ConfigError(f"{where}.{name} must be true or false (got {kwargs[name]!r}); fix the file")
+        eps = kwargs.get("rms_norm_eps", 1e-6)
+        if not (is_finite_number(eps) and eps > 0):
+            raise ConfigError(f"{where}.rms_norm_eps must be a number > 0 (got {eps!r}); fix the file")
+        if vc.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_approx"):
+            raise ConfigError(f"{where}.hidden_activation must be 'gelu_pytorch_tanh'")
+        rope = vc.get("rope_parameters") or {}
+        if not isinstance(rope, dict) or rope.get("rope_type", "axial") not in ("axial", "default"):
+            raise ConfigError(f"{where}.rope_parameters must be axial RoPE (got {rope!r}); fix the file")
+        theta = rope.get("rope_theta", 100.0)
+        if not (is_finite_number(theta) and theta > 0):
+            raise ConfigError(f"{where}.rope_parameters.rope_theta must be a number > 0 (got {theta!r})")
+        args = cls(rope_theta=float(theta), **kwargs)
+        if args.head_dim % 4:
+            # the 2-D RoPE rotates half of each head by x, half by y, in pairs
+            raise ConfigError(f"{where}.head_dim must be a multiple of 4 (got {args.head_dim})")
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise ConfigError(f"{where}.num_key_value_heads must divide num_attention_heads")
+        return args
+
+
+def _vision_fields(config: Dict[str, Any]) -> Dict[str, Any]:
+    """ModelArgs' image fields from the top level of config.json."""
+    out: Dict[str, Any] = {}
+    vc = config.get("vision_config")
+    if vc is not None:
+        if not isinstance(vc, dict):
+            raise ConfigError(f"vision_config must be an object (got {vc!r}); fix the file")
+        out["vision_config"] = VisionArgs.from_dict(vc)
+    for name in ("image_token_id", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image"):
+        if config.get(name) is not None:
+            if not (is_int(config[name]) and config[name] >= 0):
+                raise ConfigError(f"{name} must be an integer >= 0 (got {config[name]!r}); fix the file")
+            out[name] = config[name]
+    return out
+
+
 @dataclass
 class ModelArgs:
     model_type: str = MODEL_TYPE
@@ -171,6 +250,16 @@ class ModelArgs:
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: Union[int, List[int], None] = 1
+    # Images: "vision" makes each contiguous run of image tokens attend to itself
+    # bidirectionally in the encoder (text stays causal); None keeps everything causal.
+    use_bidirectional_attention: Optional[str] = None
+    # The vision tower (None: a text-only model) and the ids that frame an image in a
+    # prompt: <|image> (boi), then one <|image|> per soft token, then <image|> (eoi).
+    vision_config: Optional[VisionArgs] = None
+    image_token_id: int = 258_880
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    vision_soft_tokens_per_image: int = 280
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -191,6 +280,8 @@ class ModelArgs:
             )
         if self.attention_bias:
             raise ConfigError("attention_bias=True is not part of DiffusionGemma")
+        if isinstance(self.vision_config, dict):
+            self.vision_config = VisionArgs.from_dict(self.vision_config)
 
     def head_dim_of(self, layer_idx: int) -> int:
         full = self.layer_types[layer_idx] == "full_attention"
@@ -234,9 +325,15 @@ class ModelArgs:
                 "use_bidirectional_attention='all' (a bidirectional encoder) is not supported"
             )
 
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - set(_TOP_LEVEL_FIELDS)
         kwargs = {k: v for k, v in text.items() if k in names and k != "model_type"}
         _check_text_fields(kwargs, "text_config")
+        if kwargs.get("use_bidirectional_attention") not in (None, "vision"):
+            raise ConfigError(
+                "text_config.use_bidirectional_attention must be 'vision' or null (got "
+                f"{kwargs['use_bidirectional_attention']!r}); fix the file"
+            )
+        kwargs.update(_vision_fields(config))
         if "canvas_length" in config:
             canvas = config["canvas_length"]
             if not (is_int(canvas) and canvas >= 1):

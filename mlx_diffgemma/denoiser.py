@@ -38,6 +38,7 @@ class MLXDenoiser:
         self.max_context = int(model.args.max_position_embeddings)
         self._sc_logits = None
         self._history = None
+        self.images = None  # images.ImageInputs of the prompt: the next encode takes them
         mx.reset_peak_memory()
 
     @property
@@ -45,7 +46,10 @@ class MLXDenoiser:
         return self.cache.offset
 
     def encode(self, token_ids: Sequence[int]) -> None:
-        self.model.encode(mx.array(np.asarray(token_ids, dtype=np.int32).reshape(1, -1)), self.cache)
+        images, self.images = self.images, None
+        kw = {} if images is None else {"pixel_values": images.pixel_values,
+                                        "image_position_ids": images.image_position_ids}
+        self.model.encode(mx.array(np.asarray(token_ids, dtype=np.int32).reshape(1, -1)), self.cache, **kw)
 
     def start_canvas(self, canvas_index: int) -> mx.array:
         self._sc_logits = None

@@ -12,6 +12,7 @@ from .config import check_seed
 from .denoiser import MLXDenoiser
 from .drafter import Event, check_mode, collect, generation_config, stream
 from .fast import FastDenoiser, FastOptions
+from .images import prepare_prompt
 from .noise import NoiseSource
 
 def make_denoiser(model, gen, *, cache=None, noise=None, mode: str = "reference",
@@ -26,8 +27,9 @@ def make_denoiser(model, gen, *, cache=None, noise=None, mode: str = "reference"
 def stream_generate(
     model,
     tokenizer,
-    prompt: Union[str, Sequence[int], mx.array],
+    prompt: Union[str, Sequence[int], mx.array, Sequence[dict]],
     *,
+    images: Optional[Sequence] = None,
     cache: Optional[EncoderCache] = None,
     noise: Optional[NoiseSource] = None,
     seed: Optional[int] = None,
@@ -38,7 +40,12 @@ def stream_generate(
     """Generates with block diffusion, yielding a `Draft` per denoising step, a `Commit`
     per canvas and a final `Summary`.
 
-    `prompt` is text (encoded with `tokenizer` as is, no chat template) or token ids.
+    `prompt` is text (encoded with `tokenizer` as is, no chat template), token ids, or
+    chat messages (rendered with the chat template, generation prompt added).
+    `images` (paths, data URLs, bytes, PIL images; images.py) go where the prompt holds
+    the image placeholder `<|image|>`, one per image; chat messages carry theirs as
+    content parts `{"type": "image", "image": ...}`. The prompt is expanded and the
+    images encoded with it (images.Processor).
     With `cache`, only the tokens it does not hold yet are passed as `prompt`.
     Generation parameters (`max_new_tokens`, `max_denoising_steps`, `entropy_bound`,
     `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`, `eos_token_id`,
@@ -46,9 +53,11 @@ def stream_generate(
     `mode="fast"` runs fast.py's denoiser (`fast`: its options, default FastOptions()).
     """
     gen = generation_config(model, **generation_kwargs)
+    prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images)
     if check_seed(seed) is not None:
         mx.random.seed(seed)
     denoiser = make_denoiser(model, gen, cache=cache, noise=noise, mode=mode, fast=fast)
+    denoiser.images = image_inputs  # encoded with the prompt
     yield from stream(denoiser, tokenizer, prompt)
 
 

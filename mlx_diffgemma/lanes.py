@@ -17,6 +17,7 @@ This module is the only place that knows about lanes; `model.py` calls `run_laye
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -27,7 +28,9 @@ import mlx.core as mx
 MIN_LANE_TOKENS = 32
 
 Lane = Tuple[int, int, mx.Stream]  # (first token, end, stream)
-_lane_streams: Dict[str, List[mx.Stream]] = {}
+# Per (device, thread): MLX refuses a stream made on another thread ("There is no
+# Stream(cpu, 1) in current thread"), e.g. a server's worker after the main thread.
+_lane_streams: Dict[Tuple[str, int], List[mx.Stream]] = {}
 
 
 def default_lanes() -> int:
@@ -41,12 +44,12 @@ def default_lanes() -> int:
 def make_lanes(tokens: int, n: Optional[int] = None) -> List[Lane]:
     """Up to `n` (default: `default_lanes()`) contiguous (start, stop, stream) spans
     covering `tokens`, each of at least MIN_LANE_TOKENS tokens. The first lane runs on the
-    default stream; the others on streams of the default device made once and reused (MLX
-    streams live as long as the process)."""
+    default stream; the others on streams of the default device made once per thread and
+    reused (MLX streams live as long as the process)."""
     n = default_lanes() if n is None else n
     n = max(1, min(n, tokens // MIN_LANE_TOKENS))
     device = mx.default_device()
-    streams = _lane_streams.setdefault(str(device), [])
+    streams = _lane_streams.setdefault((str(device), threading.get_ident()), [])
     while len(streams) < n - 1:
         streams.append(mx.new_stream(device))
     all_streams = [mx.default_stream(device)] + streams[: n - 1]

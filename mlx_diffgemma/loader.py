@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -17,7 +18,7 @@ from .config import ConfigError, GenerationConfig, ModelArgs, load_config
 from .checkpoint import ConversionError, WeightsError, check_tokenizer_files, first_line, scan_checkpoint
 from .model import Model
 from .paths import resolve_model_path
-from .weights import hf_to_mlx_name
+from .weights import hf_to_mlx_name, is_vision_tensor
 
 def _scan(model_path: Path):
     try:
@@ -71,7 +72,8 @@ def _gb(n: float) -> str:
 def check_fits(path_or_config: Union[str, Path, Dict[str, Any]], context: int = 4096,
                limit: Optional[int] = None, out=None) -> Dict[str, Any]:
     """Whether a model directory (or, from its config alone, a conversion of it) fits
-    this device: the text weights our runtime loads (the vision tower never is) plus
+    this device: the text weights our runtime loads (the vision tower, read only when an
+    image is encoded, is not counted) plus
     `runtime_bytes(context)` against `memory_limit()`. When it does not, prints one line
     to `out` (stderr) naming the widest recipe whose estimate would fit. Reads headers
     and config.json only. Returns the numbers and the line (None when it fits)."""
@@ -193,6 +195,9 @@ def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model,
         loaded = load_safetensors(f)
         weights.update(loaded)
         origin.update(dict.fromkeys(loaded, f))
+    if model.has_vision and not any(is_vision_tensor(k) for k in weights):
+        # A config that describes a tower whose weights were left out: text-only.
+        model = Model(replace(args, vision_config=None))
     weights = model.sanitize(weights)
 
     _quantize_like_checkpoint(model, config, weights)
@@ -219,7 +224,9 @@ def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model,
     _check_float_labels(expected, weights, origin)
     model.update(tree_unflatten(list(weights.items())))
     if not lazy:
-        mx.eval(model.parameters())
+        # The vision tower stays lazy (mx.load maps it, reads nothing) until the first
+        # image: a text-only session never holds its ~1.1 GB (bf16, released size).
+        mx.eval([v for k, v in tree_flatten(model.parameters()) if not is_vision_tensor(k)])
     model.eval()
     return model, config
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
@@ -21,7 +22,16 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 from .cache import EncoderCache, LayerCache
 from .config import ModelArgs
 from .lanes import Lane, join_lanes, lane_masks, make_lanes, on_lanes, run_layer, split_lanes
-from .weights import hf_to_mlx_name
+from .vision import (
+    MultimodalEmbedder,
+    VisionModel,
+    as_image_arrays,
+    block_ids,
+    chunk_bounds,
+    image_blocks,
+    real_patches,
+)
+from .weights import CLIP_SUFFIXES, hf_to_mlx_name, is_vision_tensor
 
 
 class RMSNormNoScale(nn.Module):
@@ -298,12 +308,17 @@ class _EncoderLanguageModel(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The encoder's only weights of its own: its per-layer `layer_scalar`s (HF keeps them
-    as separate buffers, and they may differ from the decoder's)."""
+    """The encoder's weights of its own: its per-layer `layer_scalar`s (HF keeps them as
+    separate buffers, and they may differ from the decoder's) and, in a multimodal
+    checkpoint, the vision tower and its embedder (images enter through the encoder only)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.language_model = _EncoderLanguageModel(args)
+        vc = args.vision_config
+        if vc is not None:
+            self.vision_tower = VisionModel(vc)
+            self.embed_vision = MultimodalEmbedder(vc.hidden_size, args.hidden_size, vc.rms_norm_eps)
 
 
 class DiffusionGemmaModel(nn.Module):
@@ -348,19 +363,143 @@ class Model(nn.Module):
         return EncoderCache(self.args.layer_types, self.args.sliding_window, slack)
 
     def encode(
-        self, input_ids: mx.array, cache: EncoderCache, chunk_size: Optional[int] = 2048
+        self,
+        input_ids: mx.array,
+        cache: EncoderCache,
+        chunk_size: Optional[int] = 2048,
+        *,
+        pixel_values: Any = None,
+        image_position_ids: Any = None,
     ) -> None:
         """Runs the causal encoder over `input_ids` [batch, tokens], appending their keys
         and values to `cache`. Long inputs go in chunks of `chunk_size` tokens, each
-        evaluated before the next, so prefill memory stays bounded."""
+        evaluated before the next, so prefill memory stays bounded.
+
+        Images: `input_ids` (one prompt) hold each image already expanded (<|image>, one
+        `image_token_id` per soft token, <image|>), and `pixel_values` /
+        `image_position_ids` are the image processor's arrays (numpy, mx or torch). The
+        image tokens' embeddings are replaced by the tower's soft tokens, in order, and
+        with `use_bidirectional_attention: "vision"` the tokens of each image attend to
+        each other both ways on top of the causal (and sliding-window) mask. A chunk
+        never cuts an image: a boundary inside one moves to the image's start (or, for
+        an image longer than a chunk, its end), so a chunk holds at most
+        max(chunk_size, soft tokens of one image) tokens: with the default 2048 and
+        280 (at most 1120) soft tokens per image, chunks are never longer than usual.
+        The tower runs one image at a time before the first chunk (its activations are
+        freed before the text layers run); the soft tokens kept meanwhile cost
+        tokens x hidden x 2 bytes (1.6 MB per 280-token image at the real width)."""
         input_ids = mx.array(input_ids) if not isinstance(input_ids, mx.array) else input_ids
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         T = input_ids.shape[1]
         step = T if not chunk_size else chunk_size
-        for s in range(0, T, step):
-            self._encode_chunk(input_ids[:, s : s + step], cache)
+        if pixel_values is None:
+            for s in range(0, T, step):
+                self._encode_chunk(input_ids[:, s : s + step], cache)
+                mx.eval(cache.state_arrays())
+            return
+        images = self._image_inputs(input_ids, pixel_values, image_position_ids)
+        for s, e in chunk_bounds(T, step, image_blocks(images["is_image"])):
+            part = {k: v[s:e] for k, v in images.items() if k != "features"}
+            if not part["is_image"].any():
+                part = None
+            else:
+                part["features"] = images["features"]
+            self._encode_chunk(input_ids[:, s:e], cache, part)
             mx.eval(cache.state_arrays())
+
+    # -- images --------------------------------------------------------------------------
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether this model holds a vision tower (and so takes images)."""
+        return "vision_tower" in self.model.encoder
+
+    @property
+    def image_token_id(self) -> int:
+        """The id each soft token of an image takes in the prompt (<|image|>)."""
+        return self.args.image_token_id
+
+    @property
+    def boi_token_id(self) -> int:
+        """The id that opens an image in the prompt (<|image>)."""
+        return self.args.boi_token_id
+
+    @property
+    def eoi_token_id(self) -> int:
+        """The id that closes an image in the prompt (<image|>)."""
+        return self.args.eoi_token_id
+
+    @property
+    def soft_tokens_per_image(self) -> int:
+        """The checkpoint's default soft-token budget per image (the processor's
+        `max_soft_tokens`; 280 for the released model)."""
+        return self.args.vision_soft_tokens_per_image
+
+    @property
+    def vision_args(self):
+        """The tower's VisionArgs (patch_size, pooling_kernel_size, ...), or None."""
+        return self.args.vision_config if self.has_vision else None
+
+    def require_vision(self) -> None:
+        """ValueError naming the fix when this model has no vision tower."""
+        if not self.has_vision:
+            where = getattr(self, "model_path", None) or "this model"
+            raise ValueError(
+                f"{where} has no vision tower (no vision_config in its config.json, or no "
+                "model.encoder.vision_tower.* weights), so it takes no images: use a "
+                "DiffusionGemma directory that includes the tower (mlx-diffgemma convert "
+                "keeps it), or leave the images out"
+            )
+
+    def vision_soft_tokens(self, pixel_values: Any, image_position_ids: Any) -> List[mx.array]:
+        """The tower's output per image, [soft tokens, vision hidden] each (before the
+        embedder), one image at a time, each evaluated."""
+        self.require_vision()
+        vc = self.args.vision_config
+        pv, pos = as_image_arrays(pixel_values, image_position_ids, vc)
+        tower = self.model.encoder.vision_tower
+        out = []
+        for i in range(pv.shape[0]):
+            patches, positions = real_patches(pv, pos, i, vc)
+            out.append(tower(mx.array(patches), positions))
+            mx.eval(out[-1])  # one image's activations at a time
+        return out
+
+    def image_features(self, pixel_values: Any, image_position_ids: Any) -> mx.array:
+        """The soft tokens of all images in the text model's width, [soft tokens, hidden]
+        in the model's dtype: what replaces the image tokens' embeddings."""
+        soft = mx.concatenate(self.vision_soft_tokens(pixel_values, image_position_ids), axis=0)
+        feats = self.model.encoder.embed_vision(soft).astype(self.dtype)
+        mx.eval(feats)
+        return feats
+
+    def _image_inputs(self, input_ids: mx.array, pixel_values, image_position_ids) -> Dict[str, Any]:
+        """Per-token numpy arrays for an encode with images (is_image, the soft-token
+        row of each image token, block ids or None) and the soft tokens themselves."""
+        self.require_vision()
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"images take one prompt at a time (got a batch of {input_ids.shape[0]}); "
+                "encode each prompt with its own images"
+            )
+        ids = np.array(input_ids[0])
+        is_image = ids == self.image_token_id
+        features = self.image_features(pixel_values, image_position_ids)
+        n, m = int(is_image.sum()), features.shape[0]
+        if n != m:
+            raise ValueError(
+                f"input_ids hold {n} image tokens (id {self.image_token_id}) but the images "
+                f"give {m} soft tokens: expand each image in the prompt to <|image>, its "
+                "soft tokens (num_soft_tokens_per_image from the processor), <image|>"
+            )
+        bidirectional = self.args.use_bidirectional_attention == "vision"
+        return {
+            "is_image": is_image,
+            "rows": np.maximum(np.cumsum(is_image) - 1, 0),
+            "blocks": block_ids(is_image) if bidirectional else np.full(len(ids), -1),
+            "features": features,
+        }
 
     def decode(
         self,
@@ -464,17 +603,26 @@ class Model(nn.Module):
             logits = mx.tanh(logits / cap) * cap
         return logits
 
-    def _encode_chunk(self, ids: mx.array, cache: EncoderCache) -> None:
+    def _encode_chunk(self, ids: mx.array, cache: EncoderCache, image=None) -> None:
+        """One chunk through the encoder. `image` (a chunk holding image tokens): the
+        per-token arrays of `_image_inputs`, sliced to the chunk, plus all soft tokens."""
         dec = self.model.decoder
         offset = cache.offset
         L = ids.shape[1]
         lanes = self.lanes_for(L)
-        hs = on_lanes(lanes, self.embed, split_lanes(ids, lanes))
+        if image is None:
+            hs = on_lanes(lanes, self.embed, split_lanes(ids, lanes))
+        else:
+            hs = split_lanes(_embed_with_images(self.embed, ids, image), lanes)
         masks: Dict[str, List[Any]] = {}
         for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
             kind = self.args.layer_types[i]
             if kind not in masks:
-                masks[kind] = lane_masks(_encoder_mask(L, offset, c), L, c.retained + L, lanes)
+                if image is not None and (image["blocks"] >= 0).any():
+                    mask = _image_block_mask(L, offset, c, image["blocks"])
+                else:
+                    mask = _encoder_mask(L, offset, c)
+                masks[kind] = lane_masks(mask, L, c.retained + L, lanes)
             scalar = self.model.encoder.language_model.layers[i].layer_scalar
             hs = run_layer(layer, hs, lanes, offset=offset, layer_scalar=scalar, cache=c,
                            encode=True, masks=masks[kind])
@@ -483,14 +631,46 @@ class Model(nn.Module):
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Maps checkpoint tensors (HF or MLX layout) to this module tree: adds `.weight` to
-        the fused expert tensors, drops lm_head (tied), the encoder's tied copies and the
-        vision tower (this runtime is text-only)."""
+        the fused expert tensors, drops lm_head (tied) and the encoder's tied copies. The
+        vision tower and its embedder are kept when this model has a tower (their clamp
+        buffers only when the tower uses them), dropped otherwise."""
+        vision = self.has_vision
+        clipped = vision and self.args.vision_config.use_clipped_linears
         out = {}
         for k, v in weights.items():
-            name = hf_to_mlx_name(k)
-            if name is not None:
+            name = hf_to_mlx_name(k, keep_vision=vision)
+            if name is not None and not (is_vision_tensor(name) and not clipped
+                                         and name.endswith(CLIP_SUFFIXES)):
                 out[name] = v
         return out
+
+
+def _embed_with_images(embed, ids: mx.array, image: Dict[str, Any]) -> mx.array:
+    """The chunk's embeddings with each image token's row replaced by its soft token
+    (in order, as the reference's masked_scatter does; soft tokens are not scaled)."""
+    is_image = mx.array(image["is_image"])[None]
+    # Image ids may lie outside the text vocabulary: embed a pad id in their place.
+    h = embed(mx.where(is_image, 0, ids))
+    soft = image["features"][mx.array(image["rows"])][None].astype(h.dtype)
+    return mx.where(is_image[..., None], soft, h)
+
+
+def _image_block_mask(L: int, offset: int, cache: LayerCache, blocks: np.ndarray) -> mx.array:
+    """The encoder mask of a chunk holding images: causal (windowed on sliding layers)
+    over the retained keys and the new ones, or-ed with "same image block" among the new
+    tokens (`blocks`: -1 for text), as transformers' blockwise overlay does. Retained
+    keys are never in a new token's block: chunks do not cut images."""
+    retained = cache.retained
+    q = mx.arange(offset, offset + L)[:, None]
+    k = mx.arange(offset - retained, offset + L)[None]
+    mask = k <= q
+    if cache.is_sliding:
+        mask = mask & (q - k < cache.window)
+    b = mx.array(blocks)
+    same = (b[:, None] == b[None, :]) & (b[:, None] >= 0)
+    if retained:
+        same = mx.concatenate([mx.zeros((L, retained), dtype=mx.bool_), same], axis=1)
+    return mask | same
 
 
 def _encoder_mask(L: int, offset: int, cache: LayerCache):
@@ -509,7 +689,9 @@ def _encoder_mask(L: int, offset: int, cache: LayerCache):
 
 def expected_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     """Every text parameter of the module tree with its (unquantized) shape, as implied by
-    the config. Read off a freshly built model: MLX arrays are lazy, so even the 26B
-    shapes cost no memory (nothing is evaluated), and the module tree stays the one
-    source of truth for the converter, `verify` and the size estimates."""
-    return {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}
+    the config (the vision tower's are left out: `sizes.vision_shapes`). Read off a
+    freshly built model: MLX arrays are lazy, so even the 26B shapes cost no memory
+    (nothing is evaluated), and the module tree stays the one source of truth for the
+    converter, `verify` and the size estimates."""
+    params = tree_flatten(Model(args).parameters())
+    return {k: tuple(v.shape) for k, v in params if not is_vision_tensor(k)}

@@ -18,19 +18,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import SEED_MAX, GenerationConfig
 from .drafter import Commit, Draft, SpeculativeSummary, Summary, check_context, generation_config
+from .images import load_image, prepare_prompt
 from .paths import DEFAULT_MODEL, resolve_model_path
 from .session import (
     SETTING_ALIASES,
     ChatSession,
     Prefill,
     check_text,
-    encode_text,
     ensure_chat_template,
     make_backend,
     parse_number,
     parse_seed,
     parse_temp,
-    render,
 )
 
 
@@ -165,6 +164,8 @@ Commands:
   /help                 this help
   /reset                forget the conversation (keeps the system prompt) and empty the cache
   /system TEXT          set the system prompt (/system alone clears it); the next turn re-encodes
+  /image PATH           attach an image to your next message (repeat for more; /image alone
+                        drops them); it stays in the conversation, encoded once
   /set key=value ...    steps=N temp=a-b max_new_tokens=N seed=N|none entropy_bound=X
                         stability=N confidence=X t_min=X t_max=X eos=none|ID,ID,...
                         mode=reference|fast
@@ -212,8 +213,10 @@ def _interrupt_flag():
         signal.signal(signal.SIGINT, old)
 
 
-def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
-    """One turn on screen: live canvas while it denoises, committed text above it."""
+def _stream_reply(session: ChatSession, console, text: str, flag,
+                  attached: Optional["Attached"] = None) -> None:
+    """One turn on screen: live canvas while it denoises, committed text above it. The
+    attached images go with the message; they stay attached unless the turn finishes."""
     from rich.text import Text
 
     label = Text("model › ", style="bold magenta")
@@ -233,7 +236,8 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
                     vertical_overflow="visible") as live:
         if hasattr(flag, "on_set"):
             flag.on_set = lambda: live.live.console.print(Text("stopping…", style="yellow"))
-        for ev in session.send(text, should_stop=flag.is_set):
+        images = attached.send_kwargs() if attached else {}
+        for ev in session.send(text, should_stop=flag.is_set, **images):
             if isinstance(ev, Prefill):
                 prefill = ev
                 if ev.note:
@@ -259,6 +263,8 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
     if summary is None:
         if pending or label_done:
             console.print(tail())
+        if attached:
+            console.print(Text(f"({attached.line()} still attached)", style="yellow"))
         console.print(
             Text(
                 "⏹ interrupted: reply dropped (your message too); the conversation is as "
@@ -268,6 +274,8 @@ def _stream_reply(session: ChatSession, console, text: str, flag) -> None:
         )
         return
     console.print(tail())
+    if attached is not None:
+        attached.clear()
     turn = session.turns[-1]
     console.print(Text("  " + summary_line(summary, prefill, turn.prompt_time), style="dim"), soft_wrap=True)
     if turn.note and (prefill is None or turn.note != prefill.note):
@@ -306,7 +314,35 @@ def _stats_text(session: ChatSession) -> str:
     return "\n".join(lines)
 
 
-def _command(session: ChatSession, console, line: str) -> bool:
+class Attached:
+    """Images attached with /image, waiting for the next message: (name, the image's
+    preprocessed arrays), loaded when attached so a bad file is refused at once."""
+
+    def __init__(self):
+        self.items: List[Tuple[str, Any]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def add(self, session: ChatSession, arg: str) -> str:
+        # Terminals paste dragged files quoted or with escaped spaces.
+        path = arg.strip().strip("'\"").replace("\\ ", " ")
+        inputs = session.load_images([path])[0]
+        self.items.append((path, inputs))
+        return (f"attached {path} ({inputs.num_soft_tokens[0]} image tokens); with your next "
+                f"message: {self.line()}")
+
+    def line(self) -> str:
+        return _plural(len(self.items), "image")
+
+    def send_kwargs(self) -> Dict[str, Any]:
+        return {"images": [i for _, i in self.items], "names": [n for n, _ in self.items]}
+
+    def clear(self) -> None:
+        self.items = []
+
+
+def _command(session: ChatSession, console, line: str, attached: Optional[Attached] = None) -> bool:
     """Runs a slash command; False means exit."""
     from rich.text import Text
 
@@ -338,6 +374,13 @@ def _command(session: ChatSession, console, line: str) -> bool:
             console.print(Text(f"error: {e}", style="red"))
             return True
         console.print(Text(" ".join(f"{k}={v}" for k, v in session.settings().items()), style="green"))
+    elif cmd == "image" and attached is not None:
+        if not rest:
+            n = len(attached.items)
+            attached.clear()
+            console.print(Text(f"{_plural(n, 'attached image')} dropped", style="green"))
+            return True
+        console.print(Text(attached.add(session, rest), style="green"))
     elif cmd == "stats":
         console.print(Text(_stats_text(session)))
     elif cmd == "save":
@@ -377,6 +420,7 @@ def run_repl(session: ChatSession, console=None, read: Optional[Callable[[], str
             style="bold",
         )
     )
+    attached = Attached()
     while True:
         try:
             line = check_text(read(), "the line").strip()
@@ -399,7 +443,7 @@ def run_repl(session: ChatSession, console=None, read: Optional[Callable[[], str
         # the session keeps its conversation (a failed turn leaves it as before).
         if line.startswith("/"):
             try:
-                if not _command(session, console, line):
+                if not _command(session, console, line, attached):
                     console.print(Text("bye", style="dim"))
                     return 0
             except Exception as e:
@@ -407,7 +451,7 @@ def run_repl(session: ChatSession, console=None, read: Optional[Callable[[], str
             continue
         with _interrupt_flag() as flag:
             try:
-                _stream_reply(session, console, line, flag)
+                _stream_reply(session, console, line, flag, attached)
             except Exception as e:
                 _print_error(console, e)
 
@@ -559,6 +603,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template (default)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="encode the prompt as is")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image to go with the prompt (repeatable; before the text with the chat "
+                   "template; with --raw the prompt marks where each goes with <|image|>)")
     p.add_argument("--verbose", "-v", action="store_true", help="live drafts and a summary on stderr (drafts only on a terminal)")
     return p
 
@@ -672,25 +719,32 @@ def main_generate(args) -> int:
     prompt = check_text(args.prompt, "--prompt") if args.prompt is not None else _read_stdin()
     if args.system:
         check_text(args.system, "--system")
+    if args.image and args.target:
+        raise ValueError("--image with --target is not supported: the target verifies text "
+                         "only; drop --target to ask about an image")
+    for image in args.image:  # a bad file is refused before the model loads
+        load_image(image)
     mode = resolve_mode(args)
     model, tokenizer, path = load_for(args.model, args.backend, mode)
     target = load_target(args.target, tokenizer, args.backend) if args.target else None
     overrides = _to_generation_overrides(_gen_kwargs(args))
     gen = generation_config(model, **overrides)
+    images = None
     if args.chat:
         ensure_chat_template(tokenizer, path)
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-        msgs.append({"role": "user", "content": prompt})
-        ids = encode_text(tokenizer, render(tokenizer, msgs, add_generation_prompt=True))
+        msgs.append(ChatSession.user_message(prompt, args.image, args.image))
+        ids, images = prepare_prompt(model, tokenizer, msgs)
     else:
-        ids = [int(t) for t in tokenizer.encode(prompt)]
+        ids, images = prepare_prompt(model, tokenizer, [int(t) for t in tokenizer.encode(prompt)], args.image)
     backend = make_backend(model)
     if target is None:
         limit = min(args.max_context or backend.max_context, backend.max_context)
         check_context(len(ids), gen, backend.canvas_length, limit,
                       "shorten the prompt or lower --max-new-tokens")
         run_mode = {} if mode == "reference" else {"mode": mode}
-        events = backend.stream_generate(tokenizer, ids, None, None, args.seed, dict(overrides, **run_mode))
+        events = backend.stream_generate(tokenizer, ids, None, None, args.seed, dict(overrides, **run_mode),
+                                         images=images)
     else:
         events = _speculative_events(args, model, tokenizer, target, ids, overrides, mode)
 

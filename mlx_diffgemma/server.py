@@ -30,11 +30,13 @@ import time
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import api
 from .api import APIError, bad
 from .drafter import Commit, Draft, Summary, generation_config
+from .images import ImageError
 from .prompt_cache import PromptCache
 from .replies import ReplyParser, find_stop
 from .session import ChatSession, Interrupted, Prefill, PromptSplit, split_prompt
@@ -156,10 +158,13 @@ class Engine:
 
     def __init__(self, load, model_id: str, *, max_tokens: Optional[int] = None,
                  max_context: Optional[int] = None, cache_entries: int = 4,
-                 cache_bytes: int = 8 << 30, aliases=(), mode: str = "reference"):
+                 cache_bytes: int = 8 << 30, aliases=(), mode: str = "reference",
+                 image_dirs=()):
         """`load()` -> (model, tokenizer) runs on the worker thread: MLX binds arrays to
-        the thread that builds them, so the model is built where it runs."""
+        the thread that builds them, so the model is built where it runs. `image_dirs`:
+        the directories whose files `image_url` parts may name (none: data URLs only)."""
         self.model_id = model_id
+        self.image_dirs = [Path(d).expanduser().resolve() for d in image_dirs]
         self.names = {model_id, *aliases}
         self.created = int(time.time())
         self.prompt_cache = PromptCache(cache_entries, cache_bytes)
@@ -224,13 +229,23 @@ class Engine:
     def chat_job(self, body: Dict[str, Any]) -> Job:
         model = self.check_model(body)
         opts = self._options(body)
-        messages, tools = api.chat_messages(body), api.chat_tools(body)
+        messages, tools = api.chat_messages(body, self.image_dirs), api.chat_tools(body)
         try:
-            split = split_prompt(self.tokenizer, messages, tools=tools)
+            split = split_prompt(self.tokenizer, messages, tools=tools,
+                                 processor=self._processor(messages))
+        except ImageError as e:
+            raise bad(str(e), "messages", "invalid_image") from None
         except ValueError as e:
             raise bad(str(e), "messages") from None
         self._check_context(split, opts, "messages")
         return Job("chat", split, opts, model, tools)
+
+    def _processor(self, messages):
+        """The image processor when the messages hold images (ImageError when the model
+        takes none); the images are loaded on the request's thread, before it queues."""
+        if not any(isinstance(m.get("content"), list) for m in messages):
+            return None
+        return self.session.processor
 
     def completion_job(self, body: Dict[str, Any]) -> Job:
         model = self.check_model(body)
@@ -271,7 +286,7 @@ class Engine:
                     continue
                 task.started = True
             try:
-                self.prompt_cache.checkout(self.session, task.job.split.ids[: task.job.split.stable])
+                self.prompt_cache.checkout(self.session, task.job.split.keys[: task.job.split.stable])
                 try:
                     task.out = self._generate(task.job, task.sink)
                 finally:
@@ -614,6 +629,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=_flag_type(_positive_int, "max_context"), default=None, help="context limit in tokens (default: the model's)")
     p.add_argument("--prompt-cache-size", type=int, default=4, help="conversations kept in the prompt cache (default 4; 0 disables it)")
     p.add_argument("--prompt-cache-gb", type=float, default=8.0, help="bytes the prompt cache may hold, in GB (default 8)")
+    p.add_argument("--image-dir", action="append", default=[], metavar="DIR",
+                   help="a directory whose image files requests may name in image_url parts (file:// URL "
+                   "or absolute path; repeatable; default none: images come as data URLs only)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20), help="largest request body accepted, in MiB (default 16)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every request to stderr")
     return p
@@ -628,7 +646,8 @@ def build_engine(args) -> Engine:
                   max_tokens=args.max_tokens, max_context=args.max_context,
                   cache_entries=args.prompt_cache_size,
                   cache_bytes=int(args.prompt_cache_gb * 1e9),
-                  aliases=(args.model, str(path), path.name), mode=args.mode)
+                  aliases=(args.model, str(path), path.name), mode=args.mode,
+                  image_dirs=args.image_dir)
 
 
 def main_serve(args) -> int:

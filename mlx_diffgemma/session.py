@@ -35,82 +35,20 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .config import SEED_MAX, GenerationConfig, check_seed
 from .drafter import Commit, Summary, check_context, check_mode, generation_config, reserved_tokens
+from .templates import (  # noqa: F401  (re-exported: the session's callers use them)
+    check_text,
+    encode_text,
+    ensure_chat_template,
+    render,
+)
 
 # Tokens per encoder call while prefilling: bounds memory, and how long a Ctrl-C waits
 # for the stop flag to be checked (about a second for the 26B model on CPU).
 PREFILL_CHUNK = 512
 
-# Used only when a tokenizer ships no chat template at all (the released model has one).
-GEMMA4_FALLBACK_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<|turn>' + role + '\\n' + message['content'] | trim + '<turn|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|turn>model\\n<|channel>thought\\n<channel|>' }}{% endif %}"
-)
-
 _PLACEHOLDER = "MLXDGREPLYPLACEHOLDER"
 
-
-# -- chat template ------------------------------------------------------------------
-
-
-def _hf_tokenizer(tokenizer):
-    """The transformers tokenizer inside mlx-lm's TokenizerWrapper (or the tokenizer)."""
-    try:
-        from mlx_lm.tokenizer_utils import TokenizerWrapper
-    except ImportError:  # the torch path without mlx-lm
-        return tokenizer
-    return tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
-
-
-def ensure_chat_template(tokenizer, model_path: Optional[Path]) -> str:
-    """Makes sure the tokenizer has a chat template: transformers reads an external
-    `chat_template.jinja` next to tokenizer_config.json itself; older stacks do not, so
-    it is loaded here when missing. Returns where the template came from."""
-    hf = _hf_tokenizer(tokenizer)
-    if getattr(hf, "chat_template", None):
-        return "tokenizer"
-    if model_path is not None and (Path(model_path) / "chat_template.jinja").exists():
-        hf.chat_template = (Path(model_path) / "chat_template.jinja").read_text()
-        return "chat_template.jinja"
-    hf.chat_template = GEMMA4_FALLBACK_TEMPLATE
-    return "built-in Gemma 4 template"
-
-
-def render(tokenizer, messages: Sequence[Dict[str, Any]], add_generation_prompt: bool,
-           tools: Optional[List[Dict[str, Any]]] = None) -> str:
-    """The chat template applied to `messages` (and `tools`, the OpenAI-style function
-    schemas the template renders into the prompt)."""
-    from jinja2 import TemplateError
-
-    extra = {"tools": tools} if tools else {}
-    try:
-        return tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=add_generation_prompt, tokenize=False, **extra
-        )
-    except TemplateError as e:  # e.g. the template's raise_exception on a role it refuses
-        raise ValueError(f"the chat template rejects this conversation: {e}") from None
-
-
-def check_text(text: str, what: str) -> str:
-    """`text`, when it can be encoded: undecodable input bytes reach Python as lone
-    surrogates (surrogateescape), which no tokenizer or terminal takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} is not valid UTF-8 text; type or paste it again") from None
-    return text
-
-
-def encode_text(tokenizer, text: str) -> List[int]:
-    """Token ids of already-templated text: no BOS added (the template wrote it)."""
-    try:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:
-        ids = tokenizer.encode(text)
-    return [int(t) for t in ids]
+# -- the prompt and its stable part ----------------------------------------------------
 
 
 def _common_prefix_len(a: Sequence, b: Sequence) -> int:
@@ -123,19 +61,61 @@ def _common_prefix_len(a: Sequence, b: Sequence) -> int:
 
 @dataclass
 class PromptSplit:
-    ids: List[int]  # the full prompt, generation prompt included
+    ids: List[int]  # the full prompt, generation prompt included, images expanded
     stable: int  # ids[:stable] stay valid once this turn is history
+    images: Any = None  # images.ImageInputs of the image blocks, in order
+    blocks: List[Tuple[int, int]] = field(default_factory=list)  # [start, end) per image
 
     @property
     def suffix(self) -> List[int]:
         return self.ids[self.stable :]
 
+    @property
+    def keys(self) -> List[int]:
+        """The ids as the cache remembers them: each image's tokens replaced by a
+        negative number drawn from its pixels, so that a cached image is reused only
+        for the same image (its token ids alone are the same for any image)."""
+        if not self.blocks:
+            return self.ids
+        keys = list(self.ids)
+        for (s, e), digest in zip(self.blocks, self.images.digests):
+            keys[s:e] = [-1 - int(digest[:15], 16)] * (e - s)
+        return keys
+
+    def chunks(self, start: int, end: int, size: int) -> Iterator[Tuple[int, int, Any]]:
+        """Encoder calls over ids[start:end]: (s, e, the images of ids[s:e] or None), of
+        about `size` tokens, never cutting an image (its tokens attend to each other)."""
+        s = start
+        while s < end:
+            e = min(s + size, end)
+            for bs, be in self.blocks:
+                if bs < e < be:
+                    e = bs if bs > s else be
+            inside = [k for k, (bs, be) in enumerate(self.blocks) if s <= bs and be <= e]
+            yield s, e, self.images.select(inside) if inside else None
+            s = e
+
+    def block_start(self, i: int) -> int:
+        """`i`, or the start of the image block it falls inside."""
+        return next((bs for bs, be in self.blocks if bs < i < be), i)
+
 
 def split_prompt(tokenizer, messages: Sequence[Dict[str, Any]],
-                 tools: Optional[List[Dict[str, Any]]] = None) -> PromptSplit:
+                 tools: Optional[List[Dict[str, Any]]] = None, processor=None) -> PromptSplit:
     """The generation prompt of `messages`, and how much of it is conversation-stable:
-    the longest prefix that the next turn's rendering (this turn as history) repeats."""
-    full_text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
+    the longest prefix that the next turn's rendering (this turn as history) repeats.
+    Image content parts (`{"type": "image", "image": ...}`) are expanded by `processor`
+    (images.Processor); the stable part holds them."""
+    from .images import render_with_images, split_image_parts
+
+    messages, sources = split_image_parts(messages)
+    if sources and processor is None:
+        raise ValueError("this conversation holds images but the model takes none")
+    if sources:
+        messages, full_text = render_with_images(tokenizer, messages, processor.tokens.image,
+                                                 len(sources), tools=tools)
+    else:
+        full_text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
     history = list(messages) + [
         {"role": "assistant", "content": _PLACEHOLDER},
         {"role": "user", "content": "x"},
@@ -150,8 +130,14 @@ def split_prompt(tokenizer, messages: Sequence[Dict[str, Any]],
         cut = len(hist_text)
     stable_text = full_text[: _common_prefix_len(full_text, hist_text[:cut])]
     ids = encode_text(tokenizer, full_text)
-    stable_ids = encode_text(tokenizer, stable_text)
-    return PromptSplit(ids, _common_prefix_len(ids, stable_ids))
+    stable = _common_prefix_len(ids, encode_text(tokenizer, stable_text))
+    if not sources:
+        return PromptSplit(ids, stable)
+    prompt = processor(ids, sources)
+    # Each placeholder before the boundary became its image's soft tokens plus two.
+    placeholders = [i for i, t in enumerate(ids) if t == processor.tokens.image_id]
+    stable += sum(n + 1 for i, n in zip(placeholders, prompt.images.num_soft_tokens) if i < stable)
+    return PromptSplit(prompt.ids, stable, prompt.images, prompt.blocks)
 
 
 # -- backends: the cache operations a chat needs ------------------------------------------
@@ -183,8 +169,10 @@ class MLXBackend:
         self.slack = math.ceil(max_new_tokens / C) * C + 64
         return self.model.make_cache(slack=self.slack)
 
-    def encode(self, cache, ids: Sequence[int]) -> None:
-        self.model.encode(self.mx.array([list(ids)], dtype=self.mx.int32), cache)
+    def encode(self, cache, ids: Sequence[int], images=None) -> None:
+        kw = {} if images is None else {"pixel_values": images.pixel_values,
+                                        "image_position_ids": images.image_position_ids}
+        self.model.encode(self.mx.array([list(ids)], dtype=self.mx.int32), cache, **kw)
 
     # A snapshot is taken only for a turn that could outgrow the slack, and dropped once
     # used: the cache is the model's largest state after the weights.
@@ -218,12 +206,12 @@ class MLXBackend:
         new.restore(cache.snapshot())
         return new
 
-    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
+    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
         from .generation import stream_generate
 
         return stream_generate(
-            self.model, tokenizer, prompt, cache=cache, noise=noise, seed=seed, **gen_kwargs
-        )
+            self.model, tokenizer, prompt, images=images, cache=cache, noise=noise, seed=seed,
+            **gen_kwargs)
 
     def cache_bytes(self, cache) -> int:
         return cache.nbytes
@@ -254,10 +242,13 @@ class TorchBackend:
 
         return DynamicCache(config=self.model.config.get_text_config(decoder=True))
 
-    def encode(self, cache, ids: Sequence[int]) -> None:
+    def encode(self, cache, ids: Sequence[int], images=None) -> None:
         t = self.torch.as_tensor([list(ids)], dtype=self.torch.long, device=self.device)
         with self.torch.no_grad():
-            self.model.model.encoder(input_ids=t, past_key_values=cache)
+            from .images import torch_image_kwargs
+
+            self.model.model.encoder(input_ids=t, past_key_values=cache,
+                                     **torch_image_kwargs(self.model, t, images))
 
     # Every turn keeps a snapshot of its stable boundary: it is the only way back.
     keeps_snapshots = True
@@ -277,12 +268,12 @@ class TorchBackend:
     def fork(self, cache):
         return copy.deepcopy(cache)
 
-    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs):
+    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
         from .torch_backend import stream_generate
 
         return stream_generate(
-            self.model, tokenizer, prompt, cache=cache, noise=noise, seed=seed, **gen_kwargs
-        )
+            self.model, tokenizer, prompt, images=images, cache=cache, noise=noise, seed=seed,
+            **gen_kwargs)
 
     def cache_bytes(self, cache) -> int:
         total = 0
@@ -299,6 +290,15 @@ def make_backend(model):
 
 
 # -- the session -----------------------------------------------------------------------
+
+
+def _printable(message: Dict[str, Any]) -> Dict[str, Any]:
+    """A message for the transcript: an image part keeps its name, not its pixels."""
+    if not isinstance(message.get("content"), list):
+        return message
+    parts = [{"type": "image", "image": p.get("name")} if p.get("type") == "image" else p
+             for p in message["content"]]
+    return dict(message, content=parts)
 
 
 @dataclass
@@ -329,7 +329,7 @@ class CacheState:
     was kept. The server's prompt cache keeps several and swaps them in and out."""
 
     cache: Any
-    ids: List[int]
+    ids: List[int]  # PromptSplit.keys: image tokens stand for their image
     snap: Optional[Tuple[int, Any]] = None
 
 
@@ -471,6 +471,7 @@ class ChatSession:
         self.turns: List[TurnStats] = []
         self.interrupted = 0
         self.resets = 0
+        self._processor = None
         self._reset_cache()
 
     # -- settings -------------------------------------------------------------------
@@ -562,12 +563,39 @@ class ChatSession:
     def cached_tokens(self) -> int:
         return len(self.cached_ids)
 
-    def conversation(self, user_text: Optional[str] = None) -> List[Dict[str, str]]:
+    # -- images ------------------------------------------------------------------------
+
+    @property
+    def processor(self):
+        """The model's images.Processor (built on first use); ImageError naming the fix
+        when the model takes no images."""
+        if self._processor is None:
+            from .images import processor_for
+
+            self._processor = processor_for(self.model, self.tokenizer)
+        return self._processor
+
+    def load_images(self, sources: Sequence[Any]) -> List[Any]:
+        """Each image loaded and preprocessed now (a bad one is refused here, before any
+        turn): one images.ImageInputs per source, to pass to `send`."""
+        return [self.processor.images([s]) for s in sources]
+
+    @staticmethod
+    def user_message(text: str, images: Sequence[Any] = (), names: Sequence[str] = ()) -> Dict[str, Any]:
+        """A user message; with images, content parts: the images, then the text."""
+        if not images:
+            return {"role": "user", "content": text}
+        names = list(names) + [None] * (len(images) - len(names))
+        parts = [{"type": "image", "image": im, "name": n} for im, n in zip(images, names)]
+        return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+    def conversation(self, user_text: Optional[str] = None, images: Sequence[Any] = (),
+                     names: Sequence[str] = ()) -> List[Dict[str, Any]]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         if self.keep_history:
             msgs += self.messages
         if user_text is not None:
-            msgs.append({"role": "user", "content": user_text})
+            msgs.append(self.user_message(user_text, images, names))
         return msgs
 
     def _reserve(self, gen: GenerationConfig) -> int:
@@ -598,7 +626,7 @@ class ChatSession:
         """What the cache holds must be a prefix of the new render, else it is cut back to
         the common prefix (after an interrupted turn it still holds the dropped message),
         or cleared when it cannot be cut. Returns (tokens kept, tokens cut, note)."""
-        keep = _common_prefix_len(self.cached_ids, split.ids[: split.stable])
+        keep = split.block_start(_common_prefix_len(self.cached_ids, split.keys[: split.stable]))
         held = len(self.cached_ids)
         if keep == held:
             return keep, 0, None
@@ -609,29 +637,39 @@ class ChatSession:
             f"cleared, re-encoding all {split.stable} tokens")
 
     def _prefill(self, split: "PromptSplit", keep: int, should_stop) -> bool:
-        """Encodes the new stable tokens in chunks (bounded memory), stoppable between
-        chunks; what was encoded before a stop stays (it is a prefix). False when
-        stopped."""
-        new = split.ids[keep : split.stable]
+        """Encodes the new stable tokens in chunks (bounded memory; an image and its
+        pixels go whole into one), stoppable between chunks; what was encoded before a
+        stop stays (it is a prefix). False when stopped."""
+        keys = split.keys
         try:
-            for s in range(0, len(new), PREFILL_CHUNK):
+            for s, e, images in split.chunks(keep, split.stable, PREFILL_CHUNK):
                 if should_stop():
                     return False
-                self.backend.encode(self.cache, new[s : s + PREFILL_CHUNK])
-                self.cached_ids = split.ids[: keep + min(s + PREFILL_CHUNK, len(new))]
+                # (text-only chunks call encode as it always was called)
+                self.backend.encode(self.cache, split.ids[s:e], **({"images": images} if images else {}))
+                self.cached_ids = keys[:e]
         except BaseException:
             self._clear_cache("")  # an encoder call broke off midway: the cache is unknown
             raise
         return True
 
-    def send(self, user_text: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Any]:
-        """One turn. Yields Prefill, then Draft/Commit/Summary, or ends with Interrupted."""
-        msgs = self.conversation(check_text(user_text, "the message"))
-        split = split_prompt(self.tokenizer, msgs)
+    def send(self, user_text: str, should_stop: Callable[[], bool] = lambda: False,
+             images: Sequence[Any] = (), names: Sequence[str] = ()) -> Iterator[Any]:
+        """One turn. Yields Prefill, then Draft/Commit/Summary, or ends with Interrupted.
+        `images` (sources, or `load_images`' results) go with this message, before its
+        text; `names` label them in the transcript. They stay in the conversation: later
+        turns reuse their encoded tokens from the cache."""
+        from .images import describe
+
+        names = list(names) or [describe(im) for im in images]
+        images = self.load_images(images) if images else []
+        message = self.user_message(check_text(user_text, "the message"), images, names)
+        msgs = self.conversation() + [message]
+        split = split_prompt(self.tokenizer, msgs, processor=self._processor)
         seed = None if self.seed is None else (self.seed + len(self.turns)) % (SEED_MAX + 1)
 
         def finish(summary: Summary, stats: TurnStats) -> None:
-            self._finish_turn(user_text, summary, stats)
+            self._finish_turn(message, summary, stats)
 
         yield from self._turn(split, should_stop, self.gen_kwargs, seed, self.noise, finish, self.mode)
 
@@ -658,7 +696,7 @@ class ChatSession:
             yield Interrupted(0)
             return
         prefill_time = time.perf_counter() - tic
-        self.cached_ids = split.ids[: split.stable]
+        self.cached_ids = split.keys[: split.stable]
 
         # Make sure the end of the turn can come back to the stable boundary.
         C = self.backend.canvas_length
@@ -702,12 +740,9 @@ class ChatSession:
             self.interrupted += 1
             yield Interrupted(canvases)
 
-    def _finish_turn(self, user_text: str, summary: Summary, stats: "TurnStats") -> None:
+    def _finish_turn(self, message: Dict[str, Any], summary: Summary, stats: "TurnStats") -> None:
         """The reply joins the conversation and its numbers the turn's stats."""
-        self.messages += [
-            {"role": "user", "content": user_text},
-            {"role": "assistant", "content": summary.text},
-        ]
+        self.messages += [message, {"role": "assistant", "content": summary.text}]
         stats.prompt_time += summary.prompt_time
         stats.tokens = len(summary.tokens)
         stats.canvases = summary.canvases
@@ -727,7 +762,7 @@ class ChatSession:
             "backend": self.backend.name,
             "settings": self.settings(),
             "system": self.system,
-            "messages": self.conversation(),
+            "messages": [_printable(m) for m in self.conversation()],
             "turns": [asdict(t) for t in self.turns],
         }
 

@@ -393,7 +393,10 @@ class SpeculativeBackend(MLXBackend):
     def new_cache(self, max_new_tokens: int) -> SpeculativeCache:
         return SpeculativeCache(super().new_cache(max_new_tokens), make_target_cache(self.target))
 
-    def encode(self, cache: SpeculativeCache, ids: Sequence[int]) -> None:
+    def encode(self, cache: SpeculativeCache, ids: Sequence[int], images=None) -> None:
+        if images is not None:
+            raise ValueError("images are not supported with a target model: the target verifies "
+                             "text only; start the chat without --target to ask about an image")
         super().encode(cache.drafter, ids)
         Target(self.target, cache=cache.target).prefill(ids)
 
@@ -424,7 +427,11 @@ class SpeculativeBackend(MLXBackend):
             c.state = src.state
         return SpeculativeCache(super().fork(cache.drafter), target)
 
-    def stream_generate(self, tokenizer, prompt, cache: SpeculativeCache, noise, seed, gen_kwargs):
+    def stream_generate(self, tokenizer, prompt, cache: SpeculativeCache, noise, seed, gen_kwargs,
+                        images=None):
+        if images:
+            raise ValueError("images are not supported with a target model: the target verifies "
+                             "text only; start the chat without --target to ask about an image")
         if noise is not None:
             raise ValueError("speculative decoding draws its own randomness: pass a seed, not a noise source")
         kw = dict(gen_kwargs)

@@ -5,8 +5,8 @@ suffix to the fused expert tensors and drops what the text runtime does not hold
 same names are what mlx-vlm 0.7.10's `diffusion_gemma` model uses (see
 docs/mlx-vlm-layout.md), so one converted directory serves both.
 
-Used by `Model.sanitize` (runtime: vision tower dropped) and by the converter
-(`keep_vision=True`: the vision tower is passed through for loaders that build it).
+Used by `Model.sanitize` (the vision tower kept when the model builds one) and by the
+converter (`keep_vision=True`: the vision tower is passed through, unquantized).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ _EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
 _VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _ENCODER_PREFIX = "model.encoder.language_model."
 QUANT_SUFFIXES = (".scales", ".biases")
+# The clamps of a vision tower's clippable linears (used only with use_clipped_linears).
+CLIP_SUFFIXES = (".input_min", ".input_max", ".output_min", ".output_max")
 
 
 def is_vision_tensor(key: str) -> bool:

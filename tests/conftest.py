@@ -2,6 +2,7 @@
 
 `ckpt_tiny`, `ckpt_mixed`, `ckpt_wide`: directories made by
 `tiny_checkpoints.make_checkpoint` (seed 0) plus the tiny tokenizer;
+`ckpt_factory("vision")`: the mixed text model with a small vision tower in use;
 `ckpt_mixed_sc01`: the mixed shape with the self-conditioning down_proj scaled by 0.1
 (keeps self-conditioning from amplifying float differences in long parity runs).
 `ref_*`: the matching transformers reference models (float32, eval).
@@ -50,7 +51,8 @@ def ckpt_factory(tmp_path_factory):
             name = f"{shape}-s{seed}-sc{sc_down_scale:g}-{str(dtype).split('.')[-1]}"
             path = tmp_path_factory.mktemp(name)
             make_checkpoint(path, shape=shape, seed=seed, sc_down_scale=sc_down_scale, dtype=dtype)
-            write_tokenizer(path, SHAPES[shape]["text_config"]["vocab_size"])
+            write_tokenizer(path, SHAPES[shape]["text_config"]["vocab_size"],
+                            vision="vision_config" in SHAPES[shape])
             cache[key] = path
         return cache[key]
 

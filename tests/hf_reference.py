@@ -326,11 +326,24 @@ def _new_cache(model):
     return DynamicCache(config=model.config.get_text_config(decoder=True))
 
 
+def image_kwargs(model, ids, pixel_values, image_position_ids) -> dict:
+    """What `generate` (and the encoder) take beside a prompt holding images, as the
+    Gemma-4 processor returns it: its pixel_values and image_position_ids, and
+    mm_token_type_ids (1 at each image token, 0 elsewhere), as tensors."""
+    ids = _as_ids(ids, model.device)
+    return dict(
+        pixel_values=torch.as_tensor(np.asarray(pixel_values), device=model.device),
+        image_position_ids=torch.as_tensor(np.asarray(image_position_ids), device=model.device),
+        mm_token_type_ids=(ids == model.config.image_token_id).long(),
+    )
+
+
 @torch.no_grad()
-def _encode(model, cache, ids: torch.Tensor, seen: int) -> int:
-    """Encode `ids` after `seen` cached tokens, exactly as `generate` does; return the
-    new number of seen tokens."""
+def _encode(model, cache, ids: torch.Tensor, seen: int, images: Optional[dict] = None) -> int:
+    """Encode `ids` after `seen` cached tokens, exactly as `generate` does (`images`:
+    `image_kwargs` of a prompt holding images); return the new number of seen tokens."""
     b, t = ids.shape
+    images = images or {}
     pos = torch.arange(seen, seen + t, dtype=torch.int32, device=ids.device).unsqueeze(0)
     attention_mask = torch.ones((b, seen + t), dtype=torch.bool, device=ids.device)
     dummy = torch.empty((b, t, 0), dtype=model.dtype, device=ids.device)
@@ -340,23 +353,26 @@ def _encode(model, cache, ids: torch.Tensor, seen: int) -> int:
         attention_mask=attention_mask,
         past_key_values=cache,
         position_ids=pos,
+        mm_token_type_ids=images.get("mm_token_type_ids"),
     )
     model.model.encoder(
         input_ids=ids.clone(memory_format=torch.contiguous_format),
         attention_mask=mask_mapping,
         past_key_values=cache,
         position_ids=pos,
+        **images,
     )
     return seen + t
 
 
 @torch.no_grad()
-def encode_context(model, prompt_ids, prefix_canvases: Sequence = ()):
-    """A DynamicCache holding the prompt, then each prefix canvas, encoded one chunk at a
-    time as `generate` does. Returns (cache, number of tokens seen)."""
+def encode_context(model, prompt_ids, prefix_canvases: Sequence = (), images: Optional[dict] = None):
+    """A DynamicCache holding the prompt (with its `images`, see `image_kwargs`), then
+    each prefix canvas, encoded one chunk at a time as `generate` does. Returns (cache,
+    number of tokens seen)."""
     device = model.device
     cache = _new_cache(model)
-    seen = _encode(model, cache, _as_ids(prompt_ids, device), 0)
+    seen = _encode(model, cache, _as_ids(prompt_ids, device), 0, images)
     for canvas in prefix_canvases:
         seen = _encode(model, cache, _as_ids(canvas, device), seen)
     return cache, seen
@@ -364,17 +380,19 @@ def encode_context(model, prompt_ids, prefix_canvases: Sequence = ()):
 
 @torch.no_grad()
 def reference_decoder_logits(
-    model, prompt_ids, canvas_ids, sc_logits=None, prefix_canvases: Sequence = ()
+    model, prompt_ids, canvas_ids, sc_logits=None, prefix_canvases: Sequence = (),
+    images: Optional[dict] = None,
 ) -> np.ndarray:
     """The reference decoder's logits for `canvas_ids` [B, C] (float32 numpy [B, C, V]).
 
     The prompt, then each of `prefix_canvases`, is encoded into a fresh DynamicCache (one
     encoder call each, as in `generate`); the decoder then runs on the canvas at positions
     continuing after them, with optional self-conditioning logits `sc_logits` [B, C, V]
-    (the previous step's processed logits; None on a canvas's first step).
+    (the previous step's processed logits; None on a canvas's first step). `images`: the
+    prompt's (`image_kwargs`).
     """
     device = model.device
-    cache, seen = encode_context(model, prompt_ids, prefix_canvases)
+    cache, seen = encode_context(model, prompt_ids, prefix_canvases, images)
     canvas = _as_ids(canvas_ids, device)
     b, c = canvas.shape
     emb_dtype = model.model.decoder.embed_tokens.weight.dtype
@@ -398,13 +416,15 @@ def reference_decoder_logits(
 
 
 @torch.no_grad()
-def reference_encoder_cache(model, ids, chunks: Optional[Sequence[int]] = None) -> list:
+def reference_encoder_cache(model, ids, chunks: Optional[Sequence[int]] = None,
+                            images: Optional[dict] = None) -> list:
     """Per-layer (keys, values) numpy arrays [B, kv_heads, T_kept, head_dim] from the
     DynamicCache after encoding `ids` [B, T].
 
     `chunks` (sizes summing to T) encodes in several calls, like a prompt followed by
     canvases. Sliding layers keep only their last `sliding_window - 1` tokens; full
     layers keep everything. Keys are after k_norm and RoPE; values after v_norm.
+    `images` (`image_kwargs`) go with the first chunk, which must hold all image tokens.
     """
     ids = _as_ids(ids, model.device)
     t = ids.shape[1]
@@ -412,6 +432,6 @@ def reference_encoder_cache(model, ids, chunks: Optional[Sequence[int]] = None) 
     assert sum(chunks) == t, (chunks, t)
     cache = _new_cache(model)
     seen = 0
-    for n in chunks:
-        seen = _encode(model, cache, ids[:, seen : seen + n], seen)
+    for i, n in enumerate(chunks):
+        seen = _encode(model, cache, ids[:, seen : seen + n], seen, images if i == 0 else None)
     return [(_np(layer.keys), _np(layer.values)) for layer in cache.layers]

@@ -144,6 +144,36 @@ SHAPES["q64"] = dict(
     ),
 )
 
+# Ids of the image tokens in the "vision" shape's vocabulary (the real tokenizer's
+# strings; the released ids, 255999 / 258880 / 258882, do not fit a tiny vocab).
+VISION_TOKENS = {"<|image>": 255, "<|image|>": 256, "<image|>": 257}
+
+# A small Gemma-4 vision tower at the released structure (GQA, 2-D RoPE, 3x3 pooling,
+# standardised output, clamped linears), 4-pixel patches: images of ~100x100 pixels give
+# up to 70 soft tokens (the processor's smallest budget).
+VISION_TOWER = dict(
+    model_type="gemma4_vision",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=4,
+    pooling_kernel_size=3,
+    position_embedding_size=256,
+    standardize=True,
+    use_clipped_linears=True,
+)
+# "wide" (bidirectional image blocks, sliding window 12; the text shape whose float32
+# rounding differences stay smallest over long prompts) with a tower that is used.
+SHAPES["vision"] = dict(
+    SHAPES["wide"],
+    vision_config=VISION_TOWER,
+    boi_token_id=VISION_TOKENS["<|image>"],
+    image_token_id=VISION_TOKENS["<|image|>"],
+    eoi_token_id=VISION_TOKENS["<image|>"],
+)
 # The smallest Gemma-4 vision tower transformers accepts (it cannot build the model
 # without one); its weights are saved but no text test uses them.
 _VISION_CONFIG = dict(
@@ -165,11 +195,8 @@ def make_config(shape: str = "mixed"):
 
     kwargs = copy.deepcopy(SHAPES[shape])
     text = kwargs.pop("text_config")
-    return DiffusionGemmaConfig(
-        text_config=text,
-        vision_config=dict(_VISION_CONFIG),
-        **kwargs,
-    )
+    vision = kwargs.pop("vision_config", _VISION_CONFIG)
+    return DiffusionGemmaConfig(text_config=text, vision_config=dict(vision), **kwargs)
 
 
 def _eos_ids(vocab_size: int) -> list[int]:
@@ -274,6 +301,42 @@ def _redraw_weights(model, gen: torch.Generator, sc_down_scale: float = 1.0) -> 
         layer.layer_scalar.copy_(rand(1, lo=0.5, hi=1.5))
 
 
+@torch.no_grad()
+def _redraw_vision(model, gen: torch.Generator) -> None:
+    """The tower's and embedder's weights with a realistic spread: norms, position
+    tables, standardisation and clamps all away from their init values."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def rand(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    encoder = model.model.encoder
+    for name, p in encoder.vision_tower.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            # attention logits (scale 1, head_dim 8) up to ~10, not ~40: softmaxes no
+            # sharper than a trained tower's, so float32 rounding is not amplified
+            p.copy_(float(rand(1, lo=0.5, hi=0.9)) * (1.0 + 0.2 * randn(*p.shape)))
+        elif name.endswith("norm.weight"):
+            p.copy_(float(rand(1, lo=0.6, hi=1.8)) * (1.0 + 0.3 * randn(*p.shape)))
+        elif name.endswith("position_embedding_table"):
+            p.copy_(0.5 * randn(*p.shape))
+        else:  # linear weights
+            p.copy_(randn(*p.shape) / math.sqrt(p.shape[-1]))
+    for name, b in encoder.vision_tower.named_buffers():
+        if name.endswith("std_bias"):
+            b.copy_(0.5 * randn(*b.shape))
+        elif name.endswith("std_scale"):
+            b.copy_(rand(*b.shape, lo=0.5, hi=1.5))
+        elif name.endswith(("input_max", "output_max")):  # clamps that bite now and then
+            b.copy_(rand(1, lo=2.0, hi=4.0)[0])
+        elif name.endswith(("input_min", "output_min")):
+            b.copy_(-rand(1, lo=2.0, hi=4.0)[0])
+    w = encoder.embed_vision.embedding_projection.weight
+    w.copy_(randn(*w.shape) / math.sqrt(w.shape[-1]))
+
+
 def make_checkpoint(
     path,
     shape: str = "mixed",
@@ -292,6 +355,8 @@ def make_checkpoint(
     model.eval()
     gen = torch.Generator().manual_seed(10_000 + seed)
     _redraw_weights(model, gen, sc_down_scale)
+    if "vision_config" in SHAPES[shape]:  # other shapes keep transformers' init tower
+        _redraw_vision(model, gen)
 
     # The encoder's text weights must be the decoder's (tied) ones.
     enc0 = model.model.encoder.language_model.layers[0]
@@ -373,25 +438,58 @@ _CHAT_TEMPLATE = (
     r"{{ bos_token }}"
     r"{% for message in messages %}"
     r"{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    r"{{ '<|turn>' + role + '\n' + message['content'] + '<turn|>\n' }}"
+    r"{{ '<|turn>' + role + '\n' }}"
+    r"{% if message['content'] is string %}{{ message['content'] }}"
+    r"{% else %}{% for item in message['content'] %}"
+    r"{% if item['type'] == 'image' %}{{ '<|image|>' }}"
+    r"{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    r"{% endfor %}{% endif %}"
+    r"{{ '<turn|>\n' }}"
     r"{% endfor %}"
     r"{% if add_generation_prompt %}"
     r"{{ '<|turn>model\n<|channel>thought\n<channel|>' }}"
     r"{% endif %}"
 )
 
+# The Gemma-4 multimodal specials, named as the real tokenizer_config.json names them.
+# transformers' Gemma 4 processor wants the audio ones too, even for images alone.
+MEDIA_TOKENS = {
+    "boi_token": "<|image>",
+    "image_token": "<|image|>",
+    "eoi_token": "<image|>",
+    "boa_token": "<|audio>",
+    "audio_token": "<|audio|>",
+    "eoa_token": "<audio|>",
+}
+
+
+def media_token_ids(vocab_size: int) -> dict[str, int]:
+    """token -> id of the media specials in a vision tokenizer: the image tokens at
+    VISION_TOKENS, the audio ones on the three highest ids."""
+    out = dict(VISION_TOKENS)
+    for i, name in zip(range(vocab_size - 1, vocab_size - 4, -1), ("boa_token", "audio_token", "eoa_token")):
+        out[MEDIA_TOKENS[name]] = i
+    return out
+
+
+def vision_token_config() -> dict[str, int]:
+    """The `DiffusionGemmaConfig` image-token ids of VISION_TOKENS."""
+    return {"boi_token_id": VISION_TOKENS["<|image>"], "image_token_id": VISION_TOKENS["<|image|>"],
+            "eoi_token_id": VISION_TOKENS["<image|>"]}
+
+
 # Printable ASCII plus newline; a space is spelled "▁" in the vocab (SentencePiece style).
 _CHARS = ["\n", "▁"] + [chr(c) for c in range(33, 127)]
 
 
-def tokenizer_vocab(vocab_size: int) -> dict[str, int]:
+def tokenizer_vocab(vocab_size: int, specials: dict[str, int] = SPECIAL_TOKENS) -> dict[str, int]:
     """token -> id: the Gemma-4 specials at their ids, chars in the free ids, then
     `<unused_k>` so every id below `vocab_size` decodes."""
-    vocab = dict(SPECIAL_TOKENS)
-    needed = len(SPECIAL_TOKENS) + len(_CHARS)
-    if vocab_size < max(SPECIAL_TOKENS.values()) + 1 or vocab_size < needed:
+    vocab = dict(specials)
+    needed = len(specials) + len(_CHARS)
+    if vocab_size < max(specials.values()) + 1 or vocab_size < needed:
         raise ValueError(f"vocab_size {vocab_size} too small for the tiny tokenizer")
-    free = (i for i in range(vocab_size) if i not in SPECIAL_TOKENS.values())
+    free = (i for i in range(vocab_size) if i not in specials.values())
     for ch in _CHARS:
         vocab[ch] = next(free)
     k = 0
@@ -402,8 +500,11 @@ def tokenizer_vocab(vocab_size: int) -> dict[str, int]:
     return vocab
 
 
-def write_tokenizer(path, vocab_size: int) -> Path:
+def write_tokenizer(path, vocab_size: int, vision: bool = False) -> Path:
     """A char-level `tokenizers` tokenizer.json + tokenizer_config.json + chat_template.jinja.
+    `vision`: also the media tokens (`media_token_ids`), named as Gemma-4's tokenizer names
+    them (`image_token`, `boi_token`, ... `MEDIA_TOKENS`) so a Gemma-4 processor can be
+    built on it.
 
     Loads with `transformers.AutoTokenizer.from_pretrained(path)` and with
     `mlx_lm.tokenizer_utils.load(path)` (SentencePiece-style decoder, so mlx-lm picks its
@@ -414,14 +515,15 @@ def write_tokenizer(path, vocab_size: int) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab = tokenizer_vocab(vocab_size)
+    specials = dict(SPECIAL_TOKENS, **(media_token_ids(vocab_size) if vision else {}))
+    vocab = tokenizer_vocab(vocab_size, specials)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
     tok.normalizer = normalizers.Replace(Regex(" "), "▁")
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+        [AddedToken(t, special=True, normalized=False) for t in specials]
     )
     tok.save(str(path / "tokenizer.json"))
 
@@ -434,7 +536,7 @@ def write_tokenizer(path, vocab_size: int) -> Path:
             "single_word": False,
             "special": True,
         }
-        for t, i in SPECIAL_TOKENS.items()
+        for t, i in specials.items()
     }
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -449,6 +551,8 @@ def write_tokenizer(path, vocab_size: int) -> Path:
         "padding_side": "left",
         "added_tokens_decoder": added,
     }
+    if vision:
+        tok_config["extra_special_tokens"] = dict(MEDIA_TOKENS)
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     (path / "special_tokens_map.json").write_text(
         json.dumps(
@@ -460,10 +564,28 @@ def write_tokenizer(path, vocab_size: int) -> Path:
     return path
 
 
+def reference_processor(tokenizer, budget: int, patch_size: int = 16):
+    """transformers' Gemma4Processor with its PIL image processor. Its video processor
+    needs torchvision, which the image path never uses: it is left out."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    class ImageOnly(Gemma4Processor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+
+    images = Gemma4ImageProcessorPil(max_soft_tokens=budget, patch_size=patch_size)
+    return ImageOnly(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images,
+                     tokenizer=tokenizer, video_processor=None, image_seq_length=budget)
+
+
 def make_checkpoint_with_tokenizer(path, shape: str = "mixed", **kwargs) -> Path:
     """`make_checkpoint` plus `write_tokenizer` for the shape's vocab."""
     path = make_checkpoint(path, shape=shape, **kwargs)
-    write_tokenizer(path, SHAPES[shape]["text_config"]["vocab_size"])
+    write_tokenizer(path, SHAPES[shape]["text_config"]["vocab_size"], vision="vision_config" in SHAPES[shape])
     return path
 
 

@@ -21,6 +21,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 from ..checkpoint import WeightsError, check_tokenizer_files
 from ..config import GenerationConfig, ModelArgs, check_seed, load_config
 from ..drafter import Event, collect, generation_config, stream
+from ..images import prepare_prompt, torch_image_kwargs
 from ..paths import resolve_model_path
 from ..noise import NoiseSource
 
@@ -113,6 +114,7 @@ class TorchDenoiser:
         self._sampler = _NoiseSampler(gen, self.canvas_length, self.vocab_size, self._renoise_ids)
         self._stop = StableAndConfidentStoppingCriteria(gen.stability_threshold, gen.confidence_threshold)
         self._sc_logits = None
+        self.images = None  # images.ImageInputs of the prompt: the next encode takes them
         self._where = (0, 0)  # (canvas, step) of the step being taken, for the noise source
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -146,7 +148,9 @@ class TorchDenoiser:
     @torch.no_grad()
     def encode(self, token_ids: Sequence[int]) -> None:
         ids = self._ids(np.asarray(token_ids).reshape(1, -1))
-        self.model.model.encoder(input_ids=ids, past_key_values=self.cache)
+        images, self.images = self.images, None
+        self.model.model.encoder(input_ids=ids, past_key_values=self.cache,
+                                 **torch_image_kwargs(self.model, ids, images))
 
     def start_canvas(self, canvas_index: int) -> torch.Tensor:
         self._sc_logits = None
@@ -194,20 +198,23 @@ class TorchDenoiser:
 def stream_generate(
     model,
     tokenizer,
-    prompt: Union[str, Sequence[int]],
+    prompt: Union[str, Sequence[int], Sequence[dict]],
     *,
+    images: Optional[Sequence] = None,
     cache=None,
     noise: Optional[NoiseSource] = None,
     seed: Optional[int] = None,
     **generation_kwargs,
 ) -> Iterator[Event]:
-    """As `mlx_diffgemma.stream_generate`, on torch."""
+    """As `mlx_diffgemma.stream_generate`, on torch (images through transformers' tower)."""
     gen = generation_config(model, **generation_kwargs)
+    prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images)
     generator = None
     if check_seed(seed) is not None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
     denoiser = TorchDenoiser(model, gen, cache=cache, noise=noise, generator=generator)
+    denoiser.images = image_inputs
     yield from stream(denoiser, tokenizer, prompt)
 
 
