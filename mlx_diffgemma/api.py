@@ -162,10 +162,17 @@ class Options:
     include_usage: bool
     stream_drafts: bool
     mode: Optional[str] = None  # None: the server's
+    target_temperature: Optional[float] = None  # with a target model: its temperature
 
 
-def options(body: Dict[str, Any], defaults: GenerationConfig) -> Options:
+def options(body: Dict[str, Any], defaults: GenerationConfig, target: bool = False) -> Options:
+    """A request's options. With a `target` model, `temperature` is the target's sampling
+    temperature (0 to 2; 0: greedy), not a scale of the denoising schedule."""
     check_unsupported(body)
+    target_temperature = None
+    if target:
+        target_temperature = number(body, "temperature", float, lo=0, hi=2)
+        body = {k: v for k, v in body.items() if k != "temperature"}
     gen_kwargs = generation_overrides(body, defaults)
     max_tokens = gen_kwargs.get("max_new_tokens", defaults.max_new_tokens)
     stream = flag(body, "stream")
@@ -174,7 +181,7 @@ def options(body: Dict[str, Any], defaults: GenerationConfig) -> Options:
         raise bad("stream_options must be an object", "stream_options")
     include_usage = flag(so or {}, "include_usage")
     return Options(gen_kwargs, max_tokens, seed_of(body), stop_strings(body), stream,
-                   include_usage, flag(body, "stream_drafts"), body.get("mode"))
+                   include_usage, flag(body, "stream_drafts"), body.get("mode"), target_temperature)
 
 
 # -- messages and tools ------------------------------------------------------------------

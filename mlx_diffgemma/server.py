@@ -159,10 +159,14 @@ class Engine:
     def __init__(self, load, model_id: str, *, max_tokens: Optional[int] = None,
                  max_context: Optional[int] = None, cache_entries: int = 4,
                  cache_bytes: int = 8 << 30, aliases=(), mode: str = "reference",
-                 image_dirs=()):
+                 image_dirs=(), target=None):
         """`load()` -> (model, tokenizer) runs on the worker thread: MLX binds arrays to
         the thread that builds them, so the model is built where it runs. `image_dirs`:
-        the directories whose files `image_url` parts may name (none: data URLs only)."""
+        the directories whose files `image_url` parts may name (none: data URLs only).
+        `target(model, tokenizer)` -> a speculative backend (server.target_loader): the
+        replies are then an autoregressive target's, drafted by the model, and a request's
+        `temperature` is the target's (0: greedy)."""
+        self.target = target
         self.model_id = model_id
         self.image_dirs = [Path(d).expanduser().resolve() for d in image_dirs]
         self.names = {model_id, *aliases}
@@ -185,9 +189,11 @@ class Engine:
             from .repl import _chat_max_new_tokens
 
             max_tokens = _chat_max_new_tokens(model)
+        backend = self.target(model, tokenizer) if self.target is not None else None
         self.session = ChatSession(model, tokenizer, gen_kwargs={"max_new_tokens": max_tokens},
                                    max_context=max_context, model_name=self.model_id,
-                                   keep_history=False, mode=mode)
+                                   keep_history=False, mode=mode, backend=backend)
+        self.target_temperature = getattr(backend, "temperature", None)
         self.tokenizer = tokenizer
 
     def noise_for(self, seed: Optional[int]):
@@ -217,7 +223,7 @@ class Engine:
     # -- requests -> jobs ----------------------------------------------------------------
 
     def _options(self, body: Dict[str, Any]) -> api.Options:
-        return api.options(body, self.session.gen)
+        return api.options(body, self.session.gen, target=self.target is not None)
 
     def _check_context(self, split: PromptSplit, opts: api.Options, param: str) -> None:
         try:
@@ -327,6 +333,9 @@ class Engine:
     def _generate(self, job: Job, sink: Sink) -> Optional[Output]:
         out = Output(job, ReplyParser(self.tokenizer, job.tools))
         opts = job.opts
+        if self.target is not None:  # one worker thread: the backend is this request's
+            t = opts.target_temperature
+            self.session.backend.temperature = self.target_temperature if t is None else t
         events = self.session.complete(
             job.split, lambda: out.done or sink.poll(), gen_kwargs=opts.gen_kwargs,
             seed=opts.seed, noise=self.noise_for(opts.seed), mode=opts.mode)
@@ -615,12 +624,12 @@ class Server(ThreadingHTTPServer):
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .repl import _flag_type, _positive_int, _setting_type
     from .paths import DEFAULT_MODEL
+    from .repl import _flag_type, _positive_int, _setting_type, add_target_args
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, Hugging Face id or packaged model name (default {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="mlx (default) or the torch reference path")
-    p.add_argument("--mode", choices=api.MODES, default="reference", help="generation mode of requests that name none (default reference; fast: fast.py, MLX only)")
+    p.add_argument("--mode", choices=api.MODES, default=None, help="generation mode of requests that name none (default reference, fast with --target; fast: fast.py, MLX only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request but /health")
@@ -634,20 +643,38 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "or absolute path; repeatable; default none: images come as data URLs only)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20), help="largest request body accepted, in MiB (default 16)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every request to stderr")
+    add_target_args(p)
     return p
 
 
 def build_engine(args) -> Engine:
     from .paths import resolve_model_path
-    from .repl import load_for
+    from .repl import load_for, resolve_mode
 
     path = resolve_model_path(args.model, prefer="hf" if args.backend == "torch" else "mlx")
     return Engine(lambda: load_for(str(path), args.backend)[:2], args.model_id or args.model,
                   max_tokens=args.max_tokens, max_context=args.max_context,
                   cache_entries=args.prompt_cache_size,
                   cache_bytes=int(args.prompt_cache_gb * 1e9),
-                  aliases=(args.model, str(path), path.name), mode=args.mode,
-                  image_dirs=args.image_dir)
+                  aliases=(args.model, str(path), path.name), mode=resolve_mode(args),
+                  image_dirs=args.image_dir, target=target_loader(args))
+
+
+def target_loader(args):
+    """None without --target; else `load(model, tokenizer)` -> the speculative backend
+    (the target loaded with mlx-lm on the worker thread, its tokenizer checked)."""
+    if not args.target:
+        return None
+
+    def load(model, tokenizer):
+        from .repl import load_target
+        from .speculative import SpeculativeBackend
+
+        target, target_tokenizer = load_target(args.target, tokenizer, args.backend)
+        return SpeculativeBackend(model, target, target_tokenizer, k=args.draft_tokens,
+                                  draft_steps=args.draft_steps, temperature=args.target_temp)
+
+    return load
 
 
 def main_serve(args) -> int:
@@ -656,7 +683,8 @@ def main_serve(args) -> int:
     engine = build_engine(args)
     server = Server(engine, args.host, args.port, api_key=args.api_key,
                     max_body_bytes=int(args.max_body_mb * (1 << 20)), verbose=args.verbose)
-    print(f"mlx-diffgemma serve: {engine.model_id} (context {engine.context_length:,} tokens) "
+    drafting = f", drafting for {args.target}" if args.target else ""
+    print(f"mlx-diffgemma serve: {engine.model_id} (context {engine.context_length:,} tokens{drafting}) "
           f"listening on {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -370,3 +370,58 @@ def test_chat_turns_are_the_targets_greedy_replies(pair_tiny):
         compared += sure
         assert session.cache.drafter.offset == len(session.cached_ids) == session.cache.target[0].offset
     assert session.resets == 0 and compared >= 30
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+def test_serve_with_a_target_replies_with_the_targets_greedy_output(monkeypatch):
+    """`serve --target`: the reply is the trained target's greedy answer (teacher-forced on
+    the target: every token its argmax where the decision is not a near-tie), `temperature`
+    is the target's (0 accepted), and a second turn reuses the cache."""
+    import argparse
+    import threading
+
+    import requests
+
+    from mlx_diffgemma.paths import ASSETS_DIR
+    from mlx_diffgemma.server import Server, add_serve_args, build_engine
+    from mlx_diffgemma.session import split_prompt
+
+    root = ASSETS_DIR.parents[1]
+    args = add_serve_args(argparse.ArgumentParser()).parse_args(
+        ["--model", "toy-sudoku", "--target", str(root / "benchmarks" / "toy-sudoku-target"), "--port", "0"])
+    verified = []
+    verify = spec.Target.verify
+    monkeypatch.setattr(spec.Target, "verify", lambda self, ids: verified.append(len(ids)) or verify(self, ids))
+    engine = build_engine(args)
+    assert isinstance(engine.session.backend, spec.SpeculativeBackend)
+    srv = Server(engine, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        target = engine.session.backend.target
+        held = json.loads((ASSETS_DIR / "toy-sudoku" / "hf" / "heldout.json").read_text())["puzzles"]
+        messages = []
+        for turn, item in enumerate(held[:2]):
+            messages.append({"role": "user", "content": item["puzzle"]})
+            r = requests.post(srv.url + "/v1/chat/completions", timeout=120, json={
+                "messages": messages, "temperature": 0, "max_tokens": 17}).json()
+            reply = r["choices"][0]["message"]["content"]
+            assert r["choices"][0]["finish_reason"] == "stop" and len(reply) == 16
+            assert 0 < len(verified) < 17  # the target checked blocks, fewer forwards than tokens
+            verified.clear()
+            ids = split_prompt(engine.tokenizer, messages).ids
+            out = engine.tokenizer.encode(reply, add_special_tokens=False) + [5]  # <turn|>
+            logits = target(mx.array([ids + out]))[0, len(ids) - 1 :].astype(mx.float32)
+            for i, tok in enumerate(out):
+                row = np.array(logits[i])
+                assert tok == int(row.argmax()) or top2_gap(row) < NEAR_TIE, (turn, i)
+            assert (r["usage"]["prompt_tokens_details"]["cached_tokens"] > 0) == (turn > 0)
+            messages.append({"role": "assistant", "content": reply})
+        bad = requests.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "messages": messages[:1], "temperature": 3})
+        assert bad.status_code == 400 and "temperature" in bad.text
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        engine.close()
