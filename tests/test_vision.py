@@ -98,6 +98,18 @@ def test_soft_tokens_match_reference(vision):
     np.testing.assert_allclose(feats, r.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_tower_attention_in_query_blocks(vision, monkeypatch):
+    """Long images attend in blocks of query rows (bounded score memory): same result."""
+    import mlx_diffgemma.vision as vision_mod
+
+    _, model, _ = vision
+    pv, pos, _ = _process(["square"])
+    whole = np.array(model.vision_soft_tokens(pv, pos)[0])
+    monkeypatch.setattr(vision_mod, "QUERY_BLOCK", 100)  # 576 patches: 6 blocks
+    blocked = np.array(model.vision_soft_tokens(pv, pos)[0])
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+
+
 @pytest.mark.parametrize("names", [["wide"], ["square", "tall"]])
 def test_encoder_cache_matches_reference(names, vision):
     _, model, ref = vision
