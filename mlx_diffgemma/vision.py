@@ -185,10 +185,11 @@ class VisionModel(nn.Module):
         cos, sin = self.rope(pos, h.dtype)
         for layer in self.encoder.layers:
             h = layer(h, cos, sin)
+        # Averaged in float32 and rounded to the tower's dtype, then scaled and
+        # standardised in float32 (the scale can pass float16's range) and rounded
+        # again: the reference's order of roundings.
         pooled = pooling_matrix(positions, self.args.pooling_kernel_size) @ h[0].astype(mx.float32)
-        # Scaled and standardised in float32, as the reference does (the scale can pass
-        # float16's range), then back to the tower's dtype.
-        pooled = pooled * (self.args.hidden_size**0.5)
+        pooled = pooled.astype(h.dtype).astype(mx.float32) * (self.args.hidden_size**0.5)
         if self.args.standardize:
             pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return pooled.astype(h.dtype)

@@ -98,6 +98,26 @@ def test_soft_tokens_match_reference(vision):
     np.testing.assert_allclose(feats, r.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_tower_matches_reference(ckpt_factory):
+    """The checkpoint's own dtype: bfloat16 soft tokens against transformers' bfloat16
+    run (a few bfloat16 roundings apart), in the model's dtype."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    path = ckpt_factory("vision", dtype=torch.bfloat16)
+    model, _ = md.load(path)
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16).eval()
+    pv, pos, _ = _process(["tall"])
+    with torch.no_grad():
+        r = ref.model.encoder.get_image_features(torch.tensor(pv), torch.tensor(pos), return_dict=True)
+    feats = model.image_features(pv, pos)
+    assert feats.dtype == mx.bfloat16
+    expected = r.pooler_output.float().numpy()
+    err = np.abs(np.array(feats.astype(mx.float32)) - expected)
+    assert err.max() <= 0.02 * np.abs(expected).max(), err.max()
+    assert err.mean() <= 0.01 * np.abs(expected).mean(), err.mean()
+
+
 def test_tower_attention_in_query_blocks(vision, monkeypatch):
     """Long images attend in blocks of query rows (bounded score memory): same result."""
     import mlx_diffgemma.vision as vision_mod
