@@ -278,3 +278,38 @@ def test_generation_with_images_matches_reference(ckpt_factory):
     assert isinstance(summary, Summary)
     assert summary.tokens == result.tokens[0].tolist()
     assert summary.steps_per_canvas == result.steps_per_canvas
+
+
+def test_released_tower_shapes_and_config_errors():
+    """The released vision_config builds the tower whose tensors the size estimates
+    count (sizes.vision_shapes), under the checkpoint's names; bad fields are one line."""
+    from mlx.utils import tree_flatten
+
+    from mlx_diffgemma.config import ConfigError
+    from mlx_diffgemma.sizes import vision_shapes
+    from mlx_diffgemma.weights import is_vision_tensor
+
+    text = dict(hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704,
+                num_experts=128, top_k_experts=8, num_hidden_layers=30,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                vocab_size=262144, use_bidirectional_attention="vision")
+    vision = dict(model_type="gemma4_vision", hidden_size=1152, num_hidden_layers=27,
+                  intermediate_size=4304, num_attention_heads=16, num_key_value_heads=16,
+                  head_dim=72, patch_size=16, position_embedding_size=10240,
+                  rope_parameters={"rope_theta": 100.0, "rope_type": "default"})
+    config = dict(model_type="diffusion_gemma", text_config=text, vision_config=vision,
+                  image_token_id=258880, boi_token_id=255999, eoi_token_id=258882,
+                  vision_soft_tokens_per_image=280)
+    model = Model(ModelArgs.from_dict(config))  # lazy: nothing is allocated
+    assert (model.image_token_id, model.boi_token_id, model.eoi_token_id) == (258880, 255999, 258882)
+    assert model.soft_tokens_per_image == 280 and model.vision_args.pooling_kernel_size == 3
+    tower = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters()) if is_vision_tensor(k)}
+    assert tower == vision_shapes(config)
+    assert sum(np.prod(s) for s in tower.values()) == pytest.approx(0.57e9, rel=0.01)
+
+    bad = dict(config, vision_config=dict(vision, head_dim=70))
+    with pytest.raises(ConfigError, match=r"vision_config.head_dim must be a multiple of 4 \(got 70\)"):
+        ModelArgs.from_dict(bad)
+    bad = dict(config, vision_config=dict(vision, patch_size="16"))
+    with pytest.raises(ConfigError, match=r"vision_config.patch_size must be a positive integer"):
+        ModelArgs.from_dict(bad)
