@@ -313,3 +313,40 @@ def test_released_tower_shapes_and_config_errors():
     bad = dict(config, vision_config=dict(vision, patch_size="16"))
     with pytest.raises(ConfigError, match=r"vision_config.patch_size must be a positive integer"):
         ModelArgs.from_dict(bad)
+
+
+def test_tower_read_on_first_image(tmp_path):
+    """`load` leaves the tower's weights on disk (text-only use never holds them); the
+    first image reads them."""
+    import json
+
+    from mlx.utils import tree_flatten
+
+    text = dict(model_type="diffusion_gemma_text", hidden_size=64, intermediate_size=64,
+                moe_intermediate_size=32, num_experts=4, top_k_experts=2, num_hidden_layers=2,
+                layer_types=["sliding_attention", "full_attention"], num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                num_global_key_value_heads=1, sliding_window=32, vocab_size=512,
+                use_bidirectional_attention="vision")
+    vision = dict(model_type="gemma4_vision", hidden_size=256, intermediate_size=1024,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=64, patch_size=4, position_embedding_size=10240)
+    config = dict(model_type="diffusion_gemma", text_config=text, vision_config=vision,
+                  canvas_length=16, **{f"{k}_token_id": v for k, v in
+                                       (("boi", BOI), ("image", IMG), ("eoi", EOI))})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    params = dict(tree_flatten(Model(ModelArgs.from_dict(config)).parameters()))
+    mx.eval(params)
+    tower_bytes = sum(v.nbytes for k, v in params.items() if ".vision_tower." in k)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), params)
+    del params
+
+    mx.synchronize()
+    before = mx.get_active_memory()
+    model, _ = md.load(tmp_path, check_memory=False)
+    loaded = mx.get_active_memory() - before
+    assert tower_bytes > 30e6 and loaded < tower_bytes / 4, (loaded, tower_bytes)
+    pv, pos, _ = _process(["square"])
+    model.image_features(pv, pos)
+    mx.synchronize()
+    assert mx.get_active_memory() - before >= loaded + tower_bytes
