@@ -350,3 +350,27 @@ def test_tower_read_on_first_image(tmp_path):
     model.image_features(pv, pos)
     mx.synchronize()
     assert mx.get_active_memory() - before >= loaded + tower_bytes
+
+
+def test_quantizing_convert_keeps_the_tower_float(ckpt_factory, tmp_path):
+    """A quantizing conversion leaves the tower and embedder as they were (group 32 would
+    fit the tower's 32-wide inputs), and the converted model still reads images."""
+    from safetensors.numpy import load_file
+
+    from mlx_diffgemma.convert import convert
+
+    src = ckpt_factory("vision")
+    out = tmp_path / "q"
+    convert(src, out, quantize=True, q_bits=4, q_group_size=32, progress=False, verbose=False)
+    source = load_file(str(src / "model.safetensors"))
+    written = {}
+    for f in out.glob("*.safetensors"):
+        written.update(load_file(str(f)))
+    vision = [k for k in source if ".vision_tower." in k or ".embed_vision." in k]
+    assert len(vision) > 40
+    for k in vision:
+        assert not any(w.startswith(k.rsplit(".", 1)[0] + ".scales") for w in written), k
+        np.testing.assert_array_equal(written[k], source[k], err_msg=k)
+    model, _ = md.load(out)
+    pv, pos, counts = _process(["wide"])
+    assert model.image_features(pv, pos).shape == (counts[0], 48)
