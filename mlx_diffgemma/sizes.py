@@ -131,7 +131,7 @@ def estimate(
         "gib": total_bytes / 2**30,
         "bits_per_weight": 8 * total_bytes / total_params,
         "text_bits_per_weight": 8 * text_bytes / text_params,
-        # what our (text-only) runtime holds: the vision tower is never loaded
+        # what our runtime holds for text: the vision tower is read only for an image
         "text_bytes": text_bytes,
         "by_kind": kinds,
     }

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ModelArgs
 from .model import Model
 from .recipes import make_recipe
+from .weights import is_vision_tensor
 
 # name -> ModelArgs overrides (on top of the released defaults).
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -227,4 +228,5 @@ def quantization_of(model: nn.Module) -> Dict[str, Dict[str, int]]:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    """The text weights' bytes (a vision tower is read only when an image is encoded)."""
+    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if not is_vision_tensor(k))

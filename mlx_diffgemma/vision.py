@@ -29,6 +29,9 @@ import numpy as np
 
 from .config import VisionArgs
 
+# Query rows per attention block in the tower (see VisionAttention).
+QUERY_BLOCK = 1024
+
 
 class ClippableLinear(nn.Module):
     """A bias-free linear layer held as `.linear` (the reference's layout), with the
@@ -83,8 +86,23 @@ class VisionAttention(nn.Module):
         k = rope_2d(self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)), cos, sin)
         v = mx.fast.rms_norm(self.v_proj(x).reshape(B, L, self.n_kv_heads, -1), None, self.eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        # Every patch sees every patch of its image (padding rows were dropped).
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
+        # Every patch sees every patch of its image (padding rows were dropped). Where
+        # attention is not fused (the CPU; a GPU without a kernel for this head size)
+        # the scores are materialised, heads x queries x patches float32: 367 MB for a 280-token image's
+        # 2394 patches, 6.5 GB at the 1120-token budget. Long images go in blocks of
+        # query rows, each evaluated before the next (left to itself MLX schedules the
+        # independent blocks together, all their scores alive at once); each row's
+        # arithmetic is unchanged.
+        blk = QUERY_BLOCK
+        if L <= blk:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
+        else:
+            parts = []
+            for i in range(0, L, blk):
+                rows = q[:, :, i : i + blk]
+                parts.append(mx.fast.scaled_dot_product_attention(rows, k, v, scale=1.0))
+                mx.eval(parts[-1])
+            out = mx.concatenate(parts, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -167,10 +185,11 @@ class VisionModel(nn.Module):
         cos, sin = self.rope(pos, h.dtype)
         for layer in self.encoder.layers:
             h = layer(h, cos, sin)
+        # Averaged in float32 and rounded to the tower's dtype, then scaled and
+        # standardised in float32 (the scale can pass float16's range) and rounded
+        # again: the reference's order of roundings.
         pooled = pooling_matrix(positions, self.args.pooling_kernel_size) @ h[0].astype(mx.float32)
-        # Scaled and standardised in float32, as the reference does (the scale can pass
-        # float16's range), then back to the tower's dtype.
-        pooled = pooled * (self.args.hidden_size**0.5)
+        pooled = pooled.astype(h.dtype).astype(mx.float32) * (self.args.hidden_size**0.5)
         if self.args.standardize:
             pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
         return pooled.astype(h.dtype)

@@ -6,7 +6,7 @@
     python scripts/bench_recipes.py toy [--n 100]   # toy-sudoku accuracy / steps / tokens per forward
 
 * memory: per recipe, from config.json alone (`sizes.estimate`, `bench.memory_arithmetic`):
-  the file size, the text weights our runtime holds (the vision tower is never loaded),
+  the file size, the text weights our runtime holds (the vision tower is read only for an image),
   the KV cache at a 4K and a 32K prompt (+ one 256-token canvas), one step's
   activations, and the totals against a 16 GB Mac's ~11 GB working set (10.5 GB target).
 * layers: random heavy-tailed (Student-t, 5 degrees of freedom) weights at the released

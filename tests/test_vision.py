@@ -98,6 +98,38 @@ def test_soft_tokens_match_reference(vision):
     np.testing.assert_allclose(feats, r.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_tower_matches_reference(ckpt_factory):
+    """The checkpoint's own dtype: bfloat16 soft tokens against transformers' bfloat16
+    run (a few bfloat16 roundings apart), in the model's dtype."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    path = ckpt_factory("vision", dtype=torch.bfloat16)
+    model, _ = md.load(path)
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16).eval()
+    pv, pos, _ = _process(["tall"])
+    with torch.no_grad():
+        r = ref.model.encoder.get_image_features(torch.tensor(pv), torch.tensor(pos), return_dict=True)
+    feats = model.image_features(pv, pos)
+    assert feats.dtype == mx.bfloat16
+    expected = r.pooler_output.float().numpy()
+    err = np.abs(np.array(feats.astype(mx.float32)) - expected)
+    assert err.max() <= 0.02 * np.abs(expected).max(), err.max()
+    assert err.mean() <= 0.01 * np.abs(expected).mean(), err.mean()
+
+
+def test_tower_attention_in_query_blocks(vision, monkeypatch):
+    """Long images attend in blocks of query rows (bounded score memory): same result."""
+    import mlx_diffgemma.vision as vision_mod
+
+    _, model, _ = vision
+    pv, pos, _ = _process(["square"])
+    whole = np.array(model.vision_soft_tokens(pv, pos)[0])
+    monkeypatch.setattr(vision_mod, "QUERY_BLOCK", 100)  # 576 patches: 6 blocks
+    blocked = np.array(model.vision_soft_tokens(pv, pos)[0])
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+
+
 @pytest.mark.parametrize("names", [["wide"], ["square", "tall"]])
 def test_encoder_cache_matches_reference(names, vision):
     _, model, ref = vision
@@ -246,3 +278,99 @@ def test_generation_with_images_matches_reference(ckpt_factory):
     assert isinstance(summary, Summary)
     assert summary.tokens == result.tokens[0].tolist()
     assert summary.steps_per_canvas == result.steps_per_canvas
+
+
+def test_released_tower_shapes_and_config_errors():
+    """The released vision_config builds the tower whose tensors the size estimates
+    count (sizes.vision_shapes), under the checkpoint's names; bad fields are one line."""
+    from mlx.utils import tree_flatten
+
+    from mlx_diffgemma.config import ConfigError
+    from mlx_diffgemma.sizes import vision_shapes
+    from mlx_diffgemma.weights import is_vision_tensor
+
+    text = dict(hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704,
+                num_experts=128, top_k_experts=8, num_hidden_layers=30,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                vocab_size=262144, use_bidirectional_attention="vision")
+    vision = dict(model_type="gemma4_vision", hidden_size=1152, num_hidden_layers=27,
+                  intermediate_size=4304, num_attention_heads=16, num_key_value_heads=16,
+                  head_dim=72, patch_size=16, position_embedding_size=10240,
+                  rope_parameters={"rope_theta": 100.0, "rope_type": "default"})
+    config = dict(model_type="diffusion_gemma", text_config=text, vision_config=vision,
+                  image_token_id=258880, boi_token_id=255999, eoi_token_id=258882,
+                  vision_soft_tokens_per_image=280)
+    model = Model(ModelArgs.from_dict(config))  # lazy: nothing is allocated
+    assert (model.image_token_id, model.boi_token_id, model.eoi_token_id) == (258880, 255999, 258882)
+    assert model.soft_tokens_per_image == 280 and model.vision_args.pooling_kernel_size == 3
+    tower = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters()) if is_vision_tensor(k)}
+    assert tower == vision_shapes(config)
+    assert sum(np.prod(s) for s in tower.values()) == pytest.approx(0.57e9, rel=0.01)
+
+    bad = dict(config, vision_config=dict(vision, head_dim=70))
+    with pytest.raises(ConfigError, match=r"vision_config.head_dim must be a multiple of 4 \(got 70\)"):
+        ModelArgs.from_dict(bad)
+    bad = dict(config, vision_config=dict(vision, patch_size="16"))
+    with pytest.raises(ConfigError, match=r"vision_config.patch_size must be a positive integer"):
+        ModelArgs.from_dict(bad)
+
+
+def test_tower_read_on_first_image(tmp_path):
+    """`load` leaves the tower's weights on disk (text-only use never holds them); the
+    first image reads them."""
+    import json
+
+    from mlx.utils import tree_flatten
+
+    text = dict(model_type="diffusion_gemma_text", hidden_size=64, intermediate_size=64,
+                moe_intermediate_size=32, num_experts=4, top_k_experts=2, num_hidden_layers=2,
+                layer_types=["sliding_attention", "full_attention"], num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                num_global_key_value_heads=1, sliding_window=32, vocab_size=512,
+                use_bidirectional_attention="vision")
+    vision = dict(model_type="gemma4_vision", hidden_size=256, intermediate_size=1024,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=64, patch_size=4, position_embedding_size=10240)
+    config = dict(model_type="diffusion_gemma", text_config=text, vision_config=vision,
+                  canvas_length=16, **{f"{k}_token_id": v for k, v in
+                                       (("boi", BOI), ("image", IMG), ("eoi", EOI))})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    params = dict(tree_flatten(Model(ModelArgs.from_dict(config)).parameters()))
+    mx.eval(params)
+    tower_bytes = sum(v.nbytes for k, v in params.items() if ".vision_tower." in k)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), params)
+    del params
+
+    mx.synchronize()
+    before = mx.get_active_memory()
+    model, _ = md.load(tmp_path, check_memory=False)
+    loaded = mx.get_active_memory() - before
+    assert tower_bytes > 30e6 and loaded < tower_bytes / 4, (loaded, tower_bytes)
+    pv, pos, _ = _process(["square"])
+    model.image_features(pv, pos)
+    mx.synchronize()
+    assert mx.get_active_memory() - before >= loaded + tower_bytes
+
+
+def test_quantizing_convert_keeps_the_tower_float(ckpt_factory, tmp_path):
+    """A quantizing conversion leaves the tower and embedder as they were (group 32 would
+    fit the tower's 32-wide inputs), and the converted model still reads images."""
+    from safetensors.numpy import load_file
+
+    from mlx_diffgemma.convert import convert
+
+    src = ckpt_factory("vision")
+    out = tmp_path / "q"
+    convert(src, out, quantize=True, q_bits=4, q_group_size=32, progress=False, verbose=False)
+    source = load_file(str(src / "model.safetensors"))
+    written = {}
+    for f in out.glob("*.safetensors"):
+        written.update(load_file(str(f)))
+    vision = [k for k in source if ".vision_tower." in k or ".embed_vision." in k]
+    assert len(vision) > 40
+    for k in vision:
+        assert not any(w.startswith(k.rsplit(".", 1)[0] + ".scales") for w in written), k
+        np.testing.assert_array_equal(written[k], source[k], err_msg=k)
+    model, _ = md.load(out)
+    pv, pos, counts = _process(["wide"])
+    assert model.image_features(pv, pos).shape == (counts[0], 48)
