@@ -21,7 +21,7 @@ them, and each image costs only its own patches.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn

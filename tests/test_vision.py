@@ -9,6 +9,8 @@ processor on synthetic images of three aspect ratios, prompts expanded to <|imag
 image token per soft token, <image|>.
 """
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -236,17 +238,11 @@ def test_image_input_errors(vision, ckpt_factory, tmp_path):
         bare.encode(ids, bare.make_cache(), pixel_values=pv, image_position_ids=pos)
 
 
-class _ImageDenoiser(MLXDenoiser):
+def _image_denoiser(model, gen, noise, pv, pos) -> MLXDenoiser:
     """The MLX denoiser whose first encode (the prompt) carries the images."""
-
-    def __init__(self, *args, images, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._images = images
-
-    def encode(self, token_ids):
-        images, self._images = self._images, {}
-        ids = mx.array(np.asarray(token_ids, dtype=np.int32).reshape(1, -1))
-        self.model.encode(ids, self.cache, **images)
+    den = MLXDenoiser(model, gen, noise=noise)
+    den.images = SimpleNamespace(pixel_values=pv, image_position_ids=pos)
+    return den
 
 
 def test_generation_with_images_matches_reference(ckpt_factory):
@@ -266,14 +262,13 @@ def test_generation_with_images_matches_reference(ckpt_factory):
     result = hooked_generate(ref, np.array([prompt]), noise, record=True,
                              **kw, **image_kwargs(ref, [prompt], pv, pos))
     gen = GenerationConfig.from_model_dir(path, **kw)
-    images = dict(pixel_values=pv, image_position_ids=pos)
 
     record = from_reference(result, prompt, C, gen.stability_threshold)
-    report = replay(_ImageDenoiser(model, gen, noise=noise, images=images), record, noise,
+    report = replay(_image_denoiser(model, gen, noise, pv, pos), record, noise,
                     from_numpy=mx.array)
     report.check(ATOL)
 
-    events = list(draft(_ImageDenoiser(model, gen, noise=noise, images=images), prompt, gen))
+    events = list(draft(_image_denoiser(model, gen, noise, pv, pos), prompt, gen))
     summary = events[-1]
     assert isinstance(summary, Summary)
     assert summary.tokens == result.tokens[0].tolist()
