@@ -344,6 +344,10 @@ def test_generate_command_with_target(pair_tiny, target_tiny, ckpt_tiny, ckpt_mi
     assert "the target's tokenizer differs from the drafter's (128 vs 384 tokens" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(ckpt_tiny), "--target", str(ckpt_tiny), "--prompt", "hi"]) == 2
     assert f"cannot load the target '{ckpt_tiny}' with mlx-lm" in capsys.readouterr().err
+    image = ckpt_tiny / "config.json"  # refused before any file is read
+    assert cli.main(["generate", "--model", str(ckpt_tiny), "--target", str(target_tiny), "--image", str(image),
+                     "--prompt", "hi"]) == 2
+    assert "--image with --target is not supported" in capsys.readouterr().err
 
 
 # -- chat ----------------------------------------------------------------------------------------
