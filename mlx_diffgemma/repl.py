@@ -544,6 +544,9 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help=f"with --target: denoising steps per proposal (default {DRAFT_STEPS})")
     p.add_argument("--target-temp", type=_flag_type(_target_temp, "target_temp"), default=0.0,
                    help="with --target: the target's sampling temperature (default 0: greedy)")
+    p.add_argument("--adaptive-k", action="store_true",
+                   help="with --target: size each block from the last round (two more drafts after a "
+                   "fully kept block, one fewer otherwise, up to --draft-tokens)")
 
 
 # Speculative defaults, measured on the toy models (BENCHMARKS.md, "Speculative drafting").
@@ -564,6 +567,16 @@ def resolve_mode(args) -> str:
     if args.mode is not None:
         return args.mode
     return "fast" if getattr(args, "target", None) else "reference"
+
+
+def target_backend(args, model, tokenizer):
+    """The chat backend that drafts for `--target` (loaded and checked here), from the
+    command line's speculative flags (chat and serve)."""
+    from .speculative import SpeculativeBackend
+
+    target, target_tokenizer = load_target(args.target, tokenizer, args.backend)
+    return SpeculativeBackend(model, target, target_tokenizer, k=args.draft_tokens, draft_steps=args.draft_steps,
+                              temperature=args.target_temp, adaptive_k=args.adaptive_k)
 
 
 def load_target(target_arg: str, tokenizer, backend: str = "mlx"):
@@ -679,11 +692,7 @@ def main_chat(args) -> int:
     backend = None
     if args.target:
         with console.status(f"loading the target {args.target} …"):
-            target, target_tokenizer = load_target(args.target, tokenizer, args.backend)
-        from .speculative import SpeculativeBackend
-
-        backend = SpeculativeBackend(model, target, target_tokenizer, k=args.draft_tokens,
-                                     draft_steps=args.draft_steps, temperature=args.target_temp)
+            backend = target_backend(args, model, tokenizer)
     session = ChatSession(
         model,
         tokenizer,
@@ -779,5 +788,5 @@ def _speculative_events(args, model, tokenizer, target, ids, overrides, mode):
     max_new = kw.pop("max_new_tokens", generation_config(model).max_new_tokens)
     return speculative_stream_generate(
         target[0], target[1], model, tokenizer, ids, k=args.draft_tokens, draft_steps=args.draft_steps,
-        temperature=args.target_temp, max_new_tokens=max_new, seed=args.seed, mode=mode,
+        adaptive_k=args.adaptive_k, temperature=args.target_temp, max_new_tokens=max_new, seed=args.seed, mode=mode,
         max_context=args.max_context, **kw)

@@ -667,12 +667,9 @@ def target_loader(args):
         return None
 
     def load(model, tokenizer):
-        from .repl import load_target
-        from .speculative import SpeculativeBackend
+        from .repl import target_backend
 
-        target, target_tokenizer = load_target(args.target, tokenizer, args.backend)
-        return SpeculativeBackend(model, target, target_tokenizer, k=args.draft_tokens,
-                                  draft_steps=args.draft_steps, temperature=args.target_temp)
+        return target_backend(args, model, tokenizer)
 
     return load
 

@@ -244,6 +244,7 @@ def speculative_stream_generate(
     k: int = 8,
     draft_steps: int = 1,
     temperature: float = 0.0,
+    adaptive_k: bool = False,
     max_new_tokens: int = 256,
     seed: Optional[int] = None,
     mode: str = "fast",
@@ -254,7 +255,8 @@ def speculative_stream_generate(
     **generation_kwargs,
 ) -> Iterator[Event]:
     """Generates the target's output (an mlx-lm model, `mlx_lm.load`) with our model
-    drafting blocks of `k` tokens in up to `draft_steps` denoising steps each.
+    drafting blocks of `k` tokens in up to `draft_steps` denoising steps each (with
+    `adaptive_k`, blocks of 1 to `k` tokens, sized by `next_block_size`).
 
     `temperature` 0 is the target's greedy output; above 0, samples from the target's
     softmax(logits / temperature). Yields `Draft` per denoising step, `Commit` per round
@@ -285,11 +287,22 @@ def speculative_stream_generate(
         mx.random.seed(seed)
     eos = set(int(e) for e in getattr(target_tokenizer, "eos_token_ids", None) or [])
     yield from _rounds(tgt, blocks, ids, k, float(temperature), max_new_tokens, eos,
-                       text_decoder(target_tokenizer))
+                       text_decoder(target_tokenizer), adaptive_k)
+
+
+def next_block_size(size: int, kept: int, proposed: int, k: int) -> int:
+    """Adaptive k, as transformers' "heuristic" schedule sizes an assistant model's
+    proposals: two more drafts after a round that kept all it proposed, one fewer after a
+    round that did not, within 1..k. Each rejected draft costs a drafter position and a
+    verify position (and, on an MoE target, the experts it routes to), so a context where
+    the drafter guesses badly gets shorter blocks."""
+    if proposed and kept >= proposed:
+        return min(size + 2, k)
+    return max(1, size - 1)
 
 
 def _rounds(tgt: Target, blocks: BlockDrafter, ids: List[int], k: int, temperature: float,
-            max_new_tokens: int, eos: set, decode) -> Iterator[Event]:
+            max_new_tokens: int, eos: set, decode, adaptive_k: bool = False) -> Iterator[Event]:
     tic = time.perf_counter()
     blocks.encode(ids)
     tgt.prefill(ids[:-1])
@@ -299,10 +312,11 @@ def _rounds(tgt: Target, blocks: BlockDrafter, ids: List[int], k: int, temperatu
     generated: List[int] = []
     steps: List[int] = []
     text, finish, last, kept = "", "length", ids[-1], []
+    size = k
     while len(generated) < max_new_tokens:
         if kept:
             blocks.accept(kept)  # the last round's tokens join the drafter's context
-        n_draft = min(k, max_new_tokens - len(generated) - 1)
+        n_draft = min(size, max_new_tokens - len(generated) - 1)
         drafts, q_logits, events = [], None, []
         if n_draft:
             drafts, q_logits, events = blocks.propose(n_draft, len(steps), temperature)
@@ -313,6 +327,8 @@ def _rounds(tgt: Target, blocks: BlockDrafter, ids: List[int], k: int, temperatu
                              f"{blocks.denoiser.vocab_size}: use a Gemma 4 target of the same vocabulary")
         n, token = accept_block(logits, drafts, q_logits, temperature)
         tgt.rewind(len(drafts) - n)
+        if adaptive_k:
+            size = next_block_size(size, n, len(drafts), k)
         kept = drafts[:n] + [token]
         stop = next((i for i, t in enumerate(kept) if t in eos), None)
         if stop is not None:
@@ -383,10 +399,12 @@ class SpeculativeBackend(MLXBackend):
     layers cannot trim a whole turn, so each turn keeps their state at its start (no
     copy: their updates make new arrays) and restores it."""
 
-    def __init__(self, model, target, target_tokenizer, *, k: int, draft_steps: int, temperature: float = 0.0):
+    def __init__(self, model, target, target_tokenizer, *, k: int, draft_steps: int, temperature: float = 0.0,
+                 adaptive_k: bool = False):
         super().__init__(model)
         self.target, self.target_tokenizer = target, target_tokenizer
         self.k, self.draft_steps, self.temperature = k, draft_steps, temperature
+        self.adaptive_k = adaptive_k
         self.max_context = min(self.max_context, target_context(target) or self.max_context)
         self._drafter_snapshot = False
 
@@ -439,7 +457,7 @@ class SpeculativeBackend(MLXBackend):
         kw.pop("max_denoising_steps", None)  # the drafter's steps are draft_steps
         max_new = kw.pop("max_new_tokens", generation_config(self.model).max_new_tokens)
         return speculative_stream_generate(
-            self.target, self.target_tokenizer, self.model, tokenizer, prompt, k=self.k,
+            self.target, self.target_tokenizer, self.model, tokenizer, prompt, k=self.k, adaptive_k=self.adaptive_k,
             draft_steps=self.draft_steps, temperature=self.temperature, max_new_tokens=max_new, seed=seed,
             cache=cache.drafter, target_cache=cache.target, **kw)
 

@@ -132,14 +132,14 @@ def run_target_alone(target, prompts) -> dict:
     return dict(outputs=outs, tokens=n, seconds=seconds, target_forwards=n)
 
 
-def run_speculative(target, ttok, drafter, dtok, prompts, k: int, steps: int) -> dict:
+def run_speculative(target, ttok, drafter, dtok, prompts, k: int, steps: int, adaptive: bool = False) -> dict:
     from mlx_diffgemma.drafter import SpeculativeSummary
     from mlx_diffgemma.speculative import speculative_stream_generate
 
     outs, rounds, tf, df, tic = [], 0, 0, 0, time.perf_counter()
     for i, ids in enumerate(prompts):
         s = [e for e in speculative_stream_generate(target, ttok, drafter, dtok, ids, k=k, draft_steps=steps,
-                                                    max_new_tokens=ANSWER, seed=i)
+                                                    adaptive_k=adaptive, max_new_tokens=ANSWER, seed=i)
              if isinstance(e, SpeculativeSummary)][0]
         outs.append(s.tokens)
         rounds, tf, df = rounds + s.canvases, tf + s.target_forwards, df + s.drafter_forwards
@@ -225,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=60, help="held-out puzzles")
     p.add_argument("--k", default="4,8,17", help="draft tokens per round, comma-separated")
     p.add_argument("--steps", default="1,2", help="drafter denoising steps per round, comma-separated")
+    p.add_argument("--adaptive", action="store_true", help="also run each (k, steps) with adaptive k (up to k)")
     p.add_argument("--cost-model", action="store_true", help="print only the cost model at the real shapes")
     args = p.parse_args(argv)
     for bw in (400e9, 800e9):
@@ -250,9 +251,11 @@ def main(argv=None) -> int:
              report("target alone (mlx-lm greedy)", base, base, items, dtok)]
     for k in [int(x) for x in args.k.split(",")]:
         for steps in [int(x) for x in args.steps.split(",")]:
-            r = run_speculative(target, ttok, drafter, dtok, prompts, k, steps)
-            lines.append(report(f"drafted, k={k}, {steps} step(s)", r, base, items, dtok))
-            print(lines[-1], flush=True)
+            for adaptive in (False, True) if args.adaptive else (False,):
+                r = run_speculative(target, ttok, drafter, dtok, prompts, k, steps, adaptive)
+                name = f"drafted, k={'<=' if adaptive else ''}{k}{' adaptive' if adaptive else ''}, {steps} step(s)"
+                lines.append(report(name, r, base, items, dtok))
+                print(lines[-1], flush=True)
     print("\n".join(lines))
     return 0
 

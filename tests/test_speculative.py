@@ -82,7 +82,7 @@ def oracle_drafts(monkeypatch, ref, n_prompt, rng, p_true=0.85):
     monkeypatch.setattr(BlockDrafter, "propose", mixed)
 
 
-def greedy_runs(monkeypatch, pair, cases, max_new=24):
+def greedy_runs(monkeypatch, pair, cases, max_new=24, **kw):
     """Per case: (tokens compared, whether the speculative output agrees with mlx-lm's up
     to the first near-tie, whether no near-tie cut the comparison short, rounds' kept drafts)."""
     target, ttok, drafter, dtok = pair
@@ -92,7 +92,7 @@ def greedy_runs(monkeypatch, pair, cases, max_new=24):
         ref, gaps = reference_greedy(target, prompt, max_new + k)
         oracle_drafts(monkeypatch, ref, n_prompt, np.random.default_rng(seed))
         events = list(speculative_stream_generate(target, ttok, drafter, dtok, prompt, k=k, draft_steps=2,
-                                                  max_new_tokens=max_new, seed=seed))
+                                                  max_new_tokens=max_new, seed=seed, **kw))
         got = events[-1].tokens
         sure = next((i for i, g in enumerate(gaps[: len(got)]) if g < NEAR_TIE), len(got))
         kept = [len(e.tokens) - 1 for e in events if isinstance(e, Commit)]
@@ -112,6 +112,32 @@ def test_greedy_equals_mlx_lm(monkeypatch, pair_tiny, pair_mixed):
     assert sum(full for _, _, full, _ in runs) >= 0.75 * len(runs)
     kept = [n for *_, ks in runs for n in ks]
     assert 0 in kept and max(kept) >= 6 and len(set(kept)) >= 6, sorted(kept)
+
+
+def test_adaptive_k_keeps_greedy_output_and_sizes_blocks_by_the_last_round(monkeypatch, pair_tiny):
+    rounds = []
+    accept = spec.accept_block
+
+    def logged(logits, drafts, q, temperature):
+        n, token = accept(logits, drafts, q, temperature)
+        rounds.append((len(drafts), n))
+        return n, token
+
+    monkeypatch.setattr(spec, "accept_block", logged)
+    k, max_new, runs, grew, shrank = 8, 40, [], False, False
+    propose = BlockDrafter.propose
+    for case in [(3, k, 20), (4, k, 9), (6, k, 1)]:
+        monkeypatch.setattr(BlockDrafter, "propose", propose)  # oracle_drafts wraps the real one
+        rounds.clear()
+        runs += greedy_runs(monkeypatch, pair_tiny, [case], max_new=max_new, adaptive_k=True)
+        size, generated = k, 0  # replay the rule over this run's rounds
+        for proposed, kept in rounds:
+            assert proposed == min(size, max_new - generated - 1)
+            nxt = spec.next_block_size(size, kept, proposed, k)
+            grew, shrank = grew or nxt > size, shrank or nxt < size
+            size, generated = nxt, generated + kept + 1
+    assert all(ok for _, ok, _, _ in runs) and sum(full for _, _, full, _ in runs) >= 2
+    assert grew and shrank  # both directions were exercised
 
 
 def test_off_by_one_verifier_fails(monkeypatch, pair_tiny):
