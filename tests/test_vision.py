@@ -100,6 +100,31 @@ def test_soft_tokens_match_reference(vision):
     np.testing.assert_allclose(feats, r.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_mlx_vlm_directory_with_a_tower_loads_in_ours(vision, ckpt_factory, tmp_path):
+    """A directory mlx-vlm 0.7.10's converter writes (mlx-community's layout), tower
+    included: our loader takes its tower and the soft tokens equal our own conversion's."""
+    import json
+    import shutil
+
+    from mlx_vlm.convert import convert as vlm_convert
+
+    src = tmp_path / "hf"
+    shutil.copytree(ckpt_factory("vision"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    # The released config.json spells these out; mlx-vlm reads them (save_pretrained
+    # writes them per layer only).
+    cfg["text_config"].update(global_head_dim=24, num_global_key_value_heads=2)
+    (src / "config.json").write_text(json.dumps(cfg))
+    theirs = tmp_path / "vlm"
+    vlm_convert(str(src), str(theirs))
+    model, _ = md.load(theirs)
+    assert model.has_vision
+    pv, pos, _ = _process(["square", "wide"])
+    ours = vision[1]
+    for a, b in zip(model.vision_soft_tokens(pv, pos), ours.vision_soft_tokens(pv, pos)):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
 def test_bfloat16_tower_matches_reference(ckpt_factory):
     """The checkpoint's own dtype: bfloat16 soft tokens against transformers' bfloat16
     run (a few bfloat16 roundings apart), in the model's dtype."""
