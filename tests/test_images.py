@@ -281,6 +281,29 @@ def test_pillow_missing(monkeypatch):
     assert PIL_MISSING.startswith("images need Pillow")
 
 
+def test_text_generation_needs_no_pillow():
+    """Pillow is the [images] extra: `generate` on text runs in an interpreter where
+    importing PIL fails, and never imports it."""
+    import subprocess
+    from pathlib import Path
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'PIL': raise ImportError('no Pillow here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from mlx_diffgemma.cli import main\n"
+        "rc = main(['generate', '--model', 'toy-sudoku', '--prompt', '1.3.34..2.4.4.1.'])\n"
+        "assert 'PIL' not in sys.modules\n"
+        "sys.exit(rc)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) == 16 and r.stdout.strip().isdigit()
+
+
 def test_string_only_template_gets_placeholders_in_the_text(model_dir):
     """A chat template that reads string contents only: the placeholders go into the
     text; one that drops them is refused."""
