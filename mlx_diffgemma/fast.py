@@ -63,6 +63,10 @@ class FastOptions:
     # Off by default: on toy-sudoku-open the stale keys and values cost 7-15 points of
     # accuracy (BENCHMARKS.md); the lever for a 256-token canvas once that is fixed.
     active_set: bool = False
+    # With the active set: after this many active-set steps one step computes every
+    # position again, refreshing frozen positions' stale keys and values (0: never; the
+    # periodic refresh of dLLM-Cache).
+    refresh_every: int = 0
     top_k: int = 64
     sc_top_k: int = 64
     skip_after_eos: bool = True
@@ -80,6 +84,8 @@ class FastOptions:
             raise ValueError("the active set needs a freeze rule: without one no position settles")
         if not 0 < self.confidence <= 1:
             raise ValueError(f"confidence must be in (0, 1] (got {self.confidence})")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0 (got {self.refresh_every})")
         if self.top_k < 0 or self.sc_top_k < 0:
             raise ValueError("top_k and sc_top_k must be >= 0 (0: the whole vocabulary)")
 
@@ -159,6 +165,7 @@ class FastDenoiser(MLXDenoiser):
         self._refresh = np.zeros(C, dtype=bool)  # frozen last step: computed once more
         self._tokens = np.zeros(C, dtype=np.int64)  # the frozen positions' tokens
         self._kv: Optional[List[Tuple[mx.array, mx.array]]] = None
+        self._since_full = 0  # steps since the last step that computed every position
         self._sc_sparse: Optional[Tuple[mx.array, mx.array]] = None  # ([1,C,K] probs, ids)
         self._argmax_all = mx.zeros((1, C), dtype=mx.int32)
         self._entropy_all = mx.zeros((1, C), dtype=mx.float32)
@@ -169,7 +176,7 @@ class FastDenoiser(MLXDenoiser):
         positions (harmless: their decisions stay frozen)."""
         C = self.canvas_length
         o = self.options
-        if not o.active_set or self._kv is None:
+        if not o.active_set or self._kv is None or (o.refresh_every and self._since_full >= o.refresh_every):
             return np.arange(C)
         need = np.nonzero(~self._frozen | self._refresh)[0]
         size = bucket(max(len(need), 1), o.buckets, C)
@@ -182,6 +189,7 @@ class FastDenoiser(MLXDenoiser):
 
     def step(self, canvas: mx.array, canvas_index: int, step: int):
         pos = self._positions()
+        self._since_full = 0 if len(pos) == self.canvas_length else self._since_full + 1
         idx = mx.array(pos.astype(np.int32))
         logits = self._logits(canvas, pos, idx)
         if self.keep_logits:

@@ -41,6 +41,7 @@ MODES: Dict[str, Optional[FastOptions]] = {
     "sparse self-cond. only": FastOptions(freeze=None, top_k=0, skip_after_eos=False, renoise=True),
     "fast, open renoised": FastOptions(renoise=True),
     "fast + active set": FastOptions(active_set=True),
+    "fast + active set, refresh 1": FastOptions(active_set=True, refresh_every=1),
     "fast, no self-cond.": FastOptions(self_conditioning=False),
     "fast + repair": FastOptions(repair=True),
 }

@@ -113,6 +113,7 @@ def test_sparse_self_conditioning_and_its_bound(mixed):
 OPTIONS = {
     "default": FastOptions(),
     "active set": FastOptions(active_set=True, buckets=(2, 4, 8)),
+    "active set, refresh every 2": FastOptions(active_set=True, refresh_every=2, buckets=(2, 4, 8)),
     "entropy-freeze, active set, renoised": FastOptions(freeze="entropy", active_set=True, renoise=True,
                                                         buckets=(2, 4, 8)),
     "freeze only": FastOptions(top_k=0, sc_top_k=0),
@@ -140,6 +141,12 @@ def test_fast_mode_runs_with_each_approximation(mixed, name):
             assert all([d for d in drafts if d.canvas_index == ci][-1].accepted)
     if o.active_set and o.buckets[0] < C:
         assert min(den.work.per_step) < C  # fewer positions once some are frozen
+    if o.refresh_every:
+        # never more than `refresh_every` active-set steps in a row within a canvas
+        run = 0
+        for d, n in zip(drafts, den.work.per_step):
+            run = 0 if n == C or d.step == 8 else run + 1
+            assert run <= o.refresh_every
 
 
 def test_options_are_checked():
@@ -149,6 +156,8 @@ def test_options_are_checked():
         FastOptions(freeze="sometimes")
     with pytest.raises(ValueError, match="confidence"):
         FastOptions(confidence=1.5)
+    with pytest.raises(ValueError, match="refresh_every must be >= 0"):
+        FastOptions(active_set=True, refresh_every=-1)
     with pytest.raises(ValueError, match="mode must be one of"):
         list(md.stream_generate(None, None, [1], mode="turbo"))
 
