@@ -18,7 +18,8 @@ and gives reference mode's tokens.
   every other frozen position keeps, per layer, the keys and values of the last step
   that computed it. The number of computed positions is rounded up to a bucket so a
   Metal kernel cache sees few shapes. Exactness returns at the commit: the encoder
-  re-encodes the committed canvas.
+  re-encodes the committed canvas. `refresh_every` N: after N active-set steps, one step
+  computes every position again, refreshing the stale keys and values.
 - `top_k`: sampling, argmax and entropy over the exact top-K logits (renormalised);
   the confidence rule still uses the full softmax.
 - `sc_top_k`: self-conditioning from the top-K probabilities of the full softmax times
@@ -57,11 +58,12 @@ FREEZE_RULES = (None, "entropy", "confidence")
 class FastOptions:
     # Defaults measured on the toy models (BENCHMARKS.md): on toy-sudoku-open, freezing
     # 0.9-confident argmaxes (temperature 1) with open positions carrying their argmax
-    # solved 82.5% vs the reference's 79.2% in 3.85 steps per canvas instead of 15.5.
+    # solved 85.8% vs the reference's 79.2% in 3.62 steps per canvas instead of 15.1.
     freeze: Optional[str] = "confidence"
     confidence: float = 0.9
-    # Off by default: on toy-sudoku-open the stale keys and values cost 7-15 points of
-    # accuracy (BENCHMARKS.md); the lever for a 256-token canvas once that is fixed.
+    # Off by default: on toy-sudoku-open the stale keys and values cost 6.7-15 points of
+    # accuracy (BENCHMARKS.md; refresh_every=1 recovers most); the lever for a 256-token
+    # canvas, where most positions freeze early.
     active_set: bool = False
     # With the active set: after this many active-set steps one step computes every
     # position again, refreshing frozen positions' stale keys and values (0: never; the
