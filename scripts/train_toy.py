@@ -695,15 +695,7 @@ def train(args) -> None:
         r["good"] = r["solve_rate"] >= args.target and r["eos_at_16"] >= 0.98 and r["mean_steps"] < 12
         return r
 
-    step, stop_reason, history = optimize(model, config, batch, evaluate, args, gen, t_start)
-    train_s = time.time() - t_start
-    print(f"training stopped after {step} steps, {train_s:.1f}s ({stop_reason})", flush=True)
-
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-
-    final = None
-    if not args.smoke:
+    def final_eval() -> dict:
         final = quick_eval(model, tokenizer, heldout, len(heldout), seed=args.seed + 12345)
         print(
             f"final held-out ({final['n']} puzzles): solve {final['solve_rate']:.4f}  "
@@ -711,8 +703,29 @@ def train(args) -> None:
             f"tpf {final['tpf']:.2f}",
             flush=True,
         )
+        return final
+
+    trained = optimize(model, config, batch, evaluate, args, gen, t_start)
+    info = finish_run(model, out, args, t_start, trained, n_params, final_eval)
+    write_readme(out, info)
+    check_checkpoint(out)
+    print(f"total wall time {time.time() - t_start:.1f}s", flush=True)
+
+
+def finish_run(model, out: Path, args, t_start: float, trained: tuple, n_params: int, final_eval,
+               **extra) -> dict:
+    """What both trainers do after `optimize` (whose result is `trained`): save the
+    weights, run `final_eval()` (it prints its own line; skipped with --smoke) and write
+    training_info.json (`extra` goes after the command). Returns the info."""
+    step, stop_reason, history = trained
+    train_s = time.time() - t_start
+    print(f"training stopped after {step} steps, {train_s:.1f}s ({stop_reason})", flush=True)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    final = None if args.smoke else final_eval()
     info = dict(
         command="python scripts/train_toy.py " + " ".join(sys.argv[1:]),
+        **extra,
         seed=args.seed,
         steps=step,
         stop_reason=stop_reason,
@@ -723,9 +736,7 @@ def train(args) -> None:
         args=vars(args),
     )
     (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
-    write_readme(out, info)
-    check_checkpoint(out)
-    print(f"total wall time {time.time() - t_start:.1f}s", flush=True)
+    return info
 
 
 def optimize(model, config, batch, evaluate, args, gen, t_start: float, loss_fn=None):
@@ -899,13 +910,7 @@ def train_task(args, task, tokenizer, out: Path, t_start: float) -> None:
         r["good"] = r["solve_rate"] >= args.target and r["eos_ok"] >= 0.98
         return r
 
-    step, stop_reason, history = optimize(model, config, batch, evaluate, args, gen, t_start)
-    train_s = time.time() - t_start
-    print(f"training stopped after {step} steps, {train_s:.1f}s ({stop_reason})", flush=True)
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-    final = None
-    if not args.smoke:
+    def final_eval() -> dict:
         final = quick_eval(model, tokenizer, heldout, len(heldout), seed=args.seed + 12345, task=task)
         print(
             f"final held-out ({final['n']} lists): exact {final['solve_rate']:.4f}  "
@@ -913,19 +918,10 @@ def train_task(args, task, tokenizer, out: Path, t_start: float) -> None:
             f"eos ok {final['eos_ok']:.3f}  tpf {final['tpf']:.2f}",
             flush=True,
         )
-    info = dict(
-        command="python scripts/train_toy.py " + " ".join(sys.argv[1:]),
-        task=task.name,
-        seed=args.seed,
-        steps=step,
-        stop_reason=stop_reason,
-        train_seconds=round(train_s, 1),
-        params=n_params,
-        final_eval=final,
-        eval_history=history,
-        args=vars(args),
-    )
-    (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
+        return final
+
+    trained = optimize(model, config, batch, evaluate, args, gen, t_start)
+    finish_run(model, out, args, t_start, trained, n_params, final_eval, task=task.name)
     check_checkpoint(out, task)
     print(f"total wall time {time.time() - t_start:.1f}s", flush=True)
 
