@@ -129,6 +129,30 @@ def rope_at(rope, x: mx.array, idx: mx.array, length: int, offset: int) -> mx.ar
     return rope(full, offset=offset)[:, :, idx]
 
 
+def sample_top_k(processed: mx.array, g: mx.array, k: int):
+    """(argmax, Gumbel-max sample with noise `g`, entropy, largest logit) over the exact
+    top-`k` of the processed logits (renormalised there); the whole vocabulary when `k`
+    is 0 or covers it."""
+    if not k or k >= processed.shape[-1]:
+        argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
+        sample = mx.argmax(processed + g, axis=-1).astype(mx.int32)
+        return argmax, sample, token_entropy(processed), processed.max(axis=-1)
+    ids = mx.argpartition(-processed, kth=k - 1, axis=-1)[..., :k]
+    vals = mx.take_along_axis(processed, ids, axis=-1)
+    argmax = mx.take_along_axis(ids, mx.argmax(vals, axis=-1)[..., None], axis=-1)[..., 0]
+    gk = mx.take_along_axis(g, ids, axis=-1)
+    sample = mx.take_along_axis(ids, mx.argmax(vals + gk, axis=-1)[..., None], axis=-1)[..., 0]
+    return argmax.astype(mx.int32), sample.astype(mx.int32), token_entropy(vals), vals.max(axis=-1)
+
+
+def top_k_probabilities(processed: mx.array, k: int) -> Tuple[mx.array, mx.array]:
+    """(probabilities, ids) of the top `k` tokens of the full softmax: sparse
+    self-conditioning's input (not renormalised)."""
+    probs = mx.softmax(processed.astype(mx.float32), axis=-1)
+    ids = mx.argpartition(-probs, kth=min(k, probs.shape[-1]) - 1, axis=-1)[..., :k]
+    return mx.take_along_axis(probs, ids, axis=-1), ids
+
+
 def sparse_soft_embedding(embed, probs: mx.array, ids: mx.array, scale: float) -> mx.array:
     """sum_k probs[k] * E[ids[k]] * scale over the top-K ids [.., K]: the self-conditioning
     input from the kept probabilities only (not renormalised)."""
@@ -283,22 +307,8 @@ class FastDenoiser(MLXDenoiser):
 
     def _sample(self, processed: mx.array, idx: mx.array, canvas_index: int, step: int):
         """(argmax, sample, entropy, top probability) of the computed positions."""
-        k = self.options.top_k
         g = self._gumbel(processed.shape, idx, canvas_index, step)
-        if not k or k >= processed.shape[-1]:
-            argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
-            sample = mx.argmax(processed + g, axis=-1).astype(mx.int32)
-            entropy = token_entropy(processed)
-            top = processed.max(axis=-1)
-        else:
-            ids = mx.argpartition(-processed, kth=k - 1, axis=-1)[..., :k]
-            vals = mx.take_along_axis(processed, ids, axis=-1)
-            argmax = mx.take_along_axis(ids, mx.argmax(vals, axis=-1)[..., None], axis=-1)[..., 0]
-            gk = mx.take_along_axis(g, ids, axis=-1)
-            sample = mx.take_along_axis(ids, mx.argmax(vals + gk, axis=-1)[..., None], axis=-1)[..., 0]
-            entropy = token_entropy(vals)
-            top = vals.max(axis=-1)
-            argmax, sample = argmax.astype(mx.int32), sample.astype(mx.int32)
+        argmax, sample, entropy, top = sample_top_k(processed, g, self.options.top_k)
         # The confidence rule reads the model's own probability (temperature 1): at the
         # schedule's 0.4-0.8 every position looks surer than the model is.
         scale = self.gen.temperature(step) if self.options.confidence_at_t1 else 1.0
@@ -325,9 +335,7 @@ class FastDenoiser(MLXDenoiser):
             return
         k = self.options.sc_top_k
         if k:
-            probs = mx.softmax(processed.astype(mx.float32), axis=-1)
-            ids = mx.argpartition(-probs, kth=min(k, probs.shape[-1]) - 1, axis=-1)[..., :k]
-            p = mx.take_along_axis(probs, ids, axis=-1)
+            p, ids = top_k_probabilities(processed, k)
             if full or self._sc_sparse is None:
                 self._sc_sparse = (p, ids)
             else:

@@ -13,7 +13,8 @@ shapes. Each piece is timed apart, per computed-position count n:
              (fast.forward_positions, as the active set runs them): a one-layer model of
              each attention kind, weighted by the released pattern (25 sliding, 5 full)
   head       final norm, the [hidden x vocab] LM head and soft-capping on n rows
-  top-K      fast mode's sampler on those logits: exact top-64, Gumbel sample, entropy
+  top-K      fast mode's selection on those logits (fast.py's functions): exact top-64
+             sample, argmax and entropy, and the top-64 probabilities of the softmax
   sparse sc  fast mode's self-conditioning input: top-64 probabilities times gathered
              (dequantized) embedding rows, plus the self-conditioning MLP
 and, for the reference at n = 256, the full-vocabulary sampler and the dense
@@ -46,8 +47,7 @@ import mlx.core as mx  # noqa: E402
 
 from bench_fast import MODES  # noqa: E402
 from mlx_diffgemma.config import read_json_object  # noqa: E402
-from mlx_diffgemma.fast import forward_positions, sparse_soft_embedding  # noqa: E402
-from mlx_diffgemma.sampler import token_entropy  # noqa: E402
+from mlx_diffgemma.fast import forward_positions, sample_top_k, sparse_soft_embedding, top_k_probabilities  # noqa: E402
 from mlx_diffgemma.synthetic import preset_args, synthetic_model  # noqa: E402
 
 TOP_K = 64
@@ -63,19 +63,18 @@ def seconds(fn: Callable[[], Any], iters: int) -> float:
     return statistics.median(out)
 
 
-def top_k_sample(logits: mx.array) -> List[mx.array]:
-    ids = mx.argpartition(-logits, kth=TOP_K - 1, axis=-1)[..., :TOP_K]
-    vals = mx.take_along_axis(logits, ids, axis=-1)
-    g = mx.random.gumbel(vals.shape)
-    sample = mx.take_along_axis(ids, mx.argmax(vals + g, axis=-1)[..., None], axis=-1)
-    return [sample, token_entropy(vals), mx.softmax(vals, axis=-1), ids]
+def top_k_pieces(logits: mx.array) -> List[mx.array]:
+    """Fast mode's per-step selection (fast.py's own functions): the top-64 sample,
+    argmax and entropy, and the top-64 probabilities sparse self-conditioning reads."""
+    g = mx.random.gumbel(logits.shape)
+    return [*sample_top_k(logits, g, TOP_K), *top_k_probabilities(logits, TOP_K)]
 
 
 def full_sample(logits: mx.array) -> List[mx.array]:
     """The reference sampler's full-vocabulary work: argmax, the Gumbel-max sample and
     the entropy over every token."""
     g = mx.random.gumbel(logits.shape)
-    return [mx.argmax(logits, axis=-1), mx.argmax(logits + g, axis=-1), token_entropy(logits)]
+    return list(sample_top_k(logits, g, 0)[:3])
 
 
 def time_layers(model, sizes: Sequence[int], prompt_tokens: int, iters: int) -> Dict[int, float]:
@@ -104,14 +103,14 @@ def time_vocab_pieces(model, sizes: Sequence[int], iters: int, scale: float) -> 
     for n in sizes:
         h = mx.random.normal((1, n, H)).astype(model.dtype)
         logits = model.head(h)
-        picked = top_k_sample(logits)
+        picked = top_k_pieces(logits)
         emb = model.embed(mx.random.randint(3, model.vocab_size, (1, n), dtype=mx.int32))
         mx.eval(logits, picked, emb)
         out[n] = {
             "head": scale * seconds(lambda: mx.eval(model.head(h)), iters),
-            "top_k": scale * seconds(lambda: mx.eval(top_k_sample(logits)), iters),
+            "top_k": scale * seconds(lambda: mx.eval(top_k_pieces(logits)), iters),
             "sparse_sc": seconds(lambda: mx.eval(dec.self_conditioning(
-                emb, sparse_soft_embedding(dec.embed_tokens, picked[2], picked[3], model.embed_scale))), iters),
+                emb, sparse_soft_embedding(dec.embed_tokens, picked[4], picked[5], model.embed_scale))), iters),
         }
     return out
 
