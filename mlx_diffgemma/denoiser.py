@@ -47,8 +47,7 @@ class MLXDenoiser:
 
     def encode(self, token_ids: Sequence[int]) -> None:
         images, self.images = self.images, None
-        kw = {} if images is None else {"pixel_values": images.pixel_values,
-                                        "image_position_ids": images.image_position_ids}
+        kw = {} if images is None else images.encoder_kwargs()
         self.model.encode(mx.array(np.asarray(token_ids, dtype=np.int32).reshape(1, -1)), self.cache, **kw)
 
     def start_canvas(self, canvas_index: int) -> mx.array:

@@ -268,6 +268,10 @@ class ImageInputs:
     def __len__(self) -> int:
         return len(self.num_soft_tokens)
 
+    def encoder_kwargs(self) -> Dict[str, Any]:
+        """The arrays `Model.encode` takes for these images."""
+        return {"pixel_values": self.pixel_values, "image_position_ids": self.image_position_ids}
+
     def select(self, indices: Sequence[int]) -> "ImageInputs":
         idx = list(indices)
         return ImageInputs(self.pixel_values[idx], self.image_position_ids[idx],
@@ -328,21 +332,14 @@ class Prompt:
 
     def arrays(self) -> Dict[str, Any]:
         """`input_ids` [1, T] and the image arrays, as transformers' processor returns them."""
-        return {"input_ids": np.asarray([self.ids], dtype=np.int64),
-                "pixel_values": self.images.pixel_values,
-                "image_position_ids": self.images.image_position_ids}
+        return {"input_ids": np.asarray([self.ids], dtype=np.int64), **self.images.encoder_kwargs()}
 
 
-def image_blocks(ids: Sequence[int], image_id: int) -> List[Tuple[int, int]]:
-    """[start, end) of each run of image tokens in `ids`."""
-    blocks, start = [], None
-    for i, t in enumerate(list(ids) + [None]):
-        if t == image_id and start is None:
-            start = i
-        elif t != image_id and start is not None:
-            blocks.append((start, i))
-            start = None
-    return blocks
+def image_blocks(is_image: np.ndarray) -> List[Tuple[int, int]]:
+    """[start, end) of each contiguous run of True in a 1-D mask (the image tokens of a
+    prompt: the processor's expansion and the encoder's bidirectional blocks)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(is_image, dtype=np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 def _token_id(tokenizer, token: str) -> Optional[int]:
@@ -423,7 +420,7 @@ class Processor:
         tokens and end-of-image; a run already expanded (right after a begin-of-image)
         is kept when its length is its image's. Placeholders and images must pair up."""
         t, ids = self.tokens, list(ids)
-        runs = image_blocks(ids, t.image_id)
+        runs = image_blocks(np.asarray(ids) == t.image_id)
         expanded = [s > 0 and ids[s - 1] == t.boi_id for s, _ in runs]
         count = sum(1 if x else e - s for (s, e), x in zip(runs, expanded))
         if count != len(images):

@@ -28,9 +28,9 @@ from .vision import (
     as_image_arrays,
     block_ids,
     chunk_bounds,
-    image_blocks,
     real_patches,
 )
+from .images import image_blocks
 from .weights import CLIP_SUFFIXES, hf_to_mlx_name, is_vision_tensor
 
 

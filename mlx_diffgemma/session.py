@@ -170,8 +170,7 @@ class MLXBackend:
         return self.model.make_cache(slack=self.slack)
 
     def encode(self, cache, ids: Sequence[int], images=None) -> None:
-        kw = {} if images is None else {"pixel_values": images.pixel_values,
-                                        "image_position_ids": images.image_position_ids}
+        kw = {} if images is None else images.encoder_kwargs()
         self.model.encode(self.mx.array([list(ids)], dtype=self.mx.int32), cache, **kw)
 
     # A snapshot is taken only for a turn that could outgrow the slack, and dropped once

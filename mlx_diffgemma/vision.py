@@ -295,12 +295,6 @@ def _to_numpy(x: Any) -> Any:
     return x
 
 
-def image_blocks(is_image: np.ndarray) -> List[Tuple[int, int]]:
-    """(start, end) of each contiguous run of True in a 1-D mask."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], is_image.astype(np.int8), [0]])))
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
-
-
 def block_ids(is_image: np.ndarray) -> np.ndarray:
     """-1 for text, else the index of the token's image block (as the reference's
     `block_sequence_ids`)."""

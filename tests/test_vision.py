@@ -9,8 +9,6 @@ processor on synthetic images of three aspect ratios, prompts expanded to <|imag
 image token per soft token, <image|>.
 """
 
-from types import SimpleNamespace
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -21,7 +19,8 @@ from mlx_diffgemma.config import GenerationConfig, ModelArgs
 from mlx_diffgemma.denoiser import MLXDenoiser
 from mlx_diffgemma.drafter import Summary, draft
 from mlx_diffgemma.model import Model
-from mlx_diffgemma.vision import chunk_bounds, image_blocks, soft_token_counts
+from mlx_diffgemma.images import ImageInputs, image_blocks
+from mlx_diffgemma.vision import chunk_bounds, soft_token_counts
 from teacher_forcing import assert_argmax_where_certain, from_reference, replay
 from tiny_checkpoints import VISION_TOKENS, load_reference
 
@@ -263,10 +262,10 @@ def test_image_input_errors(vision, ckpt_factory, tmp_path):
         bare.encode(ids, bare.make_cache(), pixel_values=pv, image_position_ids=pos)
 
 
-def _image_denoiser(model, gen, noise, pv, pos) -> MLXDenoiser:
+def _image_denoiser(model, gen, noise, pv, pos, counts) -> MLXDenoiser:
     """The MLX denoiser whose first encode (the prompt) carries the images."""
     den = MLXDenoiser(model, gen, noise=noise)
-    den.images = SimpleNamespace(pixel_values=pv, image_position_ids=pos)
+    den.images = ImageInputs(pv, pos, list(counts))
     return den
 
 
@@ -289,11 +288,11 @@ def test_generation_with_images_matches_reference(ckpt_factory):
     gen = GenerationConfig.from_model_dir(path, **kw)
 
     record = from_reference(result, prompt, C, gen.stability_threshold)
-    report = replay(_image_denoiser(model, gen, noise, pv, pos), record, noise,
+    report = replay(_image_denoiser(model, gen, noise, pv, pos, counts), record, noise,
                     from_numpy=mx.array)
     report.check(ATOL)
 
-    events = list(draft(_image_denoiser(model, gen, noise, pv, pos), prompt, gen))
+    events = list(draft(_image_denoiser(model, gen, noise, pv, pos, counts), prompt, gen))
     summary = events[-1]
     assert isinstance(summary, Summary)
     # MLX and torch round apart: the free run is held to the reference's tokens when no
