@@ -13,8 +13,8 @@ from typing import List, Optional
 
 # subcommand -> (module, help)
 _COMMANDS = {
-    "chat": ("mlx_diffgemma.repl", "chat with the model, watching each canvas settle"),
-    "generate": ("mlx_diffgemma.repl", "generate a reply to one prompt (for scripts)"),
+    "chat": ("mlx_diffgemma.commands", "chat with the model, watching each canvas settle"),
+    "generate": ("mlx_diffgemma.commands", "generate a reply to one prompt (for scripts)"),
     "convert": ("mlx_diffgemma.convert", "convert Hugging Face weights to an MLX directory"),
     "quantize": ("mlx_diffgemma.quantize", "re-quantize an existing MLX directory"),
     "verify": ("mlx_diffgemma.verify", "check an MLX directory's files (and logits)"),

@@ -186,7 +186,7 @@ class Engine:
     def _setup(self, load, max_tokens, max_context, mode) -> None:
         model, tokenizer = load()
         if max_tokens is None:
-            from .repl import _chat_max_new_tokens
+            from .commands import _chat_max_new_tokens
 
             max_tokens = _chat_max_new_tokens(model)
         backend = self.target(model, tokenizer) if self.target is not None else None
@@ -625,7 +625,7 @@ class Server(ThreadingHTTPServer):
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .paths import DEFAULT_MODEL
-    from .repl import _flag_type, _positive_int, _setting_type, add_target_args
+    from .commands import _flag_type, _positive_int, _setting_type, add_target_args
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, Hugging Face id or packaged model name (default {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="mlx (default) or the torch reference path")
@@ -649,7 +649,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_engine(args) -> Engine:
     from .paths import resolve_model_path
-    from .repl import load_for, resolve_mode
+    from .commands import load_for, resolve_mode
 
     path = resolve_model_path(args.model, prefer="hf" if args.backend == "torch" else "mlx")
     return Engine(lambda: load_for(str(path), args.backend)[:2], args.model_id or args.model,
@@ -667,7 +667,7 @@ def target_loader(args):
         return None
 
     def load(model, tokenizer):
-        from .repl import target_backend
+        from .commands import target_backend
 
         return target_backend(args, model, tokenizer)
 

@@ -1,7 +1,7 @@
 """A conversation with the model, and no UI: `ChatSession` renders the chat template,
 works out which tokens the encoder's KV cache already holds, encodes only the rest,
 streams the drafter's events and rolls the cache back at the end of each turn. The REPL
-and `generate` (repl.py), and the server next, all run on it. Each backend (MLX, torch)
+(repl.py), `generate` (commands.py) and the server all run on it. Each backend (MLX, torch)
 supplies the cache operations: encode, snapshot and one `rollback`.
 
 KV-cache reuse across turns
