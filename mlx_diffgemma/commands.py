@@ -11,6 +11,7 @@ import contextlib
 import sys
 from typing import Any, Callable, Dict, Optional
 
+from .backends import make_backend
 from .config import SEED_MAX, GenerationConfig
 from .drafter import Commit, Draft, Summary, check_context, generation_config
 from .images import load_image, prepare_prompt
@@ -21,7 +22,6 @@ from .session import (
     ChatSession,
     check_text,
     ensure_chat_template,
-    make_backend,
     parse_number,
     parse_seed,
     parse_temp,

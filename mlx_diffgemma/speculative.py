@@ -31,7 +31,7 @@ from .drafter import (Commit, Draft, Event, SpeculativeSummary, check_reserve, c
                       prompt_ids, text_decoder)
 from .fast import FastOptions
 from .generation import make_denoiser
-from .session import MLXBackend
+from .backends import MLXBackend
 
 # -- the target's cache ----------------------------------------------------------------
 

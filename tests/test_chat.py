@@ -28,7 +28,7 @@ import mlx.core as mx
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma import repl, session as session_mod
+from mlx_diffgemma import backends, repl
 from mlx_diffgemma import paths
 from mlx_diffgemma.session import ChatSession, Interrupted, Prefill, split_prompt
 from mlx_diffgemma.config import GenerationConfig
@@ -124,7 +124,7 @@ def _tight_cache(monkeypatch):
         self.slack = 0
         return self.model.make_cache(slack=0)
 
-    monkeypatch.setattr(session_mod.MLXBackend, "new_cache", new_cache)
+    monkeypatch.setattr(backends.MLXBackend, "new_cache", new_cache)
 
 
 # -- cache reuse ------------------------------------------------------------------------
