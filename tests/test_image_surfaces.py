@@ -242,7 +242,8 @@ def test_generate_command_with_images(vdir, image_file, capsys):
 
 @pytest.fixture(scope="module")
 def image_server(vdir, image_file):
-    from mlx_diffgemma.server import Engine, Server
+    from mlx_diffgemma.engine import Engine
+    from mlx_diffgemma.server import Server
 
     engine = Engine(lambda: md.load(vdir), "tiny-vision", image_dirs=[image_file.parent])
     srv = Server(engine, "127.0.0.1", 0)

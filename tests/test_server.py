@@ -250,7 +250,8 @@ def test_every_bad_request_gets_a_4xx_and_the_server_keeps_serving(server):
 @pytest.fixture(scope="module")
 def local_server():
     import mlx_diffgemma as md
-    from mlx_diffgemma.server import Engine, Server
+    from mlx_diffgemma.engine import Engine
+    from mlx_diffgemma.server import Server
 
     engine = Engine(lambda: md.load("toy-sudoku"), "toy-sudoku", cache_entries=2)
     engine.noise_for = lambda seed: None if seed is None else md.SeededNoise(seed)
