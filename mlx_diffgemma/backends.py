@@ -158,7 +158,7 @@ def make_backend(model):
     if not hasattr(model, "make_cache"):
         return TorchBackend(model)
     if getattr(model, "group", None) is not None:  # split over ranks: rank 0 leads them
-        from .mirror import lead
+        from .distributed import leading
 
-        return lead(MLXBackend(model))
+        return leading(MLXBackend(model))
     return MLXBackend(model)

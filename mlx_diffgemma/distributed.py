@@ -25,8 +25,6 @@ from typing import Any, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cli import LAUNCH_ENV
-
 PEER_TIMEOUT_ENV = "MLX_DIFFGEMMA_PEER_TIMEOUT"
 DEFAULT_PEER_TIMEOUT = 120.0  # seconds a rank waits on its peers inside one operation
 
@@ -36,18 +34,23 @@ class RankError(ValueError):
     different models); every rank raises it at the same point."""
 
 
-def launched() -> bool:
-    """Whether a distributed launcher (mlx.launch, mpirun) started this process."""
-    return any(k in os.environ for k in LAUNCH_ENV)
-
-
 def launched_group():
-    """The group this process was launched in when it has more than one rank, else None
-    (a plain process: no group is made)."""
-    if not launched():
-        return None
+    """The group mlx.launch (or mpirun) started this process in, when it has more than
+    one rank; None in a plain process."""
     group = mx.distributed.init()
     return group if group.size() > 1 else None
+
+
+# The chat backend wrapper of rank 0 of a command-line run (mirror.py sets it), through
+# which `backends.make_backend` leads the other ranks; None elsewhere.
+lead = {"backend": None}
+
+
+def leading(backend):
+    """`backend` (an MLXBackend of a split model) as rank 0 of a command-line run uses
+    it; as it is in a program whose every rank makes the same calls itself."""
+    wrap = lead["backend"]
+    return backend if wrap is None else wrap(backend)
 
 
 def peer_timeout() -> float:

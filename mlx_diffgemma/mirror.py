@@ -30,6 +30,7 @@ from .distributed import (
     broadcast_json,
     check_same_model,
     launched_group,
+    lead,
     stage,
     watch,
 )
@@ -65,7 +66,7 @@ class _Names:
 
 
 _names = _Names()
-_role = {"leading": False, "active": None}  # rank 0 of a CLI run; its open generation
+_active: List[Optional["Lockstep"]] = [None]  # rank 0's generation the followers are in
 
 
 def _images_out(images) -> tuple:
@@ -152,7 +153,7 @@ class Lockstep:
     def __init__(self, events, group):
         self.events, self.group = events, group
         self.done = False
-        _role["active"] = self
+        _active[0] = self
 
     def __iter__(self):
         return self
@@ -171,8 +172,8 @@ class Lockstep:
 
     def _finish(self) -> None:
         self.done = True
-        if _role["active"] is self:
-            _role["active"] = None
+        if _active[0] is self:
+            _active[0] = None
 
     def close(self) -> None:
         if not self.done:
@@ -186,15 +187,6 @@ def fatal(message: str) -> None:
     sys.stderr.write(f"mlx-diffgemma: error: {message}\n")
     sys.stderr.flush()
     os._exit(1)
-
-
-def lead(backend):
-    """`backend` wrapped to lead the other ranks when this process is rank 0 of a CLI run
-    (`run_split`); as it is otherwise (a program that runs every rank itself)."""
-    model = backend.model
-    if _role["leading"] and getattr(model, "group", None) is not None:
-        return LeaderBackend(backend, model.group)
-    return backend
 
 
 # -- the other ranks ----------------------------------------------------------------------------
@@ -285,7 +277,7 @@ def run_split(args, main: Callable[[], Optional[int]]) -> int:
         return 2  # rank 0 says it
     if rank != 0:
         return _follower(args, group)
-    _role["leading"] = True
+    lead["backend"] = lambda backend: LeaderBackend(backend, backend.model.group)
     try:
         return main() or 0
     finally:
@@ -293,7 +285,7 @@ def run_split(args, main: Callable[[], Optional[int]]) -> int:
 
 
 def _stop_followers(group) -> None:
-    active = _role["active"]
+    active = _active[0]
     if active is not None:
         active.close()
     loading = stage["loading"]

@@ -83,11 +83,12 @@ def check_rank_count(args, n: int) -> None:
     """ShardingError unless `n` ranks split the heads, KV heads and experts evenly."""
     problems = _problems(args, n)
     if problems:
-        ok = ", ".join(map(str, valid_rank_counts(args)))
+        ok = [c for c in valid_rank_counts(args) if c > 1]
+        fix = (f"launch {', '.join(map(str, ok[:-1]))}{' or ' if len(ok) > 1 else ''}{ok[-1]} ranks "
+               "instead" if ok else "run it in one process")
         raise ShardingError(
             f"cannot split this model over {n} ranks: its {', '.join(problems)} do not divide "
-            f"evenly (key-value heads must divide the rank count or be divided by it); "
-            f"launch {ok} ranks instead")
+            f"evenly (key-value heads must divide the rank count or be divided by it); {fix}")
 
 
 def head_spans(args, layer: int, rank: int, n: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -286,6 +287,14 @@ def all_sum_parts(parts: List[mx.array], group) -> List[mx.array]:
 # -- loading only this rank's slices -------------------------------------------------------
 
 
+def tensor_array(a: np.ndarray, st_dtype: str) -> mx.array:
+    """An MLX array of raw safetensors data read with NumPy (BF16 comes as its bits)."""
+    arr = mx.array(a)
+    if st_dtype == "BF16":
+        arr = arr.view(mx.bfloat16)
+    return arr
+
+
 def local_weights(model, spans: Dict[str, Span], weights: Dict[str, mx.array],
                   refs: Dict[str, Any]) -> Dict[str, mx.array]:
     """This rank's arrays of a checkpoint: `weights` (lazy mx.load arrays, our names; the
@@ -294,10 +303,10 @@ def local_weights(model, spans: Dict[str, Span], weights: Dict[str, mx.array],
     only those rows are read from the file (`refs`: our name -> checkpoint.TensorRef); a
     column cut (o_proj, the dense down_proj) reads the tensor, keeps a copy of the slice
     and lets the tensor go before the next."""
-    from .convert import _Files, _to_mx
+    from .checkpoint import ShardFiles
 
     cuts = sliced_names(model, spans)
-    files = _Files()
+    files = ShardFiles()
     out: Dict[str, mx.array] = {}
     try:
         for name in list(weights):
@@ -311,7 +320,7 @@ def local_weights(model, spans: Dict[str, Span], weights: Dict[str, mx.array],
             if axis == 0 and ref is not None:
                 row_items = int(np.prod(ref.shape[1:])) if len(ref.shape) > 1 else 1
                 rows = files.read(ref, start, stop, row_items)
-                out[name] = _to_mx(rows, ref.dtype).reshape(stop - start, *ref.shape[1:])
+                out[name] = tensor_array(rows, ref.dtype).reshape(stop - start, *ref.shape[1:])
             else:
                 out[name] = mx.contiguous(take(arr, axis, start, stop))
             del arr

@@ -65,7 +65,8 @@ def _free(port: int) -> bool:
 
 
 def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = os.pathsep.join([str(REPO), str(WORKER.parent), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     env.update(extra)
     return env
 
@@ -111,8 +112,13 @@ def worker(job, tmp_path, *args, timeout=240):
     return [json.loads(p.read_text()) for p in results]
 
 
+# `mlx-diffgemma ARGS` on one core per rank (dist_worker.pin_to_a_core says why).
+CLI_MAIN = ("import sys, dist_worker; dist_worker.pin_to_a_core(); from mlx_diffgemma.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+
+
 def cli(*args, **kw):
-    return launch(sys.executable, "-m", "mlx_diffgemma.cli", *args, **kw)
+    return launch(sys.executable, "-c", CLI_MAIN, *args, **kw)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -260,7 +266,7 @@ def test_a_rank_that_drops_out_stops_the_others_in_one_line(tmp_path, ckpts):
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     model = str(ckpts["tiny"])
-    argv = [[sys.executable, "-m", "mlx_diffgemma.cli", "generate", "--model", model, "--prompt", "hi",
+    argv = [[sys.executable, "-c", CLI_MAIN, "generate", "--model", model, "--prompt", "hi",
              "--steps", "8", "--seed", "0"],
             [sys.executable, str(WORKER), "drop", str(tmp_path / "drop"), model]]
     procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -323,7 +329,7 @@ def test_serve_under_mlx_launch(parity, ckpts):
     launcher = _launcher()
     port = _free_ports(1)
     argv = [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port",
-            str(_free_ports()), "--", sys.executable, "-m", "mlx_diffgemma.cli", "serve", "--model",
+            str(_free_ports()), "--", sys.executable, "-c", CLI_MAIN, "serve", "--model",
             str(ckpts["tiny"]), "--port", str(port)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), cwd=str(REPO), start_new_session=True)
