@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 class ShardingError(ValueError):
@@ -54,7 +54,8 @@ def even_span(total: int, n: int, rank: int, unit: int = 1) -> Tuple[int, int]:
     """[start, stop) of `rank`'s share of `total`, cut at multiples of `unit`, the n
     shares differing by at most one unit."""
     units = total // unit
-    return units * rank // n * unit, units * (rank + 1) // n * unit
+    stop = total if rank == n - 1 else units * (rank + 1) // n * unit
+    return units * rank // n * unit, stop
 
 
 def _kv_splits(kv: int, n: int) -> bool:
@@ -208,17 +209,11 @@ def shard_model(model, group) -> None:
         return
     spans = plan(model, group.rank(), n)
     cuts = sliced_names(model, spans)
-    params = dict(_flat(model))
+    params = dict(tree_flatten(model.parameters()))
     new = {k: mx.contiguous(take(params[k], *cut)) for k, cut in cuts.items()}
     mx.eval(list(new.values()))
     model.update(tree_unflatten(list(new.items())))
     set_sharded(model, group, spans)
-
-
-def _flat(model):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())
 
 
 _SPLIT_PARTS = (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.",

@@ -51,9 +51,10 @@ def _prompt(model, n, seed):
     return np.random.default_rng(seed).integers(3, model.vocab_size, n).tolist()
 
 
-def _logit_cases(single, split):
+def _logit_cases(single, split, also=None):
     """Decoder logits of both models on the same inputs: fresh context, with
-    self-conditioning, and a second canvas past the sliding window."""
+    self-conditioning, and a second canvas past the sliding window. `also`: another
+    split model whose logits must equal `split`'s exactly (same slices, same sums)."""
     rng = np.random.default_rng(7)
     V, C = single.vocab_size, single.canvas_length
     sc = (rng.standard_normal((1, C, V)) * 4).astype(np.float32)
@@ -64,7 +65,7 @@ def _logit_cases(single, split):
     for name, (n, before, s) in cases.items():
         prompt = rng.integers(0, V, (1, n))
         got = []
-        for m in (single, split):
+        for m in (single, split) + ((also,) if also is not None else ()):
             cache = m.make_cache()
             m.encode(mx.array(prompt), cache)
             for c in before:
@@ -75,6 +76,8 @@ def _logit_cases(single, split):
         out[name] = {"max_diff": d, "max_abs": float(np.abs(got[0]).max()),
                      "certain": float(sure.mean()),
                      "argmax_mismatches": int(((got[0].argmax(-1) != got[1].argmax(-1)) & sure).sum())}
+        if also is not None:
+            out[name]["shard_equals_split_load"] = bool(np.array_equal(got[1], got[2]))
     return out
 
 
@@ -152,9 +155,10 @@ def _unforced(single, split):
 
 def parity(group, *paths):
     """Each checkpoint in turn; the first also runs unforced whole generations, the
-    second fast mode with the active set."""
+    second fast mode with the active set and `Model.shard` of the whole model."""
     t = time.perf_counter()
-    out = {p: _parity(group, p, unforced=i == 0, active_set=i == 1) for i, p in enumerate(paths)}
+    out = {p: _parity(group, p, unforced=i == 0, active_set=i == 1, shard=i == 1)
+           for i, p in enumerate(paths)}
     out["cli"] = _cli_expected(group, paths[0])
     out["seconds"] = round(time.perf_counter() - t, 2)
     return out
@@ -195,7 +199,7 @@ def _cli_expected(group, path):
     return out
 
 
-def _parity(group, path, unforced=False, active_set=False):
+def _parity(group, path, unforced=False, active_set=False, shard=False):
     mx.clear_cache()
     mx.reset_peak_memory()
     split, _ = load(path, group=group)
@@ -206,7 +210,12 @@ def _parity(group, path, unforced=False, active_set=False):
     peaks["single"] = int(mx.get_peak_memory()) - held  # its own load's peak
     out = {"rank": group.rank(), "bytes": {"split": _bytes(split), "single": _bytes(single)},
            "load_peak": peaks, "seconds": {}}
-    parts = {"logits": lambda: _logit_cases(single, split),
+    sharded = None
+    if shard:  # the whole model loaded, then split in memory (Model.shard)
+        sharded, _ = load(path)
+        sharded.shard(group)
+        out["bytes"]["shard"] = _bytes(sharded)
+    parts = {"logits": lambda: _logit_cases(single, split, sharded),
              "reference": lambda: _replay_reference(single, split),
              "fast": lambda: _forced_fast(single, split, FastOptions())}
     if active_set:

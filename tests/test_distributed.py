@@ -162,6 +162,15 @@ def test_logits_match_one_process(parity, name, atol):
     assert parity[0][name]["logits"] == parity[1][name]["logits"]
 
 
+def test_shard_in_memory_is_the_split_load(parity):
+    """`Model.shard(group)` on a whole loaded model keeps the same slices as `load(...,
+    group=)` reads: the same bytes per tensor, the same logits to the bit."""
+    for rank in parity:
+        r = rank["split-q4"]
+        assert r["bytes"]["shard"] == r["bytes"]["split"]
+        assert all(c["shard_equals_split_load"] for c in r["logits"].values())
+
+
 @pytest.mark.parametrize("name", ["tiny", "split-q4", "mixed"])
 def test_generations_teacher_forced_match_one_process(parity, name):
     r = parity[0][name]
