@@ -76,7 +76,7 @@ def broadcast_bytes(data: Optional[bytes], group) -> bytes:
     if n == 0:
         return b""
     buf = np.frombuffer(data, dtype=np.uint8) if root else np.zeros(n, dtype=np.uint8)
-    return bytes(np.array(_all_sum(mx.array(buf), group), copy=False))
+    return bytes(np.asarray(_all_sum(mx.array(buf), group)))
 
 
 def broadcast_json(obj: Any, group) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
@@ -153,6 +154,7 @@ class Lockstep:
     def __init__(self, events, group):
         self.events, self.group = events, group
         self.done = False
+        self.thread = threading.get_ident()
         _active[0] = self
 
     def __iter__(self):
@@ -287,6 +289,8 @@ def run_split(args, main: Callable[[], Optional[int]]) -> int:
 def _stop_followers(group) -> None:
     active = _active[0]
     if active is not None:
+        if active.thread != threading.get_ident():
+            return  # a server stopped mid-reply on its worker thread: signals end the ranks
         active.close()
     loading = stage["loading"]
     if loading is None:  # the followers wait to compare models: tell them to stop
