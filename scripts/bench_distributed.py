@@ -4,7 +4,7 @@ shapes for two and four Macs.
 
 ``python scripts/bench_distributed.py measure [--preset small] [--steps 5] [--json OUT]``
     The synthetic preset (mixed-4, float32 scales on this CPU) saved once, then loaded
-    and stepped by one process and by two ranks over 127.0.0.1 (`mlx.launch`, ring):
+    and stepped by one process and by two ranks over 127.0.0.1 (ring backend):
     load time, prefill, denoising step time (reference mode, self-conditioned, the
     ranks' per-step check included), resident weights and peak memory per rank, and
     the time of one all_sum of a canvas x hidden array between the two ranks.
@@ -56,8 +56,8 @@ def save_synthetic(preset: str, out: Path) -> Path:
     return out
 
 
-def run_rank(model_dir: str, out: str, steps: int, prompt_tokens: int) -> None:
-    """One rank (or the one process) of `measure`."""
+def run_rank(model_dir: str, out: str, steps: int, prompt_tokens: int, lanes=None) -> None:
+    """One rank (or the one process) of `measure`; `lanes`: the one process's lanes."""
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
@@ -69,13 +69,9 @@ def run_rank(model_dir: str, out: str, steps: int, prompt_tokens: int) -> None:
     from mlx_diffgemma.noise import SeededNoise
 
     group = launched_group()
-    if group is not None and hasattr(os, "sched_setaffinity"):
-        # One core per rank: a rank waiting in a collective polls its socket (MLX's ring
-        # backend), and pinned it polls on its own core instead of its peer's.
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[group.rank() % len(cores)]})
     t = time.perf_counter()
     model, _ = load(model_dir, group=group, tokenizer=False)
+    model.lanes = lanes
     res = {"ranks": 1 if group is None else group.size(), "load_s": time.perf_counter() - t,
            "lanes": len(model.lanes_for(model.canvas_length)),
            "weights_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
@@ -126,47 +122,76 @@ def _free_port() -> int:
     raise RuntimeError("no free ports")
 
 
-def _run(argv, timeout: float) -> None:
-    proc = subprocess.Popen(argv, start_new_session=True, cwd=str(ROOT))
+def _run(argvs, timeout: float, envs=None, cores=None) -> None:
+    """The processes `argvs` at once (`envs`: their extra environment; `cores`: the core
+    each runs on, from its start), each in its own process group, killed on time-out."""
+    procs = []
+    for i, argv in enumerate(argvs):
+        pin = None if cores is None else (lambda c=cores[i]: os.sched_setaffinity(0, {c}))
+        procs.append(subprocess.Popen(argv, start_new_session=True, cwd=str(ROOT), preexec_fn=pin,
+                                      env=dict(os.environ, **(envs[i] if envs else {}))))
     try:
-        if proc.wait(timeout) != 0:
-            raise RuntimeError(f"{argv[:4]} failed ({proc.returncode})")
+        for p in procs:
+            if p.wait(timeout) != 0:
+                raise RuntimeError(f"{argvs[0][:4]} failed ({p.returncode})")
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise RuntimeError(f"{argv[:4]} ran past {timeout} s") from None
+        raise RuntimeError(f"{argvs[0][:4]} ran past {timeout} s") from None
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def measure(args) -> dict:
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    launcher = str(launcher) if launcher.exists() else shutil.which("mlx.launch")
+    """One process, then two ranks over 127.0.0.1 started as mlx.launch starts them (a
+    ring host file and MLX_RANK), each on a core of its own, without mlx.launch's own
+    process: its I/O loop polls and would take one of this machine's two cores."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     try:
         model = save_synthetic(args.preset, tmp / "model")
         me = [sys.executable, str(Path(__file__).resolve()), "rank", str(model)]
         extra = ["--steps", str(args.steps), "--prompt-tokens", str(args.prompt_tokens)]
-        _run(me + [str(tmp / "one")] + extra, args.timeout)
-        _run([launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port",
-              str(_free_port()), "--"] + me + [str(tmp / "two")] + extra, args.timeout)
+        _run([me + [str(tmp / "one")] + extra], args.timeout)
+        _run([me + [str(tmp / "one-lane")] + extra + ["--lanes", "1"]], args.timeout)
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        pinned = None if not cores else [cores[r % len(cores)] for r in (0, 1)]
+        # Two independent one-lane processes at once: what this machine gives two processes.
+        _run([me + [str(tmp / f"pair{r}")] + extra + ["--lanes", "1"] for r in (0, 1)], args.timeout,
+             cores=pinned)
+        port = _free_port()
+        hostfile = tmp / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+        _run([me + [str(tmp / "two")] + extra] * 2, args.timeout,
+             envs=[{"MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r)} for r in (0, 1)], cores=pinned)
         one = json.loads((tmp / "one.0.json").read_text())
+        one_lane = json.loads((tmp / "one-lane.0.json").read_text())
+        pair = [json.loads((tmp / f"pair{r}.0.json").read_text()) for r in (0, 1)]
         two = [json.loads((tmp / f"two.{r}.json").read_text()) for r in (0, 1)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"preset": args.preset, "steps_timed": args.steps, "prompt_tokens": args.prompt_tokens,
-            "one_process": one, "two_ranks": two}
+            "one_process": one, "one_process_one_lane": one_lane, "two_ranks": two,
+            "two_one_lane_processes_at_once": pair}
 
 
 def print_measure(r: dict) -> None:
-    one, two = r["one_process"], r["two_ranks"]
+    one, one_lane, two = r["one_process"], r["one_process_one_lane"], r["two_ranks"]
     mb = 1e6
     print(f"synthetic {r['preset']} (mixed-4, float32 scales), prompt {r['prompt_tokens']} tokens, "
           f"median of {r['steps_timed']} self-conditioned steps")
     print("| | lanes per rank | load (s) | prefill (s) | step (s) | weights held (MB) | peak, load (MB) | peak, steps (MB) |")
     print("|---|---|---|---|---|---|---|---|")
-    rows = [("one process", one)] + [(f"2 ranks, rank {x['rank']}", x) for x in two]
+    rows = [("one process", one), ("one process, one lane", one_lane)]
+    rows += [(f"two one-lane processes at once, #{i}", x) for i, x in enumerate(r["two_one_lane_processes_at_once"])]
+    rows += [(f"2 ranks, rank {x['rank']}", x) for x in two]
     for name, x in rows:
         print(f"| {name} | {x['lanes']} | {x['load_s']:.2f} | {x['prefill_s']:.3f} | {x['step_s']:.3f} | "
               f"{x['weights_bytes'] / mb:.1f} | {x['load_peak_bytes'] / mb:.1f} | {x['step_peak_bytes'] / mb:.1f} |")
-    print(f"step time, one process / two ranks: {one['step_s'] / max(x['step_s'] for x in two):.2f}x; "
+    slow = max(x["step_s"] for x in two)
+    print(f"step time, one process / two ranks: {one['step_s'] / slow:.2f}x (one lane: "
+          f"{one_lane['step_s'] / slow:.2f}x); "
           f"one all_sum of {two[0]['all_sum_bytes'] / 1e3:.0f} KB between the ranks: "
           f"{two[0]['all_sum_canvas_x_hidden_s'] * 1e3:.1f} ms")
 
@@ -344,9 +369,10 @@ def main(argv=None) -> int:
     r.add_argument("out")
     r.add_argument("--steps", type=int, default=5)
     r.add_argument("--prompt-tokens", type=int, default=512)
+    r.add_argument("--lanes", type=int, default=None)
     args = p.parse_args(argv)
     if args.cmd == "rank":
-        run_rank(args.model, args.out, args.steps, args.prompt_tokens)
+        run_rank(args.model, args.out, args.steps, args.prompt_tokens, args.lanes)
     elif args.cmd == "measure":
         res = measure(args)
         if args.json:

@@ -300,18 +300,7 @@ def drop(group, path):
 JOBS = {"parity": parity, "toy": toy, "errors": errors, "drop": drop}
 
 
-def pin_to_a_core() -> None:
-    """One core per rank (as mlx.launch's ranks would have a Mac each): a rank waiting in
-    a collective polls its socket (MLX's ring backend), and pinned it does so on its own
-    core, not on the one its peer computes on (CI has two)."""
-    rank = int(os.environ.get("MLX_RANK", "0"))
-    if hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[rank % len(cores)]})
-
-
 def main() -> None:
-    pin_to_a_core()
     job, out, *args = sys.argv[1:]
     group = mx.distributed.init()
     result = JOBS[job](group, *args)

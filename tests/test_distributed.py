@@ -2,9 +2,10 @@
 against the same checkpoint in one process, and `mlx-diffgemma chat|generate|serve`
 under `mlx.launch`.
 
-Every run starts two processes with a time limit (`_run`); on time-out the whole process
-group is killed and the test fails with what the ranks printed. The ranks' findings
-come back as JSON from tests/dist_worker.py.
+Every run starts two processes with a time limit; on time-out the process groups are
+killed and the test fails with what the ranks printed. The commands run under
+`mlx.launch`; the API checks (tests/dist_worker.py, whose ranks write their findings as
+JSON) start the two ranks as it does, without its process.
 
 Floats: a split model sums partial results (attention heads, the dense MLP's halves,
 each rank's experts, the self-conditioning product's vocabulary halves) in another
@@ -104,21 +105,49 @@ def launch(*command, timeout=180, stdin=None):
     return _run(argv, timeout, stdin)
 
 
+def start_ranks(argvs, tmp_path, **env):
+    """Two ranks started as mlx.launch starts them (a ring host file, MLX_RANK), each on
+    a core of its own from its start. Without the launcher: its I/O loop polls and would
+    keep one of CI's two cores busy (it is tested under mlx.launch below)."""
+    port = _free_ports()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    procs = []
+    for rank, argv in enumerate(argvs):
+        pin = (lambda c=cores[rank % len(cores)]: os.sched_setaffinity(0, {c})) if cores else None
+        procs.append(subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+            env=_env(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank), **env),
+            start_new_session=True, preexec_fn=pin))
+    return procs
+
+
+def finish(procs, timeout):
+    """Each process's (returncode, stdout, stderr); all killed after `timeout` s."""
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            _kill_group(p.pid)
+        pytest.fail(f"the ranks ran past {timeout} s")
+    finally:
+        for p in procs:
+            _kill_group(p.pid)
+    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
 def worker(job, tmp_path, *args, timeout=240):
     out = tmp_path / job
-    rc, stdout, stderr = launch(sys.executable, str(WORKER), job, str(out), *map(str, args), timeout=timeout)
+    argv = [sys.executable, str(WORKER), job, str(out), *map(str, args)]
+    ranks = finish(start_ranks([argv, argv], tmp_path), timeout)
     results = [out.parent / f"{out.name}.{r}.json" for r in (0, 1)]
-    assert all(p.exists() for p in results), f"worker {job} failed (rc {rc}):\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    assert all(p.exists() for p in results), f"worker {job} failed: {[(rc, e[-3000:]) for rc, _, e in ranks]}"
     return [json.loads(p.read_text()) for p in results]
 
 
-# `mlx-diffgemma ARGS` on one core per rank (dist_worker.pin_to_a_core says why).
-CLI_MAIN = ("import sys, dist_worker; dist_worker.pin_to_a_core(); from mlx_diffgemma.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
-
-
 def cli(*args, **kw):
-    return launch(sys.executable, "-c", CLI_MAIN, *args, **kw)
+    return launch(sys.executable, "-m", "mlx_diffgemma.cli", *args, **kw)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -271,35 +300,22 @@ def test_a_rank_that_drops_out_stops_the_others_in_one_line(tmp_path, ckpts):
     started without a launcher (which would otherwise stop rank 0 itself). Rank 0 says
     in one line that a rank is gone: MLX's ring backend either returns from the step's
     check without the peer's data, or waits, and the watchdog ends the wait."""
-    port = _free_ports()
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     model = str(ckpts["tiny"])
-    argv = [[sys.executable, "-c", CLI_MAIN, "generate", "--model", model, "--prompt", "hi",
-             "--steps", "8", "--seed", "0"],
-            [sys.executable, str(WORKER), "drop", str(tmp_path / "drop"), model]]
-    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank),
-                                       MLX_DIFFGEMMA_PEER_TIMEOUT="4"),
-                              cwd=str(REPO), start_new_session=True)
-             for rank, a in enumerate(argv)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail("a rank whose peer dropped out did not stop")
-    finally:
-        for p in procs:
-            _kill_group(p.pid)
-    assert procs[1].returncode == 3, outs[1]  # it left on purpose
-    assert procs[0].returncode == 1, outs[0]
+    procs = start_ranks([[sys.executable, "-m", "mlx_diffgemma.cli", "generate", "--model", model,
+                          "--prompt", "hi", "--steps", "8", "--seed", "0"],
+                         [sys.executable, str(WORKER), "drop", str(tmp_path / "drop"), model]],
+                        tmp_path, MLX_DIFFGEMMA_PEER_TIMEOUT="4")
+    (rc0, out0, err0), (rc1, out1, err1) = finish(procs, 120)
+    assert rc1 == 3, err1  # it left on purpose
+    assert rc0 == 1, err0
     # (MLX's ring backend logs its socket errors first; ours is the one line that says
     # what happened, and the last.)
-    errors = [line for line in outs[0][1].splitlines() if line.startswith("mlx-diffgemma")]
-    assert len(errors) == 1 and outs[0][1].rstrip().endswith(errors[0]), outs[0][1]
+    errors = [line for line in err0.splitlines() if line.startswith("mlx-diffgemma")]
+    assert len(errors) == 1 and err0.rstrip().endswith(errors[0]), err0
     assert ("rank 1 stopped answering at canvas 0" in errors[0]
             or "rank 0: no answer from the other ranks for 4 s while denoising canvas 0" in errors[0]), errors
     assert "stop every rank and start again" in errors[0]
-    assert outs[0][0] == ""
+    assert out0 == ""
 
 
 # -- the command line under mlx.launch ----------------------------------------------------------
@@ -338,7 +354,7 @@ def test_serve_under_mlx_launch(parity, ckpts):
     launcher = _launcher()
     port = _free_ports(1)
     argv = [launcher, "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port",
-            str(_free_ports()), "--", sys.executable, "-c", CLI_MAIN, "serve", "--model",
+            str(_free_ports()), "--", sys.executable, "-m", "mlx_diffgemma.cli", "serve", "--model",
             str(ckpts["tiny"]), "--port", str(port)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), cwd=str(REPO), start_new_session=True)
