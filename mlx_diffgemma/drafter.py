@@ -51,7 +51,7 @@ class Commit:
 
 @dataclass
 class Summary:
-    tokens: List[int]  # all generated ids, EOS padding removed
+    tokens: List[int]  # all generated ids, EOS padding removed, at most max_new_tokens
     text: str
     prompt_tokens: int
     canvases: int
@@ -63,7 +63,18 @@ class Summary:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str  # "eos" or "length"
+    # `tokens` that are not pad: what tokens_per_forward and generation_tps count (a
+    # canvas may hold pads before its EOS, or everywhere without one)
+    valid_tokens: int = -1
     kind: str = "summary"
+
+    def __post_init__(self):
+        if self.valid_tokens < 0:
+            self.valid_tokens = len(self.tokens)
+
+    @property
+    def pad_tokens(self) -> int:
+        return len(self.tokens) - self.valid_tokens
 
 
 @dataclass
@@ -150,6 +161,12 @@ def draft(
         previous = committed
         steps_per_canvas.append(steps)
         kept = _strip_eos_padding(committed, finished, gen.pad_token_id)
+        # The last canvas may run past max_new_tokens: the reply stops there, as the
+        # server's does (the canvas itself, and so every token before the cut, is the
+        # reference's; an EOS past the cut ends nothing: the reply ends by length).
+        room = gen.max_new_tokens - len(generated)
+        if len(kept) > room:
+            kept, finished = kept[:room], False
         generated.extend(kept)
         new_text = ""
         if decode_text is not None:
@@ -174,9 +191,10 @@ def draft(
         prompt_time=prompt_time,
         prompt_tps=len(prompt_ids) / prompt_time if prompt_time > 0 else 0.0,
         generation_time=gen_time,
-        generation_tps=len(generated) / gen_time if gen_time > 0 else 0.0,
+        generation_tps=valid / gen_time if gen_time > 0 else 0.0,
         peak_memory_gb=denoiser.peak_memory_gb(),
         finish_reason=finish,
+        valid_tokens=valid,
     )
 
 

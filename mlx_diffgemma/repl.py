@@ -23,6 +23,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _canvases(n: int) -> str:
+    return f"{n} canvas" + ("" if n == 1 else "es")
+
+
 def summary_line(summary: Summary, prefill: Optional[Prefill], prompt_time: float) -> str:
     steps = summary.steps_per_canvas
     if len(steps) <= 8:
@@ -30,8 +34,8 @@ def summary_line(summary: Summary, prefill: Optional[Prefill], prompt_time: floa
     else:
         steps_text = f"avg {sum(steps) / len(steps):.1f} (min {min(steps)}, max {max(steps)})"
     parts = [
-        _plural(len(summary.tokens), "token"),
-        _plural(summary.canvases, "canvas").replace("canvass", "canvases"),
+        _plural(summary.valid_tokens, "token"),
+        _canvases(summary.canvases),
         f"steps {steps_text}",
         f"{summary.tokens_per_forward:.2f} tok/forward",
         f"{summary.generation_tps:.1f} tok/s",
@@ -49,6 +53,8 @@ def summary_line(summary: Summary, prefill: Optional[Prefill], prompt_time: floa
         )
     else:
         parts.append(f"prompt {summary.prompt_tokens} tokens encoded in {prompt_time:.3f} s")
+    if summary.pad_tokens:  # pads are no reply: the tokens, tok/forward and tok/s leave them out
+        parts.append(f"{_plural(summary.pad_tokens, 'pad token')} not counted")
     return " · ".join(parts)
 
 
@@ -285,7 +291,9 @@ def _stats_text(session: ChatSession) -> str:
     if session.turns:
         t = session.turns[-1]
         lines.append(
-            f"last reply: {t.tokens} tokens, {t.canvases} canvases, steps {t.steps_per_canvas}, "
+            f"last reply: {_plural(t.tokens, 'token')}"
+            + (f" ({_plural(t.pad_tokens, 'pad token')} not counted)" if t.pad_tokens else "")
+            + f", {_canvases(t.canvases)}, steps {t.steps_per_canvas}, "
             f"{t.tokens_per_forward:.2f} tok/forward, {t.generation_tps:.1f} tok/s, "
             f"prompt {t.encoded + t.suffix} new + {t.reused} cached tokens in {t.prompt_time:.3f} s, "
             f"peak memory {format_memory(t.peak_memory_gb)}, finish {t.finish_reason}"

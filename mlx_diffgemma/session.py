@@ -191,7 +191,8 @@ class TurnStats:
     suffix: int
     prefill_time: float
     prompt_time: float  # prefill + the drafter's encode of the suffix
-    tokens: int = 0
+    tokens: int = 0  # the reply's tokens, pads left out (as tokens_per_forward counts)
+    pad_tokens: int = 0
     canvases: int = 0
     steps_per_canvas: List[int] = field(default_factory=list)
     tokens_per_forward: float = 0.0
@@ -595,7 +596,7 @@ class ChatSession:
         """The reply joins the conversation and its numbers the turn's stats."""
         self.messages += [message, {"role": "assistant", "content": summary.text}]
         stats.prompt_time += summary.prompt_time
-        stats.tokens = len(summary.tokens)
+        stats.tokens, stats.pad_tokens = summary.valid_tokens, summary.pad_tokens
         stats.canvases = summary.canvases
         stats.steps_per_canvas = list(summary.steps_per_canvas)
         stats.tokens_per_forward = summary.tokens_per_forward
