@@ -428,18 +428,20 @@ class ChatSession:
         return self._processor
 
     def load_images(self, sources: Sequence[Any]) -> List[Any]:
-        """Each image loaded and preprocessed now (a bad one is refused here, before any
-        turn): one images.ImageInputs per source, to pass to `send`."""
-        return [self.processor.images([s]) for s in sources]
+        """Each image loaded and preprocessed now (a bad one is refused here, for what is
+        wrong with it, before any turn): one images.ImageInputs per source, to pass to
+        `send`."""
+        from .images import ImageInputs, load_image
+
+        loaded = [s if isinstance(s, ImageInputs) else load_image(s) for s in sources]
+        return [self.processor.images([s]) for s in loaded]
 
     @staticmethod
     def user_message(text: str, images: Sequence[Any] = (), names: Sequence[str] = ()) -> Dict[str, Any]:
         """A user message; with images, content parts: the images, then the text."""
-        if not images:
-            return {"role": "user", "content": text}
-        names = list(names) + [None] * (len(images) - len(names))
-        parts = [{"type": "image", "image": im, "name": n} for im, n in zip(images, names)]
-        return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+        from .images import user_message
+
+        return user_message(text, images, names)
 
     def conversation(self, user_text: Optional[str] = None, images: Sequence[Any] = (),
                      names: Sequence[str] = ()) -> List[Dict[str, Any]]:

@@ -1,6 +1,8 @@
-"""The Python API's reply lengths: a reply holds at most `max_new_tokens` tokens in the
-library, the chat session, `generate` and the server alike, and the tokens before that
-limit are the ones whole canvases give."""
+"""The Python API's prompts and reply lengths: chat messages and `chat=True` get the chat
+template (what an instruction-tuned model needs, and what the README's first example
+does), a string alone is encoded as is; a reply holds at most `max_new_tokens` tokens in
+the library, the chat session, `generate` and the server alike, and the tokens before
+that limit are the ones whole canvases give."""
 
 from __future__ import annotations
 
@@ -14,13 +16,58 @@ import pytest
 
 import mlx_diffgemma as md
 from mlx_diffgemma.drafter import Commit, Summary, run_to_summary
-from mlx_diffgemma.session import ChatSession
+from mlx_diffgemma.session import ChatSession, split_prompt
 
 REPO = Path(__file__).resolve().parents[1]
+PUZZLE, SOLUTION = "1.3.34..2.4.4.1.", "1234342121434312"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return md.load("toy-sudoku")
 
 
 def _summary(model, tok, prompt, **kw) -> Summary:
     return run_to_summary(md.stream_generate(model, tok, prompt, **kw))
+
+
+def test_messages_and_chat_true_get_the_template_a_string_does_not(toy):
+    model, tok = toy
+    templated = split_prompt(tok, [{"role": "user", "content": PUZZLE}]).ids
+    as_messages = _summary(model, tok, [{"role": "user", "content": PUZZLE}], seed=0)
+    as_chat = _summary(model, tok, PUZZLE, chat=True, seed=0)
+    raw = _summary(model, tok, PUZZLE, seed=0)
+    assert as_messages.prompt_tokens == as_chat.prompt_tokens == len(templated) == 42
+    assert as_messages.tokens == as_chat.tokens and as_chat.text == SOLUTION
+    assert raw.prompt_tokens == 16  # the cells alone, no template: the trained model is lost
+    assert md.generate(model, tok, PUZZLE, chat=True, seed=0) == SOLUTION
+    with pytest.raises(ValueError, match="chat=True takes the prompt as text"):
+        md.generate(model, tok, templated, chat=True)
+
+
+def _first_python_example() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return block[: block.index("\n", block.index("md.generate("))]  # up to the first generate
+
+
+def test_the_readmes_first_python_example_uses_the_chat_template(toy, monkeypatch):
+    """Run with toy-sudoku standing in for the released model: the prompt that reaches
+    the model is the chat-templated question."""
+    model, tok = toy
+    example = _first_python_example()
+    assert "md.generate(" in example
+    encoded = []
+    real = model.encode
+    monkeypatch.setattr(model, "encode", lambda ids, cache, *a, **k: encoded.append(ids.tolist()[0])
+                        or real(ids, cache, *a, **k))
+    monkeypatch.setattr(md, "load", lambda name: toy)
+    # the toy's context holds one 24-token canvas after the prompt
+    monkeypatch.setattr(md, "generate", lambda *a, **k: _summary(*a, **dict(k, max_new_tokens=24)).text)
+    exec(compile(example, "README.md", "exec"), {"__name__": "readme"})
+    question = re.search(r"\"content\": \"([^\"]+)\"", example).group(1)
+    assert encoded[0] == split_prompt(tok, [{"role": "user", "content": question}]).ids
 
 
 # -- max_new_tokens, everywhere -----------------------------------------------------------------
