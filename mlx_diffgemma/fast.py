@@ -65,9 +65,9 @@ class FastOptions:
     # argmax, is what saves the steps (BENCHMARKS.md, "Fast mode").
     freeze: Optional[str] = "confidence"
     confidence: float = 0.9
-    # Off by default: on toy-sudoku-open the stale keys and values cost 6.7-15 points of
-    # accuracy (BENCHMARKS.md; refresh_every=1 recovers most); the lever for a 256-token
-    # canvas, where most positions freeze early.
+    # Off by default (not in the tuning grid; on toy-sudoku-open's test split it cost 0.3
+    # points, refresh_every=1 none, for 3.28x / 3.15x less time at 26B-A4B against 2.93x);
+    # the lever for a 256-token canvas, where most positions freeze early.
     active_set: bool = False
     # With the active set: after this many active-set steps one step computes every
     # position again, refreshing frozen positions' stale keys and values (0: never; the

@@ -11,8 +11,8 @@ The rule:
    steps per canvas on toy-sudoku-open.
 2. Still fast: toy-sudoku-open's steps per canvas at least 2.5x below reference mode's
    and its decoder work per token (projected to 26B-A4B) at least 3x below. (A first
-   rule put the bar's 3x / 3.5x first; on the tuning split only candidates that never
-   re-open met it, so it would have picked fast mode as it was.)
+   rule put the bar's 3x / 3.5x first; on the tuning split it admitted only settings 8
+   or more points behind the reference in a stratum, so accuracy now comes first.)
 Stage 1 crosses the revocation floor with the temperature the confidence is read at;
 stage 2 adds each remaining rule alone to stage 1's pick and keeps it if the score rises.
 """
