@@ -54,14 +54,50 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -
     return APIError(400, message, param, code)
 
 
+# Deeper JSON is refused: no request needs it, and the parser and the chat template recurse.
+MAX_DEPTH = 64
+
+
 def parse_json(raw: bytes) -> Dict[str, Any]:
     try:
         body = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise bad(f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", code="invalid_json")
+    check_values(body)
     return body
+
+
+def check_values(body: Dict[str, Any]) -> None:
+    """Refuses what valid JSON can hold but no request may: nesting deeper than
+    MAX_DEPTH, and strings that are no text (a lone UTF-16 surrogate such as "\\ud800",
+    which JSON's escapes allow and no tokenizer takes). Walks the body without recursion."""
+    stack: List[tuple] = [(body, "", 0, None)]  # (value, where it is, depth, top-level key)
+    while stack:
+        value, where, depth, param = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad(f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+        if isinstance(value, str):
+            _check_text(value, where, param)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"a key of {where or 'the body'}", param)
+                stack.append((item, f"{where}.{key}" if where else key, depth + 1, param or key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1, param) for i, item in enumerate(value))
+
+
+def _check_text(text: str, where: str, param: Optional[str]) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{where} is not valid text: it holds a lone UTF-16 surrogate "
+                  f"({text[e.start]!r} at character {e.start}); send valid Unicode", param) from None
 
 
 def number(body: Dict[str, Any], key: str, kind: type, lo=None, hi=None, lo_open=False):
@@ -273,7 +309,10 @@ def chat_messages(body: Dict[str, Any], image_dirs: Sequence[Path] = ()) -> List
             msg["tool_calls"] = [_tool_call(c, where) for c in m["tool_calls"]]
             names.update({c["id"]: c["function"]["name"] for c in msg["tool_calls"] if c["id"]})
         if role == "tool":
-            msg["tool_call_id"] = m.get("tool_call_id")
+            if not isinstance(m.get("tool_call_id"), str) or not m["tool_call_id"]:
+                raise bad(f"{where}: a tool message needs the tool_call_id of the call it answers",
+                          "messages")
+            msg["tool_call_id"] = m["tool_call_id"]
             name = m.get("name") or names.get(m.get("tool_call_id"))
             if name:
                 msg["name"] = name

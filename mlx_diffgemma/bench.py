@@ -142,8 +142,13 @@ def build_model(args) -> tuple:
 
     if args.model:
         from .loader import load_model
+        from .paths import resolve_model_path
 
-        model, config = load_model(args.model)
+        # --model as chat, generate and serve take it (a directory, hub id, LM Studio or
+        # packaged name).
+        path = resolve_model_path(args.model, prefer="mlx")
+        model, config = load_model(path)
+        model.model_path = path
         if mx.default_device() == mx.cpu and model.dtype != mx.float32:
             # MLX's CPU kernels: bf16/fp16 quantized matmuls are 10-200x slower and
             # bf16 gather_mm is missing; float32 is the only fair CPU setting.
@@ -538,7 +543,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        ("--hidden", "hidden"), ("--canvas", "canvas")):
         src.add_argument(flag, dest=dest, type=int, default=None, help=f"override the preset's {dest}")
     run = p.add_argument_group("run")
-    run.add_argument("--prompt-tokens", type=int, default=512, help="prefill length N (default 512)")
+    run.add_argument("--prompt-tokens", type=int, default=None,
+                     help=f"prefill length N (default {PROMPT_TOKENS}, less when the model's context "
+                     "is too short for it and the generation)")
     run.add_argument("--steps", type=int, default=8,
                      help="denoising steps per canvas, fixed (default 8; the release uses 48)")
     run.add_argument("--gen-tokens", type=int, default=None,
@@ -553,7 +560,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--lanes", type=int, default=None,
                      help="split our forward's tokens into this many lanes on separate streams "
                      "(default: one per CPU core on the CPU backend, one on a GPU; see lanes.py)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the random prompt, the synthetic weights and the sampler (default 0)")
     run.add_argument("--mode", default="reference", choices=["reference", "fast"],
                      help="the denoiser: reference (default) or fast mode's (fast.py)")
     run.add_argument("--active-sizes", default=None, metavar="N,N,..",
@@ -578,11 +586,37 @@ def prepare(args, also_skip: Optional[Callable[[Dict[str, Any]], set]] = None) -
         model.lanes = args.lanes
     gen_tokens = args.gen_tokens or 2 * model.canvas_length
     gen = bench_generation(args.steps, gen_tokens)
-    skip = special_ids(model, config, args.model) | (also_skip(config) if also_skip else set())
+    note = fit_prompt(args, model, gen)
+    skip = special_ids(model, config, getattr(model, "model_path", None)) | (also_skip(config) if also_skip else set())
     prompt = random_prompt(model.vocab_size, args.prompt_tokens, args.seed, skip)
-    note = f"random ids, {len(skip)} special ids left out"
+    note = f"random ids, {len(skip)} special ids left out{note}"
     report = new_report(args, model, config, description, gen, gen_tokens, note)
     return model, config, gen, prompt, report
+
+
+PROMPT_TOKENS = 512
+
+
+def fit_prompt(args, model, gen: GenerationConfig) -> str:
+    """Sets `args.prompt_tokens` to what the model's context holds beside the generation
+    (the default 512, or less for a short context); refuses in one line a --prompt-tokens
+    or --gen-tokens that does not fit. Returns a note for the report when it shortened."""
+    from .drafter import reserved_tokens
+
+    context = int(model.args.max_position_embeddings)
+    reserve = reserved_tokens(gen, model.canvas_length)
+    room = context - reserve
+    if room < 1:
+        raise ValueError(f"--gen-tokens {gen.max_new_tokens} ({reserve} tokens in whole canvases) "
+                         f"leaves no room for a prompt in the model's {context}-token context; "
+                         "lower --gen-tokens")
+    if args.prompt_tokens is None:
+        args.prompt_tokens = min(PROMPT_TOKENS, room)
+        return f", fitted to the {context}-token context" if room < PROMPT_TOKENS else ""
+    if args.prompt_tokens + reserve > context:
+        raise ValueError(f"--prompt-tokens {args.prompt_tokens} + {reserve} generated exceed the model's "
+                         f"{context}-token context; use --prompt-tokens {room} or less")
+    return ""
 
 
 def active_step_times(model, prompt: np.ndarray, sizes: Sequence[int], iters: int) -> Dict[str, float]:
@@ -642,6 +676,9 @@ def main_bench(args) -> int:
     report["settings"]["mode"] = args.mode
     run_all({"ours": OursRunner(model, gen, seed=args.seed, mode=args.mode)}, report, prompt, args, console)
     print_report(report, console)
+    if "error" in report["results"]["ours"]:
+        write_json(report, args.json, console)
+        raise ValueError(f"nothing was measured: {report['results']['ours']['error']}")
     if args.active_sizes:
         sizes = [int(x) for x in args.active_sizes.split(",") if x.strip()]
         report["active_step_s"] = active_step_times(model, prompt, sizes, args.iters)

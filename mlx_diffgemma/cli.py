@@ -47,9 +47,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(__version__)
         return 0
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a usage error, as argparse's own: the help, on stderr, exit 2
+        parser.print_help(sys.stderr)
+        print("\nmlx-diffgemma: error: name a command (mlx-diffgemma COMMAND --help says more)",
+              file=sys.stderr)
+        return 2
     module = importlib.import_module(_COMMANDS[args.command][0])
     body = getattr(module, f"main_{args.command}")
     try:

@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, Optional
 
 from .backends import make_backend
 from .config import SEED_MAX, GenerationConfig
-from .drafter import Commit, Draft, Summary, check_context, generation_config
+from .drafter import (Commit, Draft, Summary, check_context, check_reserve, context_limit, generation_config,
+                      reserved_tokens)
 from .images import load_image, prepare_prompt
 from .paths import DEFAULT_MODEL, resolve_model_path
 from .repl import LiveCanvas, run_repl, summary_line
@@ -26,6 +27,7 @@ from .session import (
     parse_seed,
     parse_temp,
 )
+from .templates import min_tokens
 
 
 def _flag_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
@@ -89,8 +91,8 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=_flag_type(_positive_int, "max_context"), default=None, help="context limit in tokens (default: the model's, 262,144)")
     p.add_argument("--mode", choices=("reference", "fast"), default=None,
                    help="reference (default: the released sampler, token-exact) or fast (fast.py: "
-                   "frozen positions, an active set, top-K sampling and self-conditioning; the "
-                   "default with --target)")
+                   "confident positions frozen, no renoising, top-K sampling and self-conditioning; "
+                   "the default with --target)")
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
@@ -269,16 +271,23 @@ def main_chat(args) -> int:
 
 
 def _read_stdin() -> str:
-    """The prompt from stdin, which must be UTF-8 text."""
+    """The prompt from stdin, which must be UTF-8 text. One trailing newline is dropped
+    (as the shell's `$(...)` drops it): `echo TEXT | generate` asks what `--prompt TEXT`
+    asks, not TEXT and a newline."""
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
     if isinstance(data, str):
-        return check_text(data, "stdin")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"stdin is not UTF-8 text ({e.reason} at byte {e.start}); pass UTF-8 text"
-        ) from None
+        text = check_text(data, "stdin")
+    else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"stdin is not UTF-8 text ({e.reason} at byte {e.start}); pass UTF-8 text"
+            ) from None
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[: -len(end)]
+    return text
 
 
 def main_generate(args) -> int:
@@ -298,6 +307,16 @@ def main_generate(args) -> int:
     target = load_target(args.target, tokenizer, args.backend) if args.target else None
     overrides = _to_generation_overrides(_gen_kwargs(args))
     gen = generation_config(model, **overrides)
+    err = Console(stderr=True, highlight=False)
+    backend = make_backend(model)
+    limit, note = context_limit(args.max_context, backend.max_context)
+    if note:
+        err.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    # A prompt far over the context is refused before it is tokenized (tokenizing a huge
+    # text takes long and much memory); the template's own tokens only add to it.
+    fix = "shorten the prompt or lower --max-new-tokens"
+    reserve = gen.max_new_tokens + args.draft_tokens if target else reserved_tokens(gen, backend.canvas_length)
+    check_reserve(min_tokens(tokenizer, prompt.strip()), reserve, limit, fix, at_least=True)
     images = None
     if args.chat:
         ensure_chat_template(tokenizer, path)
@@ -306,37 +325,56 @@ def main_generate(args) -> int:
         ids, images = prepare_prompt(model, tokenizer, msgs)
     else:
         ids, images = prepare_prompt(model, tokenizer, [int(t) for t in tokenizer.encode(prompt)], args.image)
-    backend = make_backend(model)
     if target is None:
-        limit = min(args.max_context or backend.max_context, backend.max_context)
-        check_context(len(ids), gen, backend.canvas_length, limit,
-                      "shorten the prompt or lower --max-new-tokens")
+        check_context(len(ids), gen, backend.canvas_length, limit, fix)
         run_mode = {} if mode == "reference" else {"mode": mode}
         events = backend.stream_generate(tokenizer, ids, None, None, args.seed, dict(overrides, **run_mode),
                                          images=images)
     else:
         events = _speculative_events(args, model, tokenizer, target, ids, overrides, mode)
 
-    err = Console(stderr=True, highlight=False)
-    summary = None
     # Drafts only on a terminal, and no stdout redirection: the text goes to stdout.
     steps = args.draft_steps if target is not None else gen.max_denoising_steps
     live = LiveCanvas(err, tokenizer, steps, redirect_stdout=False,
                       redirect_stderr=False) if args.verbose and sys.stderr.isatty() else None
-    with live or contextlib.nullcontext():
-        for ev in events:
-            if isinstance(ev, Draft) and live is not None:
-                live.draft(ev)
-            elif isinstance(ev, Commit):
-                sys.stdout.write(ev.text)
-                sys.stdout.flush()
-            elif isinstance(ev, Summary):
-                summary = ev
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    summary = _write_reply(events, live)
     if args.verbose and summary is not None:
         err.print(Text(summary_line(summary, None, summary.prompt_time), style="dim"), soft_wrap=True)
     return 0
+
+
+def _write_reply(events, live: Optional[LiveCanvas]) -> Optional[Summary]:
+    """The reply to stdout as each canvas commits, then a newline; the Summary. With the
+    live view on, only whole lines go out while it shows, each with the view taken off
+    the screen first (on a terminal stdout and stderr share the screen, and the view's
+    redraws would erase text written under it); the line in progress shows above the
+    canvas and goes out at the end."""
+    from rich.text import Text
+
+    summary, pending = None, ""
+    with live or contextlib.nullcontext():
+        for ev in events:
+            if isinstance(ev, Draft) and live is not None:
+                live.draft(ev, live.head)
+            elif isinstance(ev, Commit) and live is None:
+                _out(ev.text)
+            elif isinstance(ev, Commit):
+                pending += ev.text
+                if "\n" in pending:
+                    done, pending = pending.rsplit("\n", 1)
+                    with live.paused():
+                        _out(done + "\n")
+                live.lines = ()
+                live.show((Text(pending),) if pending else ())
+            elif isinstance(ev, Summary):
+                summary = ev
+    _out(pending + "\n")
+    return summary
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _speculative_events(args, model, tokenizer, target, ids, overrides, mode):

@@ -24,7 +24,11 @@ interpreter, whatever the size of the largest tensor.
 Atomic: everything is written into `<out>.tmp-<pid>` beside the output and renamed at the
 end; any failure (bad input, Ctrl-C, SIGTERM/SIGHUP, disk full) removes it and raises one
 error saying why, and a later run removes the `.tmp-<pid>` of a run that was killed
-(SIGKILL). Publishing never removes what was not checked at the start: a directory that
+(SIGKILL). With --force the final swap (previous output to `<out>.old-<pid>`, new one in,
+old one removed) is not cut by Ctrl-C or SIGTERM: the signal waits for its end and the
+message says the new output is in place; a swap cut by SIGKILL is undone (the previous
+output moved back) or finished (the old one removed) by the next run, which says so.
+Publishing never removes what was not checked at the start: a directory that
 appeared at the output meanwhile is left alone (the finished output is kept beside it),
 `--force` replaces only the directory found at the start, and an output that is, holds
 or lies inside the source is refused. A symlinked output is written at the link's target.
@@ -69,10 +73,12 @@ from .loader import check_sidecars
 from .model import expected_shapes
 from .paths import hub_snapshot
 from .publish import (
+    Published,
     _Terminated,
     check_no_overlap,
     output_target,
     publish,
+    recover_swaps,
     remove_stale_tmp,
     terminate_as_interrupt,
 )
@@ -105,8 +111,9 @@ _NAME_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class ConversionInterrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP during a conversion; the partial output has been removed.
-    `exit_code` is the shell's for that signal (130 for Ctrl-C, 143 for SIGTERM)."""
+    """Ctrl-C, SIGTERM or SIGHUP during a conversion; the partial output has been removed
+    (or, for one that came during the final swap, the new output is in place: the message
+    says which). `exit_code` is the shell's for that signal (130 for Ctrl-C, 143 for SIGTERM)."""
 
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
@@ -587,6 +594,7 @@ def convert(
     max_shard_size: int = MAX_SHARD_SIZE,
     progress: bool = True,
     verbose: bool = True,
+    output_flag: str = "--mlx-path",
 ) -> Dict[str, Any]:
     """Converts a DiffusionGemma checkpoint (HF directory, hub id, or an MLX directory,
     ours or mlx-vlm's: quantized tensors are dequantized and re-quantized) into an MLX
@@ -594,7 +602,8 @@ def convert(
 
     `quantize` with no `recipe` uses ``mixed-4``; `recipe` is one of ``mixed-4``,
     ``4bit``, ``8bit``, ``bf16``, ``fp16``, ``fp32``; `dtype` casts the floats (default:
-    keep the source's). Refuses an existing `mlx_path` unless `force`. Returns a summary
+    keep the source's). Refuses an existing `mlx_path` unless `force` (`output_flag`: how
+    messages name it). Returns a summary
     dict (path, files, tensors, bytes, bits_per_weight, seconds, ...). Raises
     ConversionError (or ConversionInterrupted on Ctrl-C), leaving nothing behind.
     """
@@ -608,22 +617,17 @@ def convert(
         r = make_recipe(recipe, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, dtype=dtype)
     except RecipeError as e:
         raise ConversionError(str(e)) from e
-    out = Path(mlx_path).expanduser().absolute()
-    dest = Path(os.path.realpath(out))
-    local = Path(hf_path).expanduser()
-    if local.is_dir():  # before "already exists": say the real problem
-        check_no_overlap(local, dest, sorted(local.iterdir()))
-    target = output_target(out, force)
+    out, target, warnings = _output(hf_path, mlx_path, force, output_flag, say)
+    shown = len(warnings)
     src = resolve_source(hf_path, revision=revision).absolute()
 
     # Read and check everything before writing anything.
     config = read_config(src)
     tensors = scan_checkpoint(src)
-    check_no_overlap(src, dest, sorted({t.file for t in tensors.values()}))
-    warnings: List[str] = [f"removed {n}, left by a conversion that was killed" for n in remove_stale_tmp(dest)]
+    check_no_overlap(src, target.dest, sorted({t.file for t in tensors.values()}), output_flag)
     jobs, quantized = plan_jobs(tensors, config, r, warn=warnings.append, config_path=src / "config.json")
     warnings += [f"the output will be incomplete: {p}" for p in check_sidecars(src)]
-    for w in warnings:
+    for w in warnings[shown:]:
         say(f"[yellow]warning:[/yellow] {w}")
     record = quantization_record(r, quantized)
     new_config = build_config(config, src, r, record)
@@ -653,6 +657,22 @@ def convert(
     return summary
 
 
+def _output(hf_path, mlx_path, force: bool, output_flag: str, say) -> Tuple[Path, Any, List[str]]:
+    """(the output as named, its OutputTarget, warnings said): the output checked against
+    a local source, after what killed runs left beside it is cleaned up or undone. That
+    comes before "already exists": a swap cut in half gives the previous output back."""
+    out = Path(mlx_path).expanduser().absolute()
+    dest = Path(os.path.realpath(out))
+    local = Path(hf_path).expanduser()
+    if local.is_dir():  # before "already exists": say the real problem
+        check_no_overlap(local, dest, sorted(local.iterdir()), output_flag)
+    warnings = recover_swaps(dest)
+    warnings += [f"removed {n}, left by a conversion that was killed" for n in remove_stale_tmp(dest)]
+    for w in warnings:
+        say(f"[yellow]warning:[/yellow] {w}")
+    return out, output_target(out, force), warnings
+
+
 def _check_disk(where: Path, need: int) -> None:
     where.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(where).free
@@ -672,6 +692,11 @@ def _partial_output(tmp: Path, out: Path, total_out: int):
     signals.enter_context(terminate_as_interrupt())
     try:
         yield
+    except Published as e:  # the signal waited for the swap: the conversion is done
+        how = "interrupted" if e.signum == signal.SIGINT else f"terminated by {e.args[0]}"
+        was = "; the previous output was removed" if e.replaced else ""
+        raise ConversionInterrupted(
+            f"conversion {how} as it finished: {out} holds the new output{was}", signum=e.signum) from e
     except KeyboardInterrupt as e:
         shutil.rmtree(tmp, ignore_errors=True)
         how = f"terminated by {e.args[0]}" if isinstance(e, _Terminated) else "interrupted"

@@ -51,7 +51,7 @@ class Commit:
 
 @dataclass
 class Summary:
-    tokens: List[int]  # all generated ids, EOS padding removed
+    tokens: List[int]  # all generated ids, EOS padding removed, at most max_new_tokens
     text: str
     prompt_tokens: int
     canvases: int
@@ -63,7 +63,18 @@ class Summary:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str  # "eos" or "length"
+    # `tokens` that are not pad: what tokens_per_forward and generation_tps count (a
+    # canvas may hold pads before its EOS, or everywhere without one)
+    valid_tokens: int = -1
     kind: str = "summary"
+
+    def __post_init__(self):
+        if self.valid_tokens < 0:
+            self.valid_tokens = len(self.tokens)
+
+    @property
+    def pad_tokens(self) -> int:
+        return len(self.tokens) - self.valid_tokens
 
 
 @dataclass
@@ -150,6 +161,12 @@ def draft(
         previous = committed
         steps_per_canvas.append(steps)
         kept = _strip_eos_padding(committed, finished, gen.pad_token_id)
+        # The last canvas may run past max_new_tokens: the reply stops there, as the
+        # server's does (the canvas itself, and so every token before the cut, is the
+        # reference's; an EOS past the cut ends nothing: the reply ends by length).
+        room = gen.max_new_tokens - len(generated)
+        if len(kept) > room:
+            kept, finished = kept[:room], False
         generated.extend(kept)
         new_text = ""
         if decode_text is not None:
@@ -174,9 +191,10 @@ def draft(
         prompt_time=prompt_time,
         prompt_tps=len(prompt_ids) / prompt_time if prompt_time > 0 else 0.0,
         generation_time=gen_time,
-        generation_tps=len(generated) / gen_time if gen_time > 0 else 0.0,
+        generation_tps=valid / gen_time if gen_time > 0 else 0.0,
         peak_memory_gb=denoiser.peak_memory_gb(),
         finish_reason=finish,
+        valid_tokens=valid,
     )
 
 
@@ -258,26 +276,41 @@ def prompt_ids(tokenizer, prompt) -> List[int]:
     return [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
 
 
+def context_limit(requested: Optional[int], model_limit: int) -> Tuple[int, Optional[str]]:
+    """(the context a run enforces, a note or None): `requested` (--max-context), but never
+    more than the model's own, and then the note says so instead of clamping in silence."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"max_context must be a positive number of tokens (got {requested})")
+    if requested is None or requested == model_limit:
+        return model_limit, None
+    if requested < model_limit:
+        return requested, None
+    return model_limit, (f"a {requested:,}-token context was asked for, but the model's is "
+                         f"{model_limit:,} tokens: using {model_limit:,}")
+
+
 def reserved_tokens(gen: GenerationConfig, canvas_length: int) -> int:
     """Context tokens a reply may take: every canvas `max_new_tokens` may need, whole."""
     return math.ceil(gen.max_new_tokens / canvas_length) * canvas_length
 
 
 def check_context(context_tokens: int, gen: GenerationConfig, canvas_length: int, limit: int,
-                  fix: str = "shorten the prompt or lower max_new_tokens") -> None:
+                  fix: str = "shorten the prompt or lower max_new_tokens", at_least: bool = False) -> None:
     """Refuses a generation that could run past `limit`: the context it starts from (what
-    a cache holds plus the new prompt) and every canvas it may generate."""
-    check_reserve(context_tokens, reserved_tokens(gen, canvas_length), limit, fix)
+    a cache holds plus the new prompt) and every canvas it may generate. `at_least`: the
+    count is a lower bound (templates.min_tokens), taken before the prompt is tokenized."""
+    check_reserve(context_tokens, reserved_tokens(gen, canvas_length), limit, fix, at_least=at_least)
 
 
 def check_reserve(context_tokens: int, reserve: int, limit: int,
-                  fix: str = "shorten the prompt or lower max_new_tokens", whose: str = "") -> None:
+                  fix: str = "shorten the prompt or lower max_new_tokens", whose: str = "",
+                  at_least: bool = False) -> None:
     """Refuses `context_tokens` plus up to `reserve` more past `limit` (`whose`: which
     model's context, for the message)."""
     if context_tokens + reserve > limit:
         raise ValueError(
-            f"prompt too long: {context_tokens} context tokens + up to {reserve} generated "
-            f"exceed the {whose}{limit}-token context; {fix}"
+            f"prompt too long: {'at least ' if at_least else ''}{context_tokens} context tokens "
+            f"+ up to {reserve} generated exceed the {whose}{limit}-token context; {fix}"
         )
 
 

@@ -17,10 +17,11 @@ from typing import Any, Dict, List, Optional
 from . import api
 from .api import APIError, bad
 from .drafter import Commit, Draft, Summary, generation_config
-from .images import ImageError
+from .images import ImageError, load_message_images
 from .prompt_cache import PromptCache
 from .replies import ReplyParser, find_stop
 from .session import ChatSession, Interrupted, Prefill, PromptSplit, split_prompt
+from .templates import min_tokens
 
 
 # -- one generation -----------------------------------------------------------------------
@@ -151,7 +152,10 @@ class Engine:
         self.names = {model_id, *aliases}
         self.created = int(time.time())
         self.prompt_cache = PromptCache(cache_entries, cache_bytes)
-        self.counts = {"requests": 0, "completed": 0, "cancelled": 0, "waiting": 0}
+        # waiting: queued, not started yet; running: generating now (at most one)
+        self.counts = {"requests": 0, "completed": 0, "cancelled": 0, "waiting": 0, "running": 0}
+        self._counts_lock = threading.Lock()
+        self.stopping: Optional[str] = None  # why the server is shutting down, once it is
         self.tasks: "queue.Queue[Optional[_Task]]" = queue.Queue()
         ready = _Task(None, None)
         settings = dict(max_tokens=max_tokens, max_context=max_context, mode=mode)
@@ -204,10 +208,12 @@ class Engine:
     def _options(self, body: Dict[str, Any]) -> api.Options:
         return api.options(body, self.session.gen, target=self.target is not None)
 
-    def _check_context(self, split: PromptSplit, opts: api.Options, param: str) -> None:
+    def _check_context(self, n_tokens: int, opts: api.Options, param: str, at_least: bool = False) -> None:
+        """A 400 `context_length_exceeded` for a prompt of `n_tokens` (`at_least`: a lower
+        bound taken before tokenizing) whose reply could outrun the context."""
         try:
             gen = generation_config(self.session.model, **dict(self.session.gen_kwargs, **opts.gen_kwargs))
-            self.session.check_context(len(split.ids), gen, "shorten the prompt or lower max_tokens")
+            self.session.check_context(n_tokens, gen, "shorten the prompt or lower max_tokens", at_least)
         except ValueError as e:
             raise bad(str(e), param, "context_length_exceeded") from None
 
@@ -216,13 +222,18 @@ class Engine:
         opts = self._options(body)
         messages, tools = api.chat_messages(body, self.image_dirs), api.chat_tools(body)
         try:
-            split = split_prompt(self.tokenizer, messages, tools=tools,
-                                 processor=self._processor(messages))
+            if any(isinstance(m.get("content"), list) for m in messages):
+                messages = load_message_images(messages)  # each file's own problem first
+        except ImageError as e:
+            raise bad(str(e), "messages", "invalid_image") from None
+        try:
+            split = split_prompt(self.tokenizer, messages, tools=tools, processor=self._processor(messages),
+                                 fits=lambda n: self._check_context(n, opts, "messages", at_least=True))
         except ImageError as e:
             raise bad(str(e), "messages", "invalid_image") from None
         except ValueError as e:
             raise bad(str(e), "messages") from None
-        self._check_context(split, opts, "messages")
+        self._check_context(len(split.ids), opts, "messages")
         return Job("chat", split, opts, model, tools)
 
     def _processor(self, messages):
@@ -239,6 +250,7 @@ class Engine:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str) and prompt:
+            self._check_context(min_tokens(self.tokenizer, prompt), opts, "prompt", at_least=True)
             ids = [int(t) for t in self.tokenizer.encode(prompt)]
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             vocab = getattr(self.session.model, "vocab_size", None)
@@ -248,7 +260,7 @@ class Engine:
         else:
             raise bad("prompt must be a non-empty string (or a list of token ids)", "prompt")
         split = PromptSplit(ids, len(ids))  # a raw prompt is all stable: the cache keeps it
-        self._check_context(split, opts, "prompt")
+        self._check_context(len(ids), opts, "prompt")
         return Job("completion", split, opts, model)
 
     # -- running --------------------------------------------------------------------------
@@ -270,7 +282,10 @@ class Engine:
                 if task.cancelled:
                     continue
                 task.started = True
+            self._count(waiting=-1, running=1)
             try:
+                if self.stopping is not None:
+                    raise self.shutdown_error()
                 self.prompt_cache.checkout(self.session, task.job.split.keys[: task.job.split.stable])
                 try:
                     task.out = self._generate(task.job, task.sink)
@@ -279,35 +294,53 @@ class Engine:
             except BaseException as e:  # handed to the request's thread
                 task.error = e
             finally:
+                self._count(running=-1)
                 task.done.set()
+
+    def _count(self, **deltas: int) -> None:
+        with self._counts_lock:
+            for key, n in deltas.items():
+                self.counts[key] += n
 
     def run(self, job: Job, sink: Sink) -> Optional[Output]:
         """Queues `job` and waits for its reply; None when the client went away (a job
         still queued is dropped; a running generation is stopped and the cache rolled
         back to its stable boundary)."""
-        self.counts["requests"] += 1
         task = _Task(job, sink)
-        self.counts["waiting"] += 1
+        self._count(requests=1, waiting=1)
         self.tasks.put(task)
-        try:
-            while not task.done.wait(0.2):
-                with task.lock:
-                    if task.started:
-                        continue
-                    sink.waiting()
-                    if sink.poll():
-                        task.cancelled = True
-                        self.counts["cancelled"] += 1
-                        return None
-        finally:
-            self.counts["waiting"] -= 1
+        while not task.done.wait(0.2):
+            with task.lock:
+                if task.started:
+                    continue
+                sink.waiting()
+                if sink.poll():
+                    task.cancelled = True
+                    self._count(waiting=-1, cancelled=1)
+                    return None
         if task.error is not None:
             raise task.error
-        self.counts["cancelled" if task.out is None else "completed"] += 1
+        self._count(**{"cancelled" if task.out is None else "completed": 1})
         return task.out
 
-    def close(self) -> None:
+    def stop(self, why: str) -> Dict[str, int]:
+        """Starts shutting down: the running generation stops at its next step and it and
+        every queued request end with `shutdown_error` (a stream gets it as its last
+        chunk). Returns the counts as they were."""
+        with self._counts_lock:
+            self.stopping = why
+            return dict(self.counts)
+
+    def shutdown_error(self) -> APIError:
+        return APIError(503, f"the server is shutting down ({self.stopping}); the request was not "
+                        "completed: send it again once the server is back", None, "server_shutting_down")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Ends the worker thread, waiting (up to `timeout`) for it to leave MLX: a
+        process that exits with it still inside MLX can abort."""
         self.tasks.put(None)
+        if self.worker is not threading.current_thread():
+            self.worker.join(timeout)
 
     def _generate(self, job: Job, sink: Sink) -> Optional[Output]:
         out = Output(job, ReplyParser(self.tokenizer, job.tools))
@@ -316,8 +349,8 @@ class Engine:
             t = opts.target_temperature
             self.session.backend.temperature = self.target_temperature if t is None else t
         events = self.session.complete(
-            job.split, lambda: out.done or sink.poll(), gen_kwargs=opts.gen_kwargs,
-            seed=opts.seed, noise=self.noise_for(opts.seed), mode=opts.mode)
+            job.split, lambda: out.done or self.stopping is not None or sink.poll(),
+            gen_kwargs=opts.gen_kwargs, seed=opts.seed, noise=self.noise_for(opts.seed), mode=opts.mode)
         try:
             for ev in events:
                 if isinstance(ev, Prefill):
@@ -330,14 +363,18 @@ class Engine:
                 elif isinstance(ev, Summary):
                     out.end(ev.finish_reason)
                 elif isinstance(ev, Interrupted) and not out.done:
+                    if self.stopping is not None:
+                        raise self.shutdown_error()
                     return None
         finally:
             events.close()
         return out
 
     def health(self) -> Dict[str, Any]:
-        return {"status": "ok", "model": self.model_id,
-                **self.counts,
+        with self._counts_lock:
+            counts = dict(self.counts)
+        return {"status": "ok" if self.stopping is None else "stopping", "model": self.model_id,
+                **counts,
                 "prompt_cache": {"entries": len(self.prompt_cache),
                                  "bytes": self.prompt_cache.nbytes(self.session),
                                  "hits": self.prompt_cache.hits}}

@@ -13,6 +13,10 @@ and gives reference mode's tokens.
   as the reference does). A canvas whose positions are all frozen is committed:
   the last forward's argmax wherever it computed (`commit_argmax`), the frozen tokens
   being its input, else the frozen tokens.
+- Self-correction (freezing.py): a frozen position re-opens when the model turns
+  against it (`revoke_floor`, `revoke_margin`), restarting from noise (`reopen_noise`);
+  `hold`, `adapt` and `final_pass` are further rules, off by default.
+  `FastOptions.irrevocable()` turns them all off (frozen for good).
 - `active_set` (with freezing): the decoder runs only the open positions and those frozen
   at the previous step (once more, so their keys and values reflect their final token);
   every other frozen position keeps, per layer, the keys and values of the last step
@@ -40,7 +44,7 @@ rows, and self-conditioning rows times the vocabulary entries they read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -48,6 +52,7 @@ import numpy as np
 
 from .config import GenerationConfig
 from .denoiser import MLXDenoiser
+from .freezing import Freezing
 from .noise import NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
 
@@ -56,14 +61,13 @@ FREEZE_RULES = (None, "entropy", "confidence")
 
 @dataclass(frozen=True)
 class FastOptions:
-    # Defaults measured on the toy models (BENCHMARKS.md): on toy-sudoku-open, freezing
-    # 0.9-confident argmaxes (temperature 1) with open positions carrying their argmax
-    # solved 85.8% vs the reference's 79.2% in 3.62 steps per canvas instead of 15.1.
+    # Freezing 0.9-confident argmaxes (temperature 1), open positions carrying their
+    # argmax, is what saves the steps (BENCHMARKS.md, "Fast mode").
     freeze: Optional[str] = "confidence"
     confidence: float = 0.9
-    # Off by default: on toy-sudoku-open the stale keys and values cost 6.7-15 points of
-    # accuracy (BENCHMARKS.md; refresh_every=1 recovers most); the lever for a 256-token
-    # canvas, where most positions freeze early.
+    # Off by default (not in the tuning grid; on toy-sudoku-open's test split it cost 0.3
+    # points, refresh_every=1 none, for 3.28x / 3.15x less time at 26B-A4B against 2.93x);
+    # the lever for a 256-token canvas, where most positions freeze early.
     active_set: bool = False
     # With the active set: after this many active-set steps one step computes every
     # position again, refreshing frozen positions' stale keys and values (0: never; the
@@ -73,6 +77,17 @@ class FastOptions:
     sc_top_k: int = 64
     skip_after_eos: bool = True
     repair: bool = False
+    # Self-correction (freezing.py): a frozen position re-opens when the model turns
+    # against it. Defaults picked on the toys' tuning split (scripts/tune_fast.py): the
+    # 0.99 floor with re-opening to noise took toy-sudoku-open from 88.9% to 97.8%
+    # (reference 99.4%) for 3.52 instead of 2.92 steps per canvas; the other rules did
+    # not add accuracy there.
+    revoke_floor: float = 0.99  # re-open a frozen token whose probability falls below this (0: never)
+    revoke_margin: Optional[float] = None  # re-open one whose argmax beats it by this probability (None: never)
+    reopen_noise: bool = True  # a re-opened position restarts from a random token, not its argmax
+    hold: int = 1  # freeze only once the argmax has held this many steps in a row
+    adapt: float = 1.0  # per canvas, each re-open multiplies (1 - confidence) by this (1: fixed)
+    final_pass: float = 0.0  # all frozen: those frozen below this confidence re-open once (0: never)
     renoise: bool = False  # True: open positions are sampled or renoised as the reference does
     self_conditioning: bool = True  # False: the decoder never sees the previous step
     confidence_at_t1: bool = True  # the confidence rule at temperature 1, not the schedule's
@@ -90,12 +105,35 @@ class FastOptions:
             raise ValueError(f"refresh_every must be >= 0 (got {self.refresh_every})")
         if self.top_k < 0 or self.sc_top_k < 0:
             raise ValueError("top_k and sc_top_k must be >= 0 (0: the whole vocabulary)")
+        if self.hold < 1:
+            raise ValueError(f"hold must be >= 1 step (got {self.hold})")
+        if not 0 <= self.revoke_floor < 1 or not 0 <= self.final_pass <= 1:
+            raise ValueError("revoke_floor must be in [0, 1) and final_pass in [0, 1] "
+                             f"(got {self.revoke_floor}, {self.final_pass})")
+        if self.revoke_margin is not None and not 0 <= self.revoke_margin <= 1:
+            raise ValueError(f"revoke_margin must be in [0, 1] or None (got {self.revoke_margin})")
+        if not 0 < self.adapt <= 1:
+            raise ValueError(f"adapt must be in (0, 1] (got {self.adapt})")
 
     @classmethod
     def off(cls) -> "FastOptions":
         """Every approximation off: reference mode's operations."""
         return cls(freeze=None, active_set=False, top_k=0, sc_top_k=0, skip_after_eos=False,
-                   commit_argmax=False, renoise=True)
+                   commit_argmax=False, renoise=True, **IRREVOCABLE)
+
+    def irrevocable(self) -> "FastOptions":
+        """These options with every self-correction rule off: a frozen position keeps its
+        token for good (fast mode as it was before re-opening)."""
+        return replace(self, **IRREVOCABLE)
+
+    @property
+    def revocable(self) -> bool:
+        return self.revoke_floor > 0 or self.revoke_margin is not None
+
+
+# The self-correction switches, off.
+IRREVOCABLE = dict(revoke_floor=0.0, revoke_margin=None, reopen_noise=False, hold=1, adapt=1.0,
+                   final_pass=0.0)
 
 
 @dataclass
@@ -187,9 +225,9 @@ class FastDenoiser(MLXDenoiser):
     def start_canvas(self, canvas_index: int) -> mx.array:
         canvas = super().start_canvas(canvas_index)
         C = self.canvas_length
-        self._frozen = np.zeros(C, dtype=bool)  # host-side: positions whose token is final
+        # Host-side: which positions are frozen, with what tokens, and when they re-open.
+        self.freezing = Freezing(self.options, C, self._eos, self.gen.pad_token_id)
         self._refresh = np.zeros(C, dtype=bool)  # frozen last step: computed once more
-        self._tokens = np.zeros(C, dtype=np.int64)  # the frozen positions' tokens
         self._kv: Optional[List[Tuple[mx.array, mx.array]]] = None
         self._since_full = 0  # steps since the last step that computed every position
         self._sc_sparse: Optional[Tuple[mx.array, mx.array]] = None  # ([1,C,K] probs, ids)
@@ -204,7 +242,7 @@ class FastDenoiser(MLXDenoiser):
         o = self.options
         if not o.active_set or self._kv is None or (o.refresh_every and self._since_full >= o.refresh_every):
             return np.arange(C)
-        need = np.nonzero(~self._frozen | self._refresh)[0]
+        need = np.nonzero(~self.freezing.frozen | self._refresh)[0]
         size = bucket(max(len(need), 1), o.buckets, C)
         if size > len(need):
             spare = np.setdiff1d(np.arange(C), need)[: size - len(need)]
@@ -264,34 +302,35 @@ class FastDenoiser(MLXDenoiser):
     def _decide(self, processed: mx.array, canvas: mx.array, pos: np.ndarray, idx: mx.array,
                 canvas_index: int, step: int):
         """The sampler on the computed positions, then freezing, renoising and the stop."""
-        o, gen = self.options, self.gen
-        argmax, sample, entropy, confidence = self._sample(processed, idx, canvas_index, step)
+        o, gen, fz = self.options, self.gen, self.freezing
+        argmax, sample, entropy, confidence, token_prob = self._sample(processed, idx, canvas_index, step)
         full = len(pos) == self.canvas_length
         self._argmax_all = argmax if full else _put(self._argmax_all, idx, argmax)
         self._entropy_all = entropy if full else _put(self._entropy_all, idx, entropy)
         self._keep_self_conditioning(processed, idx, full)
 
         # Acceptance over the open positions only (frozen ones sort last).
-        frozen = mx.array(self._frozen[None])
+        frozen = mx.array(fz.frozen[None])
         open_entropy = mx.where(frozen, mx.array(np.inf, dtype=mx.float32), self._entropy_all)
         accepted = entropy_bound_accept(open_entropy, gen.entropy_bound) & ~frozen
         sample_all = sample if full else _put(canvas, idx, sample)
-        if o.renoise:
-            next_canvas = mx.where(accepted, sample_all, self._fresh(canvas, canvas_index, step))
-        else:
-            next_canvas = self._argmax_all
+        fresh = self._fresh(canvas, canvas_index, step) if o.renoise else None
+        next_canvas = mx.where(accepted, sample_all, fresh) if o.renoise else self._argmax_all
 
-        newly = self._freeze(accepted, sample_all, confidence, idx, step)
-        tokens = mx.array(self._tokens[None].astype(np.int32))
-        frozen_now = mx.array(self._frozen[None])
+        newly = self._freeze(pos, accepted, sample_all, confidence, token_prob, step)
+        if fz.noised.any():  # re-opened to noise, as the reference renoises what it rejects
+            fresh = fresh if fresh is not None else self._fresh(canvas, canvas_index, step)
+            next_canvas = mx.where(mx.array(fz.noised[None]), fresh, next_canvas)
+        tokens = mx.array(fz.tokens[None].astype(np.int32))
+        frozen_now = mx.array(fz.frozen[None])
         next_canvas = mx.where(frozen_now, tokens, next_canvas)
         # The canvas shown and committed: the model's argmax wherever this step computed it
         # (the frozen tokens are its input, as in Fast-dLLM); frozen tokens elsewhere.
-        keep = self._frozen.copy()
+        keep = fz.frozen.copy()
         if o.commit_argmax:
             keep[pos] = False
         argmax_out = mx.where(mx.array(keep[None]), tokens, self._argmax_all)
-        if o.freeze is not None and self._frozen.all():
+        if o.freeze is not None and fz.frozen.all():
             stop = mx.array([True])
         else:
             stop, self._history = stable_and_confident(
@@ -306,15 +345,23 @@ class FastDenoiser(MLXDenoiser):
         return next_canvas, argmax_out[0], shown[0], bool(stop.all().item())
 
     def _sample(self, processed: mx.array, idx: mx.array, canvas_index: int, step: int):
-        """(argmax, sample, entropy, top probability) of the computed positions."""
+        """(argmax, sample, entropy, top probability, each frozen token's probability or
+        None) of the computed positions."""
         g = self._gumbel(processed.shape, idx, canvas_index, step)
         argmax, sample, entropy, top = sample_top_k(processed, g, self.options.top_k)
         # The confidence rule reads the model's own probability (temperature 1): at the
         # schedule's 0.4-0.8 every position looks surer than the model is.
         scale = self.gen.temperature(step) if self.options.confidence_at_t1 else 1.0
-        confidence = mx.exp((top - processed.max(axis=-1)) * scale
-                            - mx.logsumexp((processed - processed.max(axis=-1, keepdims=True)) * scale, axis=-1))
-        return argmax, sample, entropy, confidence
+        peak = processed.max(axis=-1)
+        lse = mx.logsumexp((processed - peak[..., None]) * scale, axis=-1)
+        confidence = mx.exp((top - peak) * scale - lse)
+        token_prob = None
+        if self.options.revocable and self.freezing.frozen.any():
+            # Free to read: the decoder computed these rows anyway.
+            tok = mx.array(self.freezing.tokens[np.array(idx)].astype(np.int32))[None, :, None]
+            own = mx.take_along_axis(processed, tok, axis=-1)[..., 0]
+            token_prob = mx.exp((own - peak) * scale - lse)
+        return argmax, sample, entropy, confidence, token_prob
 
     def _gumbel(self, shape, idx: mx.array, canvas_index: int, step: int) -> mx.array:
         if self.noise is not None:
@@ -346,37 +393,23 @@ class FastDenoiser(MLXDenoiser):
         self._sc_logits = sc if full or self._sc_logits is None else _put(self._sc_logits, idx, sc)
         mx.eval(self._sc_logits)
 
-    def _freeze(self, accepted: mx.array, sample: mx.array, confidence: mx.array,
-                idx: mx.array, step: int) -> np.ndarray:
-        """Marks newly settled positions frozen (host-side); returns them."""
-        o = self.options
-        before = self._frozen.copy()
-        if o.freeze == "entropy":
-            acc = np.array(accepted[0])
-            self._tokens[acc] = np.array(sample[0])[acc]
-            self._frozen |= acc
-        elif o.freeze == "confidence":
-            conf = np.full(self.canvas_length, -1.0)
-            conf[np.array(idx)] = np.array(confidence[0])
-            conf[self._frozen] = -1.0
-            pick = conf >= o.confidence
-            if step == 1:
-                pick = ~self._frozen
-            elif not pick.any() and (conf >= 0).any():
-                pick[int(conf.argmax())] = True
-            argmax = np.array(self._argmax_all[0])
-            self._tokens[pick] = argmax[pick]
-            self._frozen |= pick
-        if o.skip_after_eos and o.freeze is not None and len(self._eos):
-            self._pad_after_frozen_eos()
-        return self._frozen & ~before
-
-    def _pad_after_frozen_eos(self) -> None:
-        hits = np.nonzero(self._frozen & np.isin(self._tokens, self._eos))[0]
-        if len(hits):
-            after = np.arange(self.canvas_length) > hits[0]
-            self._tokens[after & ~self._frozen] = self.gen.pad_token_id
-            self._frozen |= after
+    def _freeze(self, pos: np.ndarray, accepted: mx.array, sample: mx.array, confidence: mx.array,
+                token_prob: Optional[mx.array], step: int) -> np.ndarray:
+        """The freezing policy's step (freezing.py) on host copies of the computed
+        positions' decisions; returns the newly frozen positions."""
+        if self.options.freeze is None:
+            return np.zeros(self.canvas_length, dtype=bool)
+        C = self.canvas_length
+        computed = np.zeros(C, dtype=bool)
+        computed[pos] = True
+        conf = np.zeros(C)
+        conf[pos] = np.array(confidence[0])
+        tp = None
+        if token_prob is not None:
+            tp = np.ones(C)
+            tp[pos] = np.array(token_prob[0])
+        return self.freezing.update(computed, np.array(self._argmax_all[0]).astype(np.int64), conf, tp,
+                                    step, np.array(accepted[0]), np.array(sample[0]).astype(np.int64))
 
     def _repair(self, canvas: mx.array) -> mx.array:
         """One full forward of the final canvas with fresh keys and values; its argmax."""

@@ -38,13 +38,16 @@ def stream_generate(
     seed: Optional[int] = None,
     mode: str = "reference",
     fast: Optional[FastOptions] = None,
+    chat: bool = False,
     **generation_kwargs,
 ) -> Iterator[Event]:
     """Generates with block diffusion, yielding a `Draft` per denoising step, a `Commit`
     per canvas and a final `Summary`.
 
-    `prompt` is text (encoded with `tokenizer` as is, no chat template), token ids, or
-    chat messages (rendered with the chat template, generation prompt added).
+    `prompt` is chat messages (rendered with the chat template, generation prompt added:
+    what an instruction-tuned model such as the released one expects), text (encoded
+    with `tokenizer` as is, no chat template: a base-model prompt, or one you templated
+    yourself; `chat=True` sends it as one user message instead), or token ids.
     `images` (paths, data URLs, bytes, PIL images; images.py) go where the prompt holds
     the image placeholder `<|image|>`, one per image; chat messages carry theirs as
     content parts `{"type": "image", "image": ...}`. The prompt is expanded and the
@@ -56,7 +59,7 @@ def stream_generate(
     `mode="fast"` runs fast.py's denoiser (`fast`: its options, default FastOptions()).
     """
     gen = generation_config(model, **generation_kwargs)
-    prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images)
+    prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
     if check_seed(seed) is None and noise is None and getattr(model, "group", None) is not None:
         seed = shared_seed(model.group)  # the ranks of a split model must draw alike
     if check_seed(seed) is not None:

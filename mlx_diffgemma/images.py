@@ -481,9 +481,14 @@ def image_tokens(tokenizer, config: Dict[str, Any]) -> ImageTokens:
         token = getattr(tokenizer, attr, None) or default_token
         want = config.get(id_key, default_id)
         got = _token_id(tokenizer, token)
+        if got is None:  # a text-only tokenizer (toy-sudoku has a tower, but no image tokens)
+            raise ImageError(f"this model takes no images: its tokenizer has no {token} token "
+                             "to place one in the prompt; leave the images out, or use a "
+                             "DiffusionGemma that reads images (the released one does)")
         if got != want:
-            raise ImageError(f"the tokenizer has no {token} token at id {want} (config.json's "
-                             f"{id_key}); use the tokenizer that ships with the model")
+            raise ImageError(f"the tokenizer has {token} at id {got}, but config.json's {id_key} "
+                             f"is {want}: the two do not belong together; use the tokenizer that "
+                             "ships with the model")
         out[key], out[f"{key}_id"] = token, int(want)
     return ImageTokens(**out)
 
@@ -519,17 +524,40 @@ def split_image_parts(messages: Sequence[Dict[str, Any]]) -> Tuple[List[Dict[str
             continue
         parts = []
         for part in content:
-            if isinstance(part, dict) and part.get("type") == "image":
-                src = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
-                if src is None:
-                    raise ImageError("an image content part needs an \"image\", \"url\" or "
-                                     "\"path\" with the image")
-                sources.append(src)
+            if _is_image_part(part):
+                sources.append(_image_source(part))
                 parts.append({"type": "image"})
             else:
                 parts.append(part)
         out.append(dict(m, content=parts))
     return out, sources
+
+
+def _is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image"
+
+
+def _image_source(part: Dict[str, Any]) -> ImageSource:
+    src = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
+    if src is None:
+        raise ImageError("an image content part needs an \"image\", \"url\" or "
+                         "\"path\" with the image")
+    return src
+
+
+def load_message_images(messages: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The messages with each image content part's image loaded now (`load_image`), so
+    that a bad file is refused for what is wrong with it before anything else is asked
+    of the model (whether it takes images at all)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [dict(p, image=load_image(_image_source(p))) if _is_image_part(p) else p
+                       for p in content]
+            m = dict(m, content=content)
+        out.append(m)
+    return out
 
 
 # -- what the generation entry points share ------------------------------------------------------
@@ -550,16 +578,32 @@ def processor_for(model, tokenizer) -> Processor:
     return Processor.from_model(model, tokenizer)
 
 
+def user_message(text: str, images: Sequence[Any] = (), names: Sequence[Optional[str]] = ()) -> Dict[str, Any]:
+    """A user message; with images, content parts: the images (each with its `name` for
+    a transcript), then the text."""
+    if not images:
+        return {"role": "user", "content": text}
+    names = list(names) + [None] * (len(images) - len(names))
+    parts = [{"type": "image", "image": im, "name": n} for im, n in zip(images, names)]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
 def is_messages(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
 
-def prepare_prompt(model, tokenizer, prompt: Any,
-                   images: Optional[Sequence[ImageSource]] = None) -> Tuple[Any, Optional[ImageInputs]]:
+def prepare_prompt(model, tokenizer, prompt: Any, images: Optional[Sequence[ImageSource]] = None,
+                   chat: bool = False) -> Tuple[Any, Optional[ImageInputs]]:
     """A generation prompt with its images: (prompt or expanded ids, the images' arrays or
     None). `prompt` is text or ids (one image placeholder per image in `images`), or
     chat messages (rendered with the chat template; image content parts carry the
-    images). Without images, text and ids come back as they are."""
+    images). Without images, text and ids come back as they are. `chat=True` makes text
+    one user message (the images before it), rendered with the chat template."""
+    if chat:
+        if not isinstance(prompt, str):
+            raise ValueError("chat=True takes the prompt as text (one user message); pass chat "
+                             "messages as they are, or token ids without chat=True")
+        prompt, images = [user_message(prompt, images or ())], None
     if is_messages(prompt):
         from .templates import encode_text, ensure_chat_template, render
 

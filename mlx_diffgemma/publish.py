@@ -1,8 +1,9 @@
 """Where a conversion's output goes, and publishing it without losing data: the output
 never overlaps the source, publishing never removes what it did not check (an atomic
 no-replace rename; with --force only the directory found at the start is replaced), a
-symlinked output is written at its target, SIGTERM/SIGHUP clean up like Ctrl-C, and the
-temporary directories of killed runs are removed."""
+symlinked output is written at its target, SIGTERM/SIGHUP clean up like Ctrl-C, the
+final swap is not cut in half by a signal, and what killed runs leave (temporary
+directories, a swap cut by SIGKILL or power loss) is cleaned up or undone by the next."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def _lineage(p: Path) -> set:
     return ids
 
 
-def check_no_overlap(src: Path, dest: Path, files: Sequence[Path] = ()) -> None:
+def check_no_overlap(src: Path, dest: Path, files: Sequence[Path] = (),
+                     output_flag: str = "--mlx-path") -> None:
     """Refuses an output that is the source, lies inside it, or contains it (or any of
     the source's files, which may be symlinks elsewhere, as in the hub cache): replacing
     it would delete the checkpoint being read."""
@@ -76,7 +78,7 @@ def check_no_overlap(src: Path, dest: Path, files: Sequence[Path] = ()) -> None:
         return
     raise ConversionError(
         f"refusing to write {dest}: it {how} the source {src}, which would be deleted; "
-        "choose an --mlx-path outside the source directory"
+        f"choose an output ({output_flag}) outside the source directory"
     )
 
 
@@ -104,13 +106,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(dest: Path) -> List[str]:
-    """Removes `<dest>.tmp-<pid>` directories left by conversions killed beyond cleanup
-    (SIGKILL, power loss): those whose process is gone. Returns what it removed."""
-    pattern = re.compile(re.escape(dest.name) + r"\.tmp-(\d+)")
-    removed = []
+def _leftovers(dest: Path, kind: str) -> List[Tuple[Path, int]]:
+    """(path, pid) of each `<dest>.<kind>-<pid>` directory whose process is gone."""
+    pattern = re.compile(re.escape(dest.name) + re.escape(f".{kind}-") + r"(\d+)")
+    out = []
     if not dest.parent.is_dir():
-        return removed
+        return out
     for p in sorted(dest.parent.iterdir()):
         m = pattern.fullmatch(p.name)
         if not m or p.is_symlink() or not p.is_dir():
@@ -118,6 +119,42 @@ def remove_stale_tmp(dest: Path) -> List[str]:
         pid = int(m.group(1))
         if pid != os.getpid() and _pid_alive(pid):
             continue  # a conversion in progress
+        out.append((p, pid))
+    return out
+
+
+def recover_swaps(dest: Path) -> List[str]:
+    """Finishes or undoes the final swap of a conversion killed in the middle of it
+    (SIGKILL, power loss; a signal that can be caught waits for the swap, see `publish`).
+    The swap moves the previous output to `<dest>.old-<pid>`, renames the finished
+    `<dest>.tmp-<pid>` to `dest`, then removes the old one. So a leftover `.old-<pid>`
+    with `dest` missing is a swap cut in half: the previous output is moved back. With
+    `dest` there and that run's `.tmp-<pid>` gone, the new output was published: the old
+    one is removed. With both there, `dest` was made since by someone else: both are
+    left, and the message says so. Returns what it did, one line each."""
+    done = []
+    for old, pid in _leftovers(dest, "old"):
+        tmp = dest.parent / f"{dest.name}.tmp-{pid}"
+        if not os.path.lexists(dest):
+            rename_noreplace(old, dest)
+            done.append(f"moved {old.name} back to {dest.name}: a conversion replacing it was "
+                        "killed in the middle of its final swap, so the previous output is restored")
+        elif not tmp.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed {old.name}, the previous output of {dest.name}, left by a "
+                        "conversion killed after publishing its new output")
+        else:
+            done.append(f"{old.name} is the previous output of {dest.name}, left by a conversion "
+                        f"killed during its final swap, and {dest.name} was made since: both left "
+                        "as they are; remove the one you do not want")
+    return done
+
+
+def remove_stale_tmp(dest: Path) -> List[str]:
+    """Removes `<dest>.tmp-<pid>` directories left by conversions killed beyond cleanup
+    (SIGKILL, power loss): those whose process is gone. Returns what it removed."""
+    removed = []
+    for p, _ in _leftovers(dest, "tmp"):
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p.name)
     return removed
@@ -173,11 +210,48 @@ def _keep_finished(tmp: Path, dest: Path, why: str) -> ConversionError:
     return ConversionError(f"{why}; left it untouched and kept the new output at {kept}")
 
 
+class Published(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP that came during the final swap: it was held until the
+    swap was done, so the new output is in place (`replaced`: and the previous one,
+    moved aside, was removed)."""
+
+    def __init__(self, signum: int, replaced: bool):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.replaced = replaced
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """For its duration Ctrl-C, SIGTERM and SIGHUP are recorded (in the list it yields)
+    instead of raised. Main thread only; elsewhere nothing changes."""
+    got: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in sigs}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 def publish(tmp: Path, target: OutputTarget) -> None:
     """Moves the finished `tmp` to `target.dest`. Never removes what was not checked at
     the start: with nothing there then, the rename refuses to replace whatever appeared
     since; with a directory there then (--force), only that same directory (same inode)
-    is moved aside and removed."""
+    is moved aside and removed. A signal during the swap waits for its end and is then
+    raised as `Published`; a kill cannot wait, and `recover_swaps` repairs it."""
+    with _signals_held() as got:
+        replaced = _swap(tmp, target)
+    if got:
+        raise Published(got[0], replaced)
+
+
+def _swap(tmp: Path, target: OutputTarget) -> bool:
+    """`publish`'s renames; True when a previous output was replaced (and removed)."""
     dest, old = target.dest, None
     if target.identity is not None:
         old = dest.parent / f"{dest.name}.old-{os.getpid()}"
@@ -199,6 +273,7 @@ def publish(tmp: Path, target: OutputTarget) -> None:
         raise _keep_finished(tmp, dest, f"{dest} appeared during the conversion") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return old is not None
 
 
 class _Terminated(KeyboardInterrupt):

@@ -27,6 +27,7 @@ def quantize(
     `recipe`: each quantized tensor is dequantized and re-quantized by itself, streaming,
     so memory stays bounded as in `convert`. `recipe="bf16"` (etc.) dequantizes.
     Returns the same summary dict as `convert`."""
+    kwargs.setdefault("output_flag", "-o/--out")  # messages name the output as this command does
     return convert(
         mlx_path,
         out_path,

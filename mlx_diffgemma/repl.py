@@ -6,7 +6,9 @@ denoised, the committed text joining the conversation, and a one-line summary pe
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -23,6 +25,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _canvases(n: int) -> str:
+    return f"{n} canvas" + ("" if n == 1 else "es")
+
+
 def summary_line(summary: Summary, prefill: Optional[Prefill], prompt_time: float) -> str:
     steps = summary.steps_per_canvas
     if len(steps) <= 8:
@@ -30,8 +36,8 @@ def summary_line(summary: Summary, prefill: Optional[Prefill], prompt_time: floa
     else:
         steps_text = f"avg {sum(steps) / len(steps):.1f} (min {min(steps)}, max {max(steps)})"
     parts = [
-        _plural(len(summary.tokens), "token"),
-        _plural(summary.canvases, "canvas").replace("canvass", "canvases"),
+        _plural(summary.valid_tokens, "token"),
+        _canvases(summary.canvases),
         f"steps {steps_text}",
         f"{summary.tokens_per_forward:.2f} tok/forward",
         f"{summary.generation_tps:.1f} tok/s",
@@ -49,6 +55,8 @@ def summary_line(summary: Summary, prefill: Optional[Prefill], prompt_time: floa
         )
     else:
         parts.append(f"prompt {summary.prompt_tokens} tokens encoded in {prompt_time:.3f} s")
+    if summary.pad_tokens:  # pads are no reply: the tokens, tok/forward and tok/s leave them out
+        parts.append(f"{_plural(summary.pad_tokens, 'pad token')} not counted")
     return " · ".join(parts)
 
 
@@ -110,22 +118,44 @@ class LiveCanvas:
     last step), holding `head` lines above the canvas."""
 
     def __init__(self, console, tokenizer, steps: int, **live_options):
+        self.view = CanvasView(tokenizer, steps)
+        self._options = dict(console=console, auto_refresh=False, transient=True, **live_options)
+        self.live = self._new_live()
+        self.lines: Tuple = ()
+        self.head: Sequence = ()
+        self._last = 0.0
+
+    def _new_live(self):
         from rich.live import Live
 
-        self.view = CanvasView(tokenizer, steps)
-        self.live = Live(console=console, auto_refresh=False, transient=True, **live_options)
-        self.lines: Tuple = ()
-        self._last = 0.0
+        return Live(**self._options)
 
     def __enter__(self) -> "LiveCanvas":
         self.live.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._erase()
+
+    def _erase(self) -> None:
         from rich.text import Text
 
         self.live.update(Text(""), refresh=True)
         self.live.stop()
+
+    @contextmanager
+    def paused(self):
+        """The view taken off the screen while the caller writes to the same terminal
+        another way (generate's reply goes to stdout, the view to stderr: text written
+        under the view would be erased with it), then drawn again below that text. A
+        new Live each time: a stopped one would erase its old height again."""
+        self._erase()
+        try:
+            yield
+        finally:
+            self.live = self._new_live()
+            self.live.start()
+            self.show(self.head)
 
     def draft(self, ev: Draft, head: Sequence = ()) -> None:
         self.lines = self.view.render(ev)
@@ -137,6 +167,7 @@ class LiveCanvas:
     def show(self, head: Sequence = ()) -> None:
         from rich.console import Group
 
+        self.head = head
         self.live.update(Group(*head, *self.lines), refresh=True)
 
 
@@ -196,6 +227,31 @@ def _interrupt_flag():
         signal.signal(signal.SIGINT, old)
 
 
+@contextmanager
+def _no_echo():
+    """While a reply streams, keys typed are not echoed: the terminal would write them
+    into the live view, which then takes more lines than it drew, and its redraws would
+    leave a copy of the reply line behind. What was typed stays in the input and comes
+    up at the next prompt (as a shell's type-ahead)."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        old = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except Exception:  # no termios (Windows), or stdin is no terminal (a pipe, a test's)
+        old = None
+    if old is None:
+        yield
+        return
+    quiet = list(old)
+    quiet[3] &= ~termios.ECHO  # lflag; canonical input and Ctrl-C (ISIG) stay
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
 def _stream_reply(session: ChatSession, console, text: str, flag,
                   attached: Optional["Attached"] = None) -> None:
     """One turn on screen: live canvas while it denoises, committed text above it. The
@@ -215,7 +271,7 @@ def _stream_reply(session: ChatSession, console, text: str, flag,
         t.append(pending)
         return t
 
-    with LiveCanvas(console, session.tokenizer, getattr(session.backend, "draft_steps", session.gen.max_denoising_steps),
+    with LiveCanvas(console, session.tokenizer, session.denoising_steps(),
                     vertical_overflow="visible") as live:
         if hasattr(flag, "on_set"):
             flag.on_set = lambda: live.live.console.print(Text("stopping…", style="yellow"))
@@ -273,11 +329,16 @@ def format_memory(gb: float) -> str:
 
 
 def _stats_text(session: ChatSession) -> str:
+    exchanges = len(session.messages) // 2
+    if session.keep_history:
+        conversation = f"conversation: {exchanges} turns"
+    else:
+        replies = "1 reply" if exchanges == 1 else f"{exchanges} replies"
+        conversation = f"conversation: none kept (--no-history: each message is sent alone), {replies} so far"
     lines = [
         f"model: {session.model_name} ({session.backend.name})",
         "settings: " + " ".join(f"{k}={v}" for k, v in session.settings().items()),
-        f"conversation: {len(session.messages) // 2} turns, system prompt "
-        + ("set" if session.system else "none"),
+        conversation + ", system prompt " + ("set" if session.system else "none"),
         f"cache: {session.cached_tokens} tokens held "
         f"({session.backend.cache_bytes(session.cache) / 1e6:.1f} MB), context limit {session.max_context}",
         f"interrupted replies: {session.interrupted}, cache resets: {session.resets}",
@@ -285,7 +346,9 @@ def _stats_text(session: ChatSession) -> str:
     if session.turns:
         t = session.turns[-1]
         lines.append(
-            f"last reply: {t.tokens} tokens, {t.canvases} canvases, steps {t.steps_per_canvas}, "
+            f"last reply: {_plural(t.tokens, 'token')}"
+            + (f" ({_plural(t.pad_tokens, 'pad token')} not counted)" if t.pad_tokens else "")
+            + f", {_canvases(t.canvases)}, steps {t.steps_per_canvas}, "
             f"{t.tokens_per_forward:.2f} tok/forward, {t.generation_tps:.1f} tok/s, "
             f"prompt {t.encoded + t.suffix} new + {t.reused} cached tokens in {t.prompt_time:.3f} s, "
             f"peak memory {format_memory(t.peak_memory_gb)}, finish {t.finish_reason}"
@@ -403,6 +466,8 @@ def run_repl(session: ChatSession, console=None, read: Optional[Callable[[], str
             style="bold",
         )
     )
+    if session.context_note:
+        console.print(Text(f"note: {session.context_note}", style="yellow"))
     attached = Attached()
     while True:
         try:
@@ -432,7 +497,7 @@ def run_repl(session: ChatSession, console=None, read: Optional[Callable[[], str
             except Exception as e:
                 _print_error(console, e)
             continue
-        with _interrupt_flag() as flag:
+        with _interrupt_flag() as flag, _no_echo():
             try:
                 _stream_reply(session, console, line, flag, attached)
             except Exception as e:

@@ -19,13 +19,17 @@ back to its stable boundary, and the next request runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import json
 import select
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional
 
@@ -36,6 +40,11 @@ from .engine import Engine, Job, Output, Sink
 
 KEEPALIVE_S = 10.0  # an SSE comment at least this often while a stream waits or prefills
 MAX_BODY_BYTES = 16 << 20
+SHUTDOWN_S = 30.0  # on SIGTERM, how long running requests get to be told (a step takes ~1 s)
+
+
+def log(message: str) -> None:
+    print(f"mlx-diffgemma serve: {message}", file=sys.stderr, flush=True)
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -127,7 +136,7 @@ class SSEStream(Sink):
 
     def draft(self, out: Output, ev: Draft) -> None:
         text = out.parser.clean(out.parser.tokenizer.decode(ev.tokens, skip_special_tokens=True))
-        steps = out.job.opts.gen_kwargs.get("max_denoising_steps", self.handler.engine.session.gen.max_denoising_steps)
+        steps = self.handler.engine.session.denoising_steps(out.job.opts.gen_kwargs)
         self.send(chunk(self.job, None, draft={
             "canvas_index": ev.canvas_index, "step": steps - ev.step + 1,
             "text": out.sent_content + text, "canvas_text": text}))
@@ -184,8 +193,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _authorized(self) -> None:
         key = self.server.api_key
-        sent = self.headers.get("Authorization", "").encode()
-        if key and not hmac.compare_digest(sent, f"Bearer {key}".encode()):
+        if not key:
+            return
+        # The scheme is case-insensitive (RFC 9110): "bearer k" is "Bearer k".
+        scheme, _, sent = self.headers.get("Authorization", "").strip().partition(" ")
+        ok = hmac.compare_digest(sent.strip().encode(), key.encode())
+        if scheme.lower() != "bearer" or not ok:
             raise APIError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                            None, "invalid_api_key", "authentication_error")
 
@@ -207,6 +220,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_api_error(e)
 
     def do_POST(self) -> None:
+        with self.server.busy():
+            self._do_post()
+
+    def _do_post(self) -> None:
         try:
             self._post()
         except APIError as e:
@@ -286,7 +303,32 @@ class Server(ThreadingHTTPServer):
         self.max_body_bytes = max_body_bytes
         self.keepalive_s = keepalive_s
         self.verbose = verbose
+        self.active = 0  # POST requests being answered (a shutdown waits for them)
+        self._active_lock = threading.Lock()
         super().__init__((host, port), Handler)
+
+    @contextlib.contextmanager
+    def busy(self):
+        with self._active_lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                self.active -= 1
+
+    def drain(self, why: str, timeout: float = SHUTDOWN_S) -> None:
+        """Shuts the engine down and waits (up to `timeout`) until every request being
+        answered has had its error written; says so on stderr."""
+        counts = self.engine.stop(why)
+        log(f"{why}: shutting down; {counts['running']} running and {counts['waiting']} waiting "
+            "request(s) end with an error (server_shutting_down)")
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.active:
+            log(f"{self.active} request(s) still open after {timeout:g} s: closing them")
+        log("stopped")
 
     @property
     def url(self) -> str:
@@ -305,20 +347,38 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="mlx (default) or the torch reference path")
     p.add_argument("--mode", choices=api.MODES, default=None, help="generation mode of requests that name none (default reference, fast with --target; fast: fast.py, MLX only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=_flag_type(_port, "port"), default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request but /health")
     p.add_argument("--model-id", default=None, help="the model name clients use (default: the --model value)")
     p.add_argument("--max-tokens", type=_setting_type("max_new_tokens", int), default=None, help="default max_tokens of a reply (default: as chat)")
     p.add_argument("--max-context", type=_flag_type(_positive_int, "max_context"), default=None, help="context limit in tokens (default: the model's)")
     p.add_argument("--prompt-cache-size", type=int, default=4, help="conversations kept in the prompt cache (default 4; 0 disables it)")
     p.add_argument("--prompt-cache-gb", type=float, default=8.0, help="bytes the prompt cache may hold, in GB (default 8)")
-    p.add_argument("--image-dir", action="append", default=[], metavar="DIR",
+    p.add_argument("--image-dir", action="append", default=[], metavar="DIR", type=_flag_type(_directory, "image_dir"),
                    help="a directory whose image files requests may name in image_url parts (file:// URL "
                    "or absolute path; repeatable; default none: images come as data URLs only)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20), help="largest request body accepted, in MiB (default 16)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every request to stderr")
     add_target_args(p)
     return p
+
+
+def _port(text: str) -> int:
+    from .session import parse_number
+
+    port = parse_number("the port", int, text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"must be a port number from 0 to 65535 (got {text!r})")
+    return port
+
+
+def _directory(text: str) -> str:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ValueError(f"no such directory: {text}")
+    if not path.is_dir():
+        raise ValueError(f"not a directory: {text}")
+    return text
 
 
 def build_engine(args) -> Engine:
@@ -355,13 +415,33 @@ def main_serve(args) -> int:
     server = Server(engine, args.host, args.port, api_key=args.api_key,
                     max_body_bytes=int(args.max_body_mb * (1 << 20)), verbose=args.verbose)
     drafting = f", drafting for {args.target}" if args.target else ""
+    if engine.session.context_note:
+        log(engine.session.context_note)
     print(f"mlx-diffgemma serve: {engine.model_id} (context {engine.context_length:,} tokens{drafting}) "
           f"listening on {server.url}", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        with _stop_on(signal.SIGTERM):
+            server.serve_forever()
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (_Stopped)
+        server.drain(str(e) if isinstance(e, _Stopped) else "interrupted")
     finally:
         server.server_close()
         engine.close()
     return 0
+
+
+class _Stopped(KeyboardInterrupt):
+    """A signal that stops the server (SIGTERM), raised where serve_forever waits."""
+
+
+@contextlib.contextmanager
+def _stop_on(signum: int):
+    def handler(sig, frame):
+        signal.signal(signum, signal.SIG_IGN)  # the first one only: the shutdown goes on
+        raise _Stopped(signal.Signals(sig).name)
+
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)

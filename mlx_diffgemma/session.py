@@ -34,11 +34,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .config import SEED_MAX, GenerationConfig, check_seed
 from .backends import make_backend
-from .drafter import Commit, Summary, check_context, check_mode, generation_config, reserved_tokens
+from .drafter import (Commit, Summary, check_context, check_mode, context_limit, generation_config,
+                      reserved_tokens)
 from .templates import (  # noqa: F401  (re-exported: the session's callers use them)
     check_text,
     encode_text,
     ensure_chat_template,
+    min_tokens,
     render,
 )
 
@@ -101,11 +103,14 @@ class PromptSplit:
 
 
 def split_prompt(tokenizer, messages: Sequence[Dict[str, Any]],
-                 tools: Optional[List[Dict[str, Any]]] = None, processor=None) -> PromptSplit:
+                 tools: Optional[List[Dict[str, Any]]] = None, processor=None,
+                 fits: Optional[Callable[[int], None]] = None) -> PromptSplit:
     """The generation prompt of `messages`, and how much of it is conversation-stable:
     the longest prefix that the next turn's rendering (this turn as history) repeats.
     Image content parts (`{"type": "image", "image": ...}`) are expanded by `processor`
-    (images.Processor); the stable part holds them."""
+    (images.Processor); the stable part holds them. `fits(n)`, when given, is called
+    with a lower bound on the prompt's tokens before anything is tokenized (and raises
+    when that is already too many: a huge prompt costs no tokenization)."""
     from .images import render_with_images, split_image_parts
 
     messages, sources = split_image_parts(messages)
@@ -116,6 +121,8 @@ def split_prompt(tokenizer, messages: Sequence[Dict[str, Any]],
                                                  len(sources), tools=tools)
     else:
         full_text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
+    if fits is not None:
+        fits(min_tokens(tokenizer, full_text))
     history = list(messages) + [
         {"role": "assistant", "content": _PLACEHOLDER},
         {"role": "user", "content": "x"},
@@ -191,7 +198,8 @@ class TurnStats:
     suffix: int
     prefill_time: float
     prompt_time: float  # prefill + the drafter's encode of the suffix
-    tokens: int = 0
+    tokens: int = 0  # the reply's tokens, pads left out (as tokens_per_forward counts)
+    pad_tokens: int = 0
     canvases: int = 0
     steps_per_canvas: List[int] = field(default_factory=list)
     tokens_per_forward: float = 0.0
@@ -310,10 +318,8 @@ class ChatSession:
         # False: every message is sent as a fresh conversation (single-turn models such as
         # toy-sudoku); the transcript still keeps every turn.
         self.keep_history = keep_history
-        limit = self.backend.max_context
-        if max_context is not None and max_context < 1:
-            raise ValueError(f"max_context must be a positive number of tokens (got {max_context})")
-        self.max_context = min(max_context, limit) if max_context else limit
+        # context_note: why the context is less than `max_context` asked for (or None)
+        self.max_context, self.context_note = context_limit(max_context, self.backend.max_context)
         self.seed = check_seed(seed)
         self.mode = self._check_mode(mode)
         self.gen_kwargs: Dict[str, Any] = {}
@@ -365,6 +371,15 @@ class ChatSession:
                 f"the whole {self.max_context}-token context; lower it"
             )
         self.gen_kwargs, self.seed, self.mode = new, seed, mode
+
+    def denoising_steps(self, gen_kwargs: Optional[Dict[str, Any]] = None) -> int:
+        """The most denoising steps a canvas of a turn takes (what a Draft's `step` counts
+        down from): a speculative backend's draft steps, else max_denoising_steps with
+        `gen_kwargs`' overrides."""
+        steps = getattr(self.backend, "draft_steps", None)
+        if steps is not None:
+            return int(steps)
+        return generation_config(self.model, **dict(self.gen_kwargs, **(gen_kwargs or {}))).max_denoising_steps
 
     def settings(self) -> Dict[str, Any]:
         g = self.gen
@@ -427,18 +442,20 @@ class ChatSession:
         return self._processor
 
     def load_images(self, sources: Sequence[Any]) -> List[Any]:
-        """Each image loaded and preprocessed now (a bad one is refused here, before any
-        turn): one images.ImageInputs per source, to pass to `send`."""
-        return [self.processor.images([s]) for s in sources]
+        """Each image loaded and preprocessed now (a bad one is refused here, for what is
+        wrong with it, before any turn): one images.ImageInputs per source, to pass to
+        `send`."""
+        from .images import ImageInputs, load_image
+
+        loaded = [s if isinstance(s, ImageInputs) else load_image(s) for s in sources]
+        return [self.processor.images([s]) for s in loaded]
 
     @staticmethod
     def user_message(text: str, images: Sequence[Any] = (), names: Sequence[str] = ()) -> Dict[str, Any]:
         """A user message; with images, content parts: the images, then the text."""
-        if not images:
-            return {"role": "user", "content": text}
-        names = list(names) + [None] * (len(images) - len(names))
-        parts = [{"type": "image", "image": im, "name": n} for im, n in zip(images, names)]
-        return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+        from .images import user_message
+
+        return user_message(text, images, names)
 
     def conversation(self, user_text: Optional[str] = None, images: Sequence[Any] = (),
                      names: Sequence[str] = ()) -> List[Dict[str, Any]]:
@@ -454,9 +471,11 @@ class ChatSession:
 
     def check_context(self, n_prompt: int, gen: Optional[GenerationConfig] = None,
                       fix: str = "/reset the conversation, shorten the message or lower "
-                                 "max_new_tokens") -> None:
-        """Refuses a prompt of `n_prompt` tokens whose reply could outrun the context."""
-        check_context(n_prompt, gen or self.gen, self.backend.canvas_length, self.max_context, fix)
+                                 "max_new_tokens", at_least: bool = False) -> None:
+        """Refuses a prompt of `n_prompt` tokens (`at_least`: a lower bound, counted
+        before tokenizing) whose reply could outrun the context."""
+        check_context(n_prompt, gen or self.gen, self.backend.canvas_length, self.max_context, fix,
+                      at_least=at_least)
 
     def _rollback(self, length: int) -> bool:
         """Brings the cache back to its first `length` tokens (the backend trims or
@@ -468,7 +487,7 @@ class ChatSession:
         self.cached_ids = self.cached_ids[:length]
         return True
 
-    def _clear_cache(self, note: str) -> str:
+    def _clear_cache(self, note: Optional[str]) -> Optional[str]:
         self._reset_cache()
         self.resets += 1
         return note
@@ -483,9 +502,11 @@ class ChatSession:
             return keep, 0, None
         if keep > 0 and self._rollback(keep):
             return keep, held - keep, None
-        return 0, 0, self._clear_cache(
-            "the cache no longer matches the conversation and cannot be cut back: "
-            f"cleared, re-encoding all {split.stable} tokens")
+        # Without history every message starts a new conversation: a cleared cache is
+        # what it expects, not news.
+        note = (f"the cache no longer matches the conversation and cannot be cut back: cleared, "
+                f"re-encoding all {split.stable} tokens") if self.keep_history else None
+        return 0, 0, self._clear_cache(note)
 
     def _prefill(self, split: "PromptSplit", keep: int, should_stop) -> bool:
         """Encodes the new stable tokens in chunks (bounded memory; an image and its
@@ -516,7 +537,8 @@ class ChatSession:
         images = self.load_images(images) if images else []
         message = self.user_message(check_text(user_text, "the message"), images, names)
         msgs = self.conversation() + [message]
-        split = split_prompt(self.tokenizer, msgs, processor=self._processor)
+        split = split_prompt(self.tokenizer, msgs, processor=self._processor,
+                             fits=lambda n: self.check_context(n, at_least=True))
         seed = None if self.seed is None else (self.seed + len(self.turns)) % (SEED_MAX + 1)
 
         def finish(summary: Summary, stats: TurnStats) -> None:
@@ -595,7 +617,7 @@ class ChatSession:
         """The reply joins the conversation and its numbers the turn's stats."""
         self.messages += [message, {"role": "assistant", "content": summary.text}]
         stats.prompt_time += summary.prompt_time
-        stats.tokens = len(summary.tokens)
+        stats.tokens, stats.pad_tokens = summary.valid_tokens, summary.pad_tokens
         stats.canvases = summary.canvases
         stats.steps_per_canvas = list(summary.steps_per_canvas)
         stats.tokens_per_forward = summary.tokens_per_forward
@@ -608,12 +630,16 @@ class ChatSession:
     # -- reporting -----------------------------------------------------------------------
 
     def transcript(self) -> Dict[str, Any]:
+        """What the user saw: every exchange, also without history (`history` false: each
+        message was sent alone), and each turn's numbers."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
         return {
             "model": self.model_name,
             "backend": self.backend.name,
             "settings": self.settings(),
             "system": self.system,
-            "messages": [_printable(m) for m in self.conversation()],
+            "history": self.keep_history,
+            "messages": [_printable(m) for m in system + self.messages],
             "turns": [asdict(t) for t in self.turns],
         }
 

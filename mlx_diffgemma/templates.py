@@ -3,6 +3,10 @@ Used by the chat session (session.py) and the image processor (images.py)."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -59,6 +63,9 @@ def render(tokenizer, messages: Sequence[Dict[str, Any]], add_generation_prompt:
         )
     except TemplateError as e:  # e.g. the template's raise_exception on a role it refuses
         raise ValueError(f"the chat template rejects this conversation: {e}") from None
+    except RecursionError:  # a template recursing into deeply nested tool schemas
+        raise ValueError("the chat template cannot render this conversation: it nests too "
+                         "deeply") from None
 
 
 def check_text(text: str, what: str) -> str:
@@ -78,3 +85,83 @@ def encode_text(tokenizer, text: str) -> List[int]:
     except TypeError:
         ids = tokenizer.encode(text)
     return [int(t) for t in ids]
+
+
+# -- a cheap lower bound on a text's token count ----------------------------------------------
+
+# tokenizers' normalizers and pre-tokenizers that never shorten a text: they replace one
+# character by one or more, split, or add.
+_KEEPS_LENGTH = {"Prepend", "Lowercase", "NFD", "NFKD", "ByteLevel", "Metaspace", "Digits",
+                 "Punctuation", "UnicodeScripts", "CharDelimiterSplit"}
+_REGEX_CHARS = set("\\.^$*+?{}[]|()")
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_MAX_TOKEN_CHARS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _shrink_factor(spec: Optional[Dict[str, Any]]) -> Optional[float]:
+    """How many times shorter a normalizer or pre-tokenizer (tokenizer.json's spec) can
+    make a text: 1 for those that only replace, split or add; None when unknown or when
+    it may drop characters (strip, accents, whitespace splitting)."""
+    if spec is None:
+        return 1.0
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1.0
+        for part in spec.get("normalizers") or spec.get("pretokenizers") or []:
+            f = _shrink_factor(part)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    if kind == "Replace":
+        pattern = spec.get("pattern") or {}
+        text = pattern.get("String", pattern.get("Regex"))
+        if not isinstance(text, str) or not text or ("Regex" in pattern and _REGEX_CHARS & set(text)):
+            return None  # a real regular expression: any length may be replaced
+        content = spec.get("content") or ""
+        return max(1.0, len(text) / len(content)) if content else None
+    if kind == "Split":
+        return None if spec.get("behavior") == "Removed" else 1.0
+    return 1.0 if kind in _KEEPS_LENGTH else None
+
+
+def max_token_chars(tokenizer) -> Optional[float]:
+    """The most input characters one token of `tokenizer` can stand for (its longest
+    vocabulary entry, special tokens included, a byte-fallback token counting one, times
+    what normalization may shorten), or None when that cannot be known (no `tokenizers`
+    BPE backend, or a normalizer that may drop characters). Computed once per tokenizer."""
+    hf = _hf_tokenizer(tokenizer)
+    try:
+        return _MAX_TOKEN_CHARS[hf]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(hf, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    value = None
+    # BPE only: there a character without a token becomes byte tokens, or one <unk> each
+    # unless fuse_unk (one <unk> for a whole run, of any length); Unigram and WordPiece
+    # fuse unknown runs or words.
+    if type(model).__name__ == "BPE" and (model.byte_fallback or not model.fuse_unk):
+        specs = [json.loads(p.__getstate__()) if p is not None else None
+                 for p in (backend.normalizer, backend.pre_tokenizer)]
+        factors = [_shrink_factor(s) for s in specs]
+        if None not in factors:
+            longest = max((1 if _BYTE_TOKEN.fullmatch(t) else len(t)
+                           for t in backend.get_vocab(with_added_tokens=True)), default=0)
+            value = float(max(longest, 1) * factors[0] * factors[1])
+    try:
+        _MAX_TOKEN_CHARS[hf] = value
+    except TypeError:  # not weakly referenceable: computed again next time
+        pass
+    return value
+
+
+def min_tokens(tokenizer, text: str) -> int:
+    """A lower bound on the tokens `text` encodes to, without encoding it: no token stands
+    for more than `max_token_chars` characters. Lets a prompt far over the context be
+    refused at once instead of tokenized whole (which for a 15 MB text takes tens of
+    seconds and gigabytes). 0 when the tokenizer gives no such bound."""
+    chars = max_token_chars(tokenizer)
+    if not chars:
+        return 0
+    return math.ceil(len(text) / chars)

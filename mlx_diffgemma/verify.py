@@ -211,7 +211,8 @@ def add_verify_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("mlx_path", help="the MLX model directory to check")
     p.add_argument("--against", default=None,
                    help="an unquantized (HF) directory to compare the logits of random canvases with")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random prompt and canvases compared with --against (default 0)")
     p.add_argument("--canvases", type=positive_int, default=4, help="random canvases to compare (default 4)")
     p.add_argument("--min-agreement", type=fraction, default=None,
                    help="fail when the argmax agreement is below this fraction")

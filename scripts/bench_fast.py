@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Fast mode against reference mode on a trained toy model: accuracy, steps per canvas,
-mean active positions per step, tokens per second and decoder work per generated token,
-for reference mode, the full fast mode, each approximation alone, and mlx-vlm 0.7.10's
-default sampler (confidence threshold) on the same MLX directory, in one run.
+"""Fast mode against reference mode on the trained Sudoku toys, on their held-out test
+sets (scripts/toy_testsets.py): accuracy overall and by stratum (number of blanks,
+number of solutions: 1, 2-3, 4-9, 10+; the groups kept apart, such as the empty grid,
+reported beside), steps per canvas, mean active positions per step, tokens per second
+(indicative) and decoder work per generated token, for reference mode, fast mode, each
+of its rules and approximations alone or left out, and mlx-vlm 0.7.10's default sampler
+(confidence threshold) on the same MLX directory, in one run.
 
-    python scripts/bench_fast.py --model toy-sudoku --n 100 [--json out.json]
+    python scripts/bench_fast.py [--model toy-sudoku --model toy-sudoku-open] [--split test]
+        [--json-dir benchmarks/cpu-2core]
 
-Decoder work is counted, not timed (a tiny model's wall time is per-call overhead):
-positions run through the layers, LM-head rows and self-conditioning entries, each
-weighed by its FLOPs at the toy's shapes and, projected with the same per-step counts
-scaled to a 256-token canvas, at the released 26B-A4B shapes.
+Puzzle i of a split runs under `SeededNoise(i)` (mlx-vlm: `mx.random.seed(i)`); the
+empty grid runs under seeds 0..--empty-seeds-1. Decoder work is counted, not timed (a
+tiny model's wall time is per-call overhead): positions run through the layers, LM-head
+rows and self-conditioning entries, each weighed by its FLOPs at the toy's shapes and,
+projected with the same per-step counts scaled to a 256-token canvas, at the released
+26B-A4B shapes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -32,19 +39,56 @@ from mlx_diffgemma.denoiser import MLXDenoiser  # noqa: E402
 from mlx_diffgemma.drafter import generation_config, stream  # noqa: E402
 from mlx_diffgemma.fast import FastDenoiser, FastOptions, Work  # noqa: E402
 
+
+def rule_rows(d: FastOptions) -> Dict[str, FastOptions]:
+    """Each self-correction rule of freezing.py measured alone: the defaults without it
+    when it is on, with it (a representative setting) when it is off."""
+    rows = {"frozen for good (no re-opening)": d.irrevocable()}
+    tries = {"revoke_floor": 0.99, "revoke_margin": 0.2, "hold": 2, "adapt": 0.5, "final_pass": 0.9}
+    for name, value in tries.items():
+        on = getattr(d, name) not in (0, 0.0, 1, 1.0, None) or (name == "hold" and d.hold > 1)
+        off = {"revoke_floor": 0.0, "revoke_margin": None, "hold": 1, "adapt": 1.0, "final_pass": 0.0}[name]
+        if on:
+            r = replace(d, **{name: off})
+            if r.revocable or r.final_pass or r.hold > 1:  # else it is the row above
+                rows[f"defaults, no {name}"] = r
+        else:
+            rows[f"defaults + {name} {value}"] = replace(d, **{name: value})
+    if d.revoke_floor or d.revoke_margin is not None:
+        rows["defaults, re-opened to argmax"] = replace(d, reopen_noise=not d.reopen_noise)
+    rows[f"defaults, confidence at {'the schedule' if d.confidence_at_t1 else 'temperature 1'}"] = replace(
+        d, confidence_at_t1=not d.confidence_at_t1)
+    return rows
+
+
+D = FastOptions()
 MODES: Dict[str, Optional[FastOptions]] = {
     "reference": None,
-    "fast (defaults)": FastOptions(),
-    "freeze (confidence) only": FastOptions(top_k=0, sc_top_k=0),
-    "freeze (entropy) only": FastOptions(freeze="entropy", top_k=0, sc_top_k=0),
+    "fast (defaults)": D,
+    **rule_rows(D),
+    "freeze (confidence) only": replace(D, top_k=0, sc_top_k=0),
+    "freeze (entropy) only": replace(D, freeze="entropy", top_k=0, sc_top_k=0),
     "top-K sampling only": FastOptions(freeze=None, sc_top_k=0, skip_after_eos=False, renoise=True),
     "sparse self-cond. only": FastOptions(freeze=None, top_k=0, skip_after_eos=False, renoise=True),
-    "fast, open renoised": FastOptions(renoise=True),
-    "fast + active set": FastOptions(active_set=True),
-    "fast + active set, refresh 1": FastOptions(active_set=True, refresh_every=1),
-    "fast, no self-cond.": FastOptions(self_conditioning=False),
-    "fast + repair": FastOptions(repair=True),
+    "fast, open renoised": replace(D, renoise=True),
+    "fast + active set": replace(D, active_set=True),
+    "fast + active set, refresh 1": replace(D, active_set=True, refresh_every=1),
+    "fast, no self-cond.": replace(D, self_conditioning=False),
+    "fast + repair": replace(D, repair=True),
 }
+PEER = "mlx-vlm 0.7.10 default"
+
+
+@dataclass
+class Case:
+    """One generation: a puzzle, the noise seed it runs under and its strata."""
+
+    puzzle: str
+    ids: List[int]
+    seed: int
+    group: str  # the split's name, or the group reported apart
+    blanks: int
+    solutions: int
 
 
 def position_flops(args: ModelArgs) -> float:
@@ -77,46 +121,28 @@ def reference_work(steps: List[int], canvas: int) -> Work:
     return Work(steps=sum(steps), positions=n, lm_head_rows=n, sc_rows=sc)
 
 
-def run_mode(model, tok, prompts, check, opts: Optional[FastOptions], max_new: int) -> Dict[str, Any]:
+WORK_FIELDS = ("steps", "positions", "lm_head_rows", "sc_rows")
+
+
+def run_mode(model, tok, cases: List[Case], check, opts: Optional[FastOptions], max_new: int) -> Dict[str, Any]:
+    """Every case in one mode: per case (solved, steps per canvas, tokens, work)."""
     C = model.canvas_length
-    total = Work()
-    ok, steps, tokens, canvases = 0, [], 0, []
+    out = []
     t0 = time.perf_counter()
-    for i, (text, ids) in enumerate(prompts):
+    for c in cases:
         gen = generation_config(model, max_new_tokens=max_new)
-        noise = md.SeededNoise(i)
-        den = MLXDenoiser(model, gen, noise=noise) if opts is None else FastDenoiser(model, gen, noise=noise, options=opts)
-        s = list(stream(den, tok, ids))[-1]
-        ok += bool(check(text, s.text))
-        steps += s.steps_per_canvas
-        canvases.append(s.canvases)
-        tokens += len(s.tokens)
+        noise = md.SeededNoise(c.seed)
+        den = (MLXDenoiser(model, gen, noise=noise) if opts is None
+               else FastDenoiser(model, gen, noise=noise, options=opts))
+        s = list(stream(den, tok, c.ids))[-1]
         w = reference_work(s.steps_per_canvas, C) if opts is None else den.work
-        for f in ("steps", "positions", "lm_head_rows", "sc_rows"):
-            setattr(total, f, getattr(total, f) + getattr(w, f))
-    seconds = time.perf_counter() - t0
-    return {
-        "accuracy": ok / len(prompts),
-        "steps_per_canvas": float(np.mean(steps)),
-        "canvases": float(np.mean(canvases)),
-        "mean_active": total.positions / max(total.steps, 1),
-        "tokens_per_second": tokens / seconds,
-        "tokens": tokens,
-        "work": total,
-        "sc_k": None if opts is None else (opts.sc_top_k or None),
-    }
+        out.append({"solved": bool(check(c.puzzle, s.text)), "steps": list(s.steps_per_canvas),
+                    "tokens": len(s.tokens), "work": [getattr(w, f) for f in WORK_FIELDS]})
+    return {"cases": out, "seconds": time.perf_counter() - t0,
+            "sc_k": None if opts is None else (opts.sc_top_k or None)}
 
 
-def real_shape_projection(r: Dict[str, Any], canvas: int, real: ModelArgs) -> float:
-    """Work per token at the released shapes if every per-step count scaled from the
-    toy's canvas to 256 positions (same steps, same active fractions)."""
-    w, f = r["work"], 256 / canvas
-    scaled = Work(steps=w.steps, positions=w.positions * f, lm_head_rows=w.lm_head_rows * f,
-                  sc_rows=w.sc_rows * f)
-    return work_flops(real, scaled, r["sc_k"]) / max(r["tokens"], 1)
-
-
-def mlx_vlm_mode(path: Path, prompts, check, max_new: int) -> Dict[str, Any]:
+def mlx_vlm_mode(path: Path, cases: List[Case], check, max_new: int) -> Dict[str, Any]:
     """mlx-vlm 0.7.10's own diffusion generation with its default sampler."""
     import importlib
 
@@ -158,89 +184,196 @@ def mlx_vlm_mode(path: Path, prompts, check, max_new: int) -> Dict[str, Any]:
         detokenizer = Detok()
         stopping_criteria = Stop()
 
-    ok, steps, tokens = 0, [], 0
+    out = []
     t0 = time.perf_counter()
-    for i, (text, ids) in enumerate(prompts):
-        mx.random.seed(i)
-        out, n, blocks, done = "", 0, 0, 0
-        for r in d.stream_diffusion_generate(model, Tok, Tok, mx.array([ids]), None, None,
+    for c in cases:
+        mx.random.seed(c.seed)
+        text, n, blocks, done = "", 0, 0, 0
+        for r in d.stream_diffusion_generate(model, Tok, Tok, mx.array([c.ids]), None, None,
                                              max_tokens=max_new, skip_special_token_ids=sorted(eos)):
-            out += r.text
+            text += r.text
             n = r.generation_tokens
             done = r.diffusion_denoising_steps
             blocks += bool(r.diffusion_block_complete)
-        ok += bool(check(text, out))
-        steps.append(done / max(blocks, 1))
-        tokens += n
-    return {"accuracy": ok / len(prompts), "steps_per_canvas": float(np.mean(steps)),
-            "tokens_per_second": tokens / (time.perf_counter() - t0)}
+        out.append({"solved": bool(check(c.puzzle, text)), "steps": [done / max(blocks, 1)] * max(blocks, 1),
+                    "tokens": n})
+    return {"cases": out, "seconds": time.perf_counter() - t0}
 
 
-def toy_task(hf_dir: Path, n: int):
-    """The held-out prompts of a toy model trained by scripts/train_toy.py (its
-    heldout.json names the task) and the task's checker."""
+# -- the test sets and their strata -------------------------------------------------------
+
+
+def toy_cases(toy: str, hf_dir: Path, split: str, empty_seeds: int, limit: Optional[int] = None,
+              apart: bool = True):
+    """The cases of a toy's test set (`split`, then with `apart` the groups kept apart,
+    the empty grid under `empty_seeds` seeds) and the task's checker `check(puzzle, answer)`."""
     from transformers import AutoTokenizer
 
+    import toy_testsets
     import train_toy
 
+    path = toy_testsets.path_of(toy)
+    if not path.is_file():
+        raise SystemExit(f"{toy} has no test set ({path}); write it with python scripts/toy_testsets.py")
+    data = toy_testsets.load(toy)
+    task = train_toy.get_task(data["task"])
     hf = AutoTokenizer.from_pretrained(str(hf_dir))
-    data = json.loads((hf_dir / "heldout.json").read_text())
-    get_task = getattr(train_toy, "get_task", None)
-    task = get_task(data.get("task", "sudoku")) if get_task else None
-    items = data["puzzles"][:n]
-    if task is None:  # a training script without tasks: the sudoku toy
-        return [(it["puzzle"], train_toy.prompt_ids(hf, it["puzzle"])) for it in items], train_toy.solves
-    by_prompt = {it["puzzle"]: it for it in items}
-    prompts = [(it["puzzle"], train_toy.prompt_ids(hf, it["puzzle"], task)) for it in items]
-    return prompts, lambda prompt, answer: task.check(by_prompt[prompt], answer)
+    picked = toy_testsets.items(data, split)
+    if limit:
+        picked = picked[:: max(1, len(picked) // limit)][:limit]
+    cases = [Case(it["puzzle"], [], i, g, it["blanks"], it["solutions"]) for i, (g, it) in enumerate(picked)]
+    for i, (g, it) in enumerate(toy_testsets.items(data, "apart") if apart else []):
+        seeds = range(empty_seeds) if it["blanks"] == 16 else [i]
+        cases += [Case(it["puzzle"], [], s, g, it["blanks"], it["solutions"]) for s in seeds]
+    for c in cases:
+        c.ids = train_toy.prompt_ids(hf, c.puzzle, task)
+    return cases, lambda puzzle, answer: task.check({"puzzle": puzzle}, answer)
+
+
+def stratum_keys(c: Case, split: str) -> List[str]:
+    """The strata a case counts in: all of the split, its blanks and its solution class;
+    a group kept apart only in itself."""
+    from toy_testsets import solution_class
+
+    if c.group != split:
+        return [c.group]
+    return ["all", f"{c.blanks} blanks", f"{solution_class(c.solutions)} sol."]
+
+
+def summarize(model, cases: List[Case], r: Dict[str, Any], split: str, real: ModelArgs) -> Dict[str, Any]:
+    """Accuracy per stratum, and over the split: steps, active positions, tokens per
+    second and work per token (toy shapes, and projected to the released ones)."""
+    strata: Dict[str, List[int]] = {}
+    steps_by: Dict[str, List[float]] = {}
+    for c, x in zip(cases, r["cases"]):
+        for k in stratum_keys(c, split):
+            strata.setdefault(k, []).append(int(x["solved"]))
+            steps_by.setdefault(k, []).extend(x["steps"])
+    main = [x for c, x in zip(cases, r["cases"]) if c.group == split]
+    out = {
+        "accuracy": float(np.mean([x["solved"] for x in main])),
+        "steps_per_canvas": float(np.mean([s for x in main for s in x["steps"]])),
+        "canvases": float(np.mean([len(x["steps"]) for x in main])),
+        "tokens": int(sum(x["tokens"] for x in main)),
+        "tokens_per_second_indicative": sum(x["tokens"] for x in r["cases"]) / r["seconds"],
+        "strata": {k: {"n": len(v), "solved": int(sum(v)), "accuracy": float(np.mean(v)),
+                       "steps_per_canvas": float(np.mean(steps_by[k]))} for k, v in strata.items()},
+        "solved_bits": "".join(str(int(x["solved"])) for x in r["cases"]),
+    }
+    if "work" in main[0]:
+        w = Work(**{f: int(sum(x["work"][i] for x in main)) for i, f in enumerate(WORK_FIELDS)})
+        out.update(work=w, sc_k=r["sc_k"], mean_active=w.positions / max(w.steps, 1),
+                   work_per_token=work_flops(model.args, w, r["sc_k"]) / max(out["tokens"], 1))
+        out["real_work_per_token"] = real_shape_projection(out, model.canvas_length, real)
+    return out
+
+
+def real_shape_projection(r: Dict[str, Any], canvas: int, real: ModelArgs) -> float:
+    """Work per token at the released shapes if every per-step count scaled from the
+    toy's canvas to 256 positions (same steps, same active fractions)."""
+    w, f = r["work"], 256 / canvas
+    scaled = Work(steps=w.steps, positions=w.positions * f, lm_head_rows=w.lm_head_rows * f,
+                  sc_rows=w.sc_rows * f)
+    return work_flops(real, scaled, r["sc_k"]) / max(r["tokens"], 1)
+
+
+# -- tables -------------------------------------------------------------------------------
+
+
+def print_main(rows: Dict[str, Dict[str, Any]]) -> None:
+    ref = rows["reference"]
+    print(f"| mode | solved | steps / canvas | positions / step | tok/s (indicative) | work / token "
+          f"| x less | 26B-A4B x less | x tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        tps = r["tokens_per_second_indicative"] / ref["tokens_per_second_indicative"]
+        if "work" not in r:
+            print(f"| {name} | {r['accuracy']:.3f} | {r['steps_per_canvas']:.2f} | - "
+                  f"| {r['tokens_per_second_indicative']:.1f} | - | - | - | {tps:.2f} |")
+            continue
+        print(f"| {name} | {r['accuracy']:.3f} | {r['steps_per_canvas']:.2f} | {r['mean_active']:.1f} "
+              f"| {r['tokens_per_second_indicative']:.1f} | {r['work_per_token'] / 1e6:.2f} M "
+              f"| {ref['work_per_token'] / r['work_per_token']:.2f} "
+              f"| {ref['real_work_per_token'] / r['real_work_per_token']:.2f} | {tps:.2f} |")
+
+
+def stratum_order(keys) -> List[str]:
+    def rank(k: str):
+        if k == "all":
+            return (0, 0)
+        if k.endswith("blanks"):
+            return (1, int(k.split()[0]))
+        if k.endswith("sol."):
+            return (2, ["1", "2-3", "4-9", "10+"].index(k.split()[0]))
+        return (3, k)
+
+    return sorted(keys, key=rank)
+
+
+def print_strata(rows: Dict[str, Dict[str, Any]], versus=("reference", PEER)) -> None:
+    """Percent solved per stratum (n in the header), then fast mode's defaults minus
+    each of `versus`, in points."""
+    keys = stratum_order(rows["reference"]["strata"])
+    n = rows["reference"]["strata"]
+    print("| mode | " + " | ".join(f"{k} ({n[k]['n']})" for k in keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f"{100 * r['strata'][k]['accuracy']:.1f}" for k in keys) + " |")
+    fast = rows.get("fast (defaults)")
+    for other in versus:
+        if fast is None or other not in rows:
+            continue
+        d = [100 * (fast["strata"][k]["accuracy"] - rows[other]["strata"][k]["accuracy"]) for k in keys]
+        print(f"| fast (defaults) - {other}, points | " + " | ".join(f"{x:+.1f}" for x in d) + " |")
+
+
+def run_toy(toy: str, a, real: ModelArgs, modes: Dict[str, Optional[FastOptions]]) -> Dict[str, Dict[str, Any]]:
+    from mlx_diffgemma.paths import packaged_model
+
+    mlx_dir, hf_dir = packaged_model(toy), packaged_model(toy, prefer="hf")
+    model, tok = md.load(mlx_dir)
+    cases, check = toy_cases(toy, hf_dir, a.split, a.empty_seeds, a.limit)
+    max_new = 2 * model.canvas_length
+    rows = {}
+    for name, opts in modes.items():
+        rows[name] = summarize(model, cases, run_mode(model, tok, cases, check, opts, max_new), a.split, real)
+        print(f"  {toy} {name}: {rows[name]['accuracy']:.3f}", flush=True)
+    if not a.no_mlx_vlm:
+        rows[PEER] = summarize(model, cases, mlx_vlm_mode(mlx_dir, cases, check, max_new), a.split, real)
+    split_n = sum(c.group == a.split for c in cases)
+    print(f"\n{toy}: {split_n} distinct held-out puzzles ({a.split} split), max_new_tokens {max_new}, "
+          f"SeededNoise(i) for puzzle i; apart: {sorted({c.group for c in cases} - {a.split})}")
+    print_main(rows)
+    print()
+    print_strata(rows)
+    return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="toy-sudoku", help="a packaged toy model (toy-sudoku, toy-narayana) or its hf/ folder")
-    p.add_argument("--n", type=int, default=100, help="held-out prompts (default 100)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: two canvases")
+    p.add_argument("--model", action="append", default=None,
+                   help="a packaged Sudoku toy (repeatable; default toy-sudoku and toy-sudoku-open)")
+    p.add_argument("--split", default="test", choices=("test", "tune"))
+    p.add_argument("--limit", type=int, default=None, help="at most this many puzzles of the split, spread over it")
+    p.add_argument("--empty-seeds", type=int, default=64, help="noise seeds the empty grid runs under")
+    p.add_argument("--modes", default=None, help="comma-separated mode names (default all)")
     p.add_argument("--no-mlx-vlm", action="store_true")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json-dir", default=None, help="write fast-<toy>.json here")
     a = p.parse_args(argv)
-    from mlx_diffgemma.paths import packaged_model
     from mlx_diffgemma.synthetic import preset_args
 
-    mlx_dir = packaged_model(a.model) or Path(a.model)
-    hf_dir = packaged_model(a.model, prefer="hf") or Path(a.model)
-    model, tok = md.load(mlx_dir)
-    prompts, check = toy_task(hf_dir, a.n)
-    max_new = a.max_new_tokens or 2 * model.canvas_length
+    modes = MODES if not a.modes else {"reference": None, **{m: MODES[m] for m in a.modes.split(",")}}
     real = preset_args("real")
-    rows: Dict[str, Dict[str, Any]] = {}
-    for name, opts in MODES.items():
-        r = run_mode(model, tok, prompts, check, opts, max_new)
-        r["work_per_token"] = work_flops(model.args, r["work"], r["sc_k"]) / max(r["tokens"], 1)
-        r["real_work_per_token"] = real_shape_projection(r, model.canvas_length, real)
-        rows[name] = r
-    ref = rows["reference"]
-    print(f"{a.model}: {len(prompts)} held-out prompts, max_new_tokens {max_new}, seeds 0..{len(prompts) - 1}")
-    print(f"{'mode':26s} {'acc':>6s} {'steps/cv':>8s} {'active':>7s} {'tok/s':>7s} {'work/tok':>9s} "
-          f"{'x less':>6s} {'26B x less':>10s} {'x tok/s':>7s}")
-    for name, r in rows.items():
-        print(f"{name:26s} {r['accuracy']:6.3f} {r['steps_per_canvas']:8.2f} {r['mean_active']:7.1f} "
-              f"{r['tokens_per_second']:7.1f} {r['work_per_token'] / 1e6:8.2f}M "
-              f"{ref['work_per_token'] / r['work_per_token']:6.2f} "
-              f"{ref['real_work_per_token'] / r['real_work_per_token']:10.2f} "
-              f"{r['tokens_per_second'] / ref['tokens_per_second']:7.2f}")
+    for toy in a.model or ["toy-sudoku", "toy-sudoku-open"]:
+        rows = run_toy(toy, a, real, modes)
+        if a.json_dir:
+            out = {k: {kk: (vars(vv) | {"per_step": None} if kk == "work" else vv) for kk, vv in r.items()}
+                   for k, r in rows.items()}
+            Path(a.json_dir, f"fast-{toy}.json").write_text(json.dumps(out, indent=1) + "\n")
     H, V, K = real.hidden_size, real.vocab_size, FastOptions().sc_top_k
-    print(f"26B-A4B FLOPs per computed canvas position: layers {position_flops(real) / 1e9:.2f} G, "
+    print(f"\n26B-A4B FLOPs per computed canvas position: layers {position_flops(real) / 1e9:.2f} G, "
           f"LM head {2 * H * V / 1e9:.2f} G, self-conditioning dense {2 * H * V / 1e9:.2f} G / "
           f"top-{K} {2 * H * K / 1e9:.5f} G (+ its MLP {6 * H * real.intermediate_size / 1e9:.3f} G)")
-    if not a.no_mlx_vlm:
-        v = mlx_vlm_mode(mlx_dir, prompts, check, max_new)
-        rows["mlx-vlm 0.7.10 default"] = v
-        print(f"{'mlx-vlm 0.7.10 default':26s} {v['accuracy']:6.3f} {v['steps_per_canvas']:8.2f} "
-              f"{'-':>7s} {v['tokens_per_second']:7.1f}")
-    if a.json:
-        out = {k: {kk: vv for kk, vv in r.items() if kk != "work"} | (
-            {"work": vars(r["work"]) | {"per_step": None}} if "work" in r else {}) for k, r in rows.items()}
-        Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -67,6 +67,37 @@ def test_cli_bench_runs_ours(tmp_path):
     assert "target_gb" not in json.dumps(rep)
 
 
+def test_cli_bench_takes_model_names_and_fits_the_prompt_to_the_context(tmp_path, capsys):
+    """`--model` as the other commands take it (the packaged toy-sudoku, 512-token
+    context): the default prompt shrinks to fit beside the generation, and one that
+    cannot fit is refused in one line."""
+    out = tmp_path / "toy.json"
+    assert cli_main(["bench", "--model", "toy-sudoku", "--steps", "2", "--iters", "1", "--warmup", "0",
+                     "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    r = rep["results"]["ours"]
+    assert "error" not in r and r["prefill_s"] > 0 and r["generate_tokens"] == 48
+    assert rep["settings"]["prompt_tokens"] == 512 - 48
+    assert rep["settings"]["prompt"].endswith("fitted to the 512-token context")
+    capsys.readouterr()
+    assert cli_main(["bench", "--model", "toy-sudoku", "--prompt-tokens", "500"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("--prompt-tokens 500 + 48 generated exceed the model's 512-token context; "
+                                     "use --prompt-tokens 464 or less") in err
+
+
+def test_cli_bench_fails_when_nothing_was_measured(monkeypatch, capsys):
+    from mlx_diffgemma import bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(bench, "measure", broken)
+    assert cli_main(["bench", "--config", "tiny", "--steps", "2", "--iters", "1", "--warmup", "0",
+                     "--prompt-tokens", "40", "--gen-tokens", "64"]) == 2
+    assert "nothing was measured: RuntimeError: the device went away" in capsys.readouterr().err
+
+
 def test_peers_run_the_same_checkpoint(report):
     rep, impls = report
     for name in impls[1:]:

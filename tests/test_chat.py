@@ -35,6 +35,7 @@ from mlx_diffgemma.config import GenerationConfig
 from mlx_diffgemma.denoiser import MLXDenoiser
 from mlx_diffgemma.drafter import Commit, Summary
 from teacher_forcing import recording, replay
+from terminals import Pexpect as _Pexpect, Tmux as _Tmux, wait as _wait
 
 REPO = Path(__file__).resolve().parents[1]
 THOUGHT = "<|channel>thought\n<channel|>"  # the Gemma 4 empty thought channel
@@ -313,92 +314,6 @@ def test_generate_command_plain_stdout(ckpt_factory, capsys):
 
 
 # -- the REPL in a terminal ------------------------------------------------------------------
-
-
-class _Tmux:
-    """A private tmux server (its own socket) showing one pane: what the user sees."""
-
-    def __init__(self, tmp: Path, cmd: list, env: dict, size=(160, 60)):
-        self.sock = str(tmp / "tmux.sock")
-        base = ["tmux", "-S", self.sock, "-f", "/dev/null"]
-        self.base = base
-        subprocess.run(
-            base + ["new-session", "-d", "-s", "t", "-x", str(size[0]), "-y", str(size[1]),
-                    " ".join(_quote(c) for c in cmd), ";", "set-option", "-t", "t", "remain-on-exit", "on"],
-            env=env, check=True,
-        )
-
-    def screen(self) -> str:
-        r = subprocess.run(self.base + ["capture-pane", "-p", "-J", "-t", "t", "-S", "-2000"],
-                           capture_output=True, text=True)
-        return r.stdout
-
-    def type(self, text: str) -> None:
-        subprocess.run(self.base + ["send-keys", "-t", "t", "-l", text], check=True)
-        subprocess.run(self.base + ["send-keys", "-t", "t", "Enter"], check=True)
-
-    def key(self, key: str) -> None:
-        subprocess.run(self.base + ["send-keys", "-t", "t", key], check=True)
-
-    def dead(self) -> bool:
-        r = subprocess.run(self.base + ["display-message", "-p", "-t", "t", "#{pane_dead}"],
-                           capture_output=True, text=True)
-        return r.stdout.strip() == "1"
-
-    def close(self) -> None:
-        subprocess.run(self.base + ["kill-server"], capture_output=True)
-
-
-class _Pexpect:
-    """Fallback where tmux is missing: a pexpect pty; the "screen" is the output stream
-    with escape sequences removed."""
-
-    def __init__(self, tmp: Path, cmd: list, env: dict, size=(160, 60)):
-        import pexpect
-
-        self.p = pexpect.spawn(cmd[0], cmd[1:], env=env, dimensions=(size[1], size[0]),
-                               encoding="utf-8", codec_errors="replace", cwd=str(REPO))
-        self.buf = ""
-
-    def screen(self) -> str:
-        import pexpect
-
-        try:
-            while True:
-                self.buf += self.p.read_nonblocking(65536, timeout=0.05)
-        except (pexpect.TIMEOUT, pexpect.EOF):
-            pass
-        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r", "", self.buf)
-
-    def type(self, text: str) -> None:
-        self.p.sendline(text)
-
-    def key(self, key: str) -> None:
-        {"C-c": self.p.sendintr, "C-d": self.p.sendeof}[key]()
-
-    def dead(self) -> bool:
-        self.screen()
-        return not self.p.isalive()
-
-    def close(self) -> None:
-        if self.p.isalive():
-            self.p.terminate(force=True)
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
-
-
-def _wait(term, pred, what: str, timeout: float = 30.0) -> str:
-    end = time.time() + timeout
-    while time.time() < end:
-        screen = term.screen()
-        if pred(screen):
-            return screen
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; screen:\n{term.screen()[-3000:]}")
 
 
 SUMMARY = re.compile(r"(\d+) tokens? · \d+ canvas(?:es)? · steps [\d+]+ · [\d.]+ tok/forward · "

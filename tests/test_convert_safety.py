@@ -82,13 +82,22 @@ def test_output_overlapping_the_source_is_refused(hf, tmp_path, where, force):
     assert _hashes(tmp_path) == before
 
 
-def test_quantize_onto_its_own_input_is_refused(q4, tmp_path):
+def test_quantize_onto_its_own_input_is_refused(q4, tmp_path, capsys):
     src = tmp_path / "m"
     shutil.copytree(q4, src)
     before = _hashes(tmp_path)
     for out in (src, tmp_path):
         with pytest.raises(ConversionError, match=r"refusing to write .*(is|contains) the source"):
             quantize(src, out, recipe="8bit", force=True, **QUIET)
+    assert _hashes(tmp_path) == before
+    # Each command names its own output flag in the fix.
+    from mlx_diffgemma.cli import main
+
+    assert main(["quantize", "--mlx-path", str(src), "-o", str(src / "q"), "--no-progress"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "choose an output (-o/--out) outside the source directory" in err and "--mlx-path outside" not in err
+    assert main(["convert", "--hf-path", str(src), "--mlx-path", str(src / "q"), "--no-progress"]) == 1
+    assert "choose an output (--mlx-path) outside the source directory" in " ".join(capsys.readouterr().err.split())
     assert _hashes(tmp_path) == before
 
 
@@ -250,6 +259,114 @@ def test_sigterm_to_the_command_line(hf, tmp_path):
     assert res.returncode == 128 + signal.SIGTERM, res.stderr
     assert "terminated by SIGTERM" in res.stderr
     assert _leftovers(tmp_path, "out") == [] and not out.exists()
+
+
+# A conversion run as the command, with the final swap slowed at one point (`pause`:
+# "aside", right after the previous output moved to OUT.old-PID; "published", right after
+# the new output took its name), so that a signal can be sent exactly there.
+SLOW_SWAP = """
+import sys, time
+import mlx_diffgemma.publish as pub
+pause, rename, rmtree = sys.argv[1], pub.rename_noreplace, pub.shutil.rmtree
+def slow_rename(src, dst):
+    rename(src, dst)
+    if pause == "aside" and ".old-" in str(dst):
+        print("SWAP", flush=True); time.sleep(3)
+def slow_rmtree(path, *a, **k):
+    if pause == "published" and ".old-" in str(path):
+        print("SWAP", flush=True); time.sleep(3)
+    return rmtree(path, *a, **k)
+pub.rename_noreplace, pub.shutil.rmtree = slow_rename, slow_rmtree
+from mlx_diffgemma.cli import main
+sys.exit(main(["convert", "--hf-path", sys.argv[2], "--mlx-path", sys.argv[3], "-q", "--force",
+               "--no-progress"]))
+"""
+
+
+def _stop_at_the_swap(hf, out: Path, pause: str, signum: int):
+    """Runs `convert --force` onto `out` and sends it `signum` at the swap point."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SWAP, pause, str(hf), str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "SWAP" in proc.stdout.readline()
+    assert list(out.parent.glob("out.old-*")), "the previous output is aside"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, " ".join(err.split())
+
+
+def _previous_output(hf, out: Path) -> dict:
+    convert(hf, out, **QUIET)  # unquantized: tells itself apart from the -q output
+    (out / "note.txt").write_text("the previous output")
+    return _hashes(out)
+
+
+def test_sigterm_at_the_swap_waits_for_it_and_says_where_things_are(hf, tmp_path):
+    """SIGTERM the moment the previous output moved to OUT.old-PID: the swap finishes (a
+    half-done swap would leave no OUT), the message says OUT holds the new output, and
+    nothing is left beside it."""
+    out = tmp_path / "out"
+    before = _previous_output(hf, out)
+    code, err = _stop_at_the_swap(hf, out, "aside", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
+    assert f"conversion terminated by SIGTERM as it finished: {out} holds the new output; the previous " \
+           "output was removed" in err
+    assert "untouched" not in err
+    assert _leftovers(tmp_path, "out") == []
+    assert _hashes(out) != before and not (out / "note.txt").exists()
+    assert json.loads((out / "config.json").read_text())["quantization"]
+    verify(out)
+
+
+@pytest.mark.parametrize("pause", ["aside", "published"])
+def test_a_swap_cut_by_sigkill_is_undone_or_finished_by_the_next_run(hf, tmp_path, pause, capsys):
+    """SIGKILL cannot wait for the swap. Cut with the previous output aside and the new
+    one not in place, the next run moves the previous one back (and, without --force,
+    refuses to overwrite it); cut after the new output took its name, it removes the
+    previous one. Either way it says what it did, and nothing is left over."""
+    from mlx_diffgemma.cli import main
+
+    out = tmp_path / "out"
+    before = _previous_output(hf, out)
+    code, _ = _stop_at_the_swap(hf, out, pause, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    old = [p.name for p in tmp_path.glob("out.old-*")]
+    assert len(old) == 1
+    assert out.exists() == (pause == "published")
+    if pause == "aside":
+        assert main(["convert", "--hf-path", str(hf), "--mlx-path", str(out), "--no-progress"]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"moved {old[0]} back to out: a conversion replacing it was killed in the middle of its " \
+               "final swap, so the previous output is restored" in err
+        assert "already exists; pass --force" in err
+        assert _hashes(out) == before
+    else:
+        published = _hashes(out)
+        assert main(["verify", str(out)]) == 0
+        summary = convert(hf, tmp_path / "other", **QUIET)  # another output: out is not touched
+        assert summary["warnings"] == []
+        assert main(["convert", "--hf-path", str(hf), "--mlx-path", str(out), "--no-progress"]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"removed {old[0]}, the previous output of out, left by a conversion killed after " \
+               "publishing its new output" in err
+        assert _hashes(out) == published
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_a_swap_cut_before_another_output_appeared_leaves_both(hf, tmp_path):
+    """Cut with the previous output aside, then someone made OUT: neither is removed."""
+    from mlx_diffgemma.publish import recover_swaps
+
+    out = tmp_path / "out"
+    _previous_output(hf, out)
+    _stop_at_the_swap(hf, out, "aside", signal.SIGKILL)
+    out.mkdir()
+    (out / "mine.txt").write_text("made since")
+    old = next(tmp_path.glob("out.old-*"))
+    held = _hashes(old)
+    (message,) = recover_swaps(out)
+    assert "was made since: both left as they are" in message
+    assert (out / "mine.txt").read_text() == "made since" and _hashes(old) == held
 
 
 def test_stale_tmp_of_a_killed_run_is_removed(hf, tmp_path):

@@ -4,6 +4,8 @@ library (a ValueError subclass) and from the command line (non-zero exit)."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import io
 import json
 import os
@@ -171,6 +173,58 @@ def test_bad_flags_are_refused_by_the_parser(flags, expected, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+BAD_SERVE_FLAGS = [
+    (["--port", "70000"], "argument --port: must be a port number from 0 to 65535 (got '70000')"),
+    (["--port", "-5"], "argument --port: must be a port number from 0 to 65535 (got '-5')"),
+    (["--port", "http"], "argument --port: the port must be an integer (got 'http')"),
+    (["--image-dir", "/no/such/dir"], "argument --image-dir: no such directory: /no/such/dir"),
+    (["--image-dir", __file__], f"argument --image-dir: not a directory: {__file__}"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", BAD_SERVE_FLAGS, ids=[" ".join(f) for f, _ in BAD_SERVE_FLAGS])
+def test_bad_serve_flags_are_refused_before_the_model_loads(flags, expected, capsys):
+    from mlx_diffgemma import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--model", "unused", *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_command_line_help_and_usage(capsys):
+    """A bare `mlx-diffgemma` is a usage error (exit 2, the help on stderr); every flag
+    says what it does, and --mode says what fast mode does by default."""
+    from mlx_diffgemma import cli
+
+    assert cli.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "COMMAND" in err and "name a command" in err
+    with pytest.raises(SystemExit):
+        cli.main(["verify", "--help"])
+    assert "--seed SEED seed of the random prompt and canvases compared with --against" in \
+        " ".join(capsys.readouterr().out.split())
+    for command, (module, _) in cli._COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        getattr(importlib.import_module(module), f"add_{command}_args")(parser)
+        bare = [a.option_strings or a.dest for a in parser._actions if not a.help]
+        assert not bare, f"{command}: flags without help: {bare}"
+        mode = next((a.help for a in parser._actions if "--mode" in a.option_strings), "")
+        assert "active set" not in mode, (command, mode)
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "confident positions frozen, no renoising" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_context_over_the_models_is_said_not_clamped_in_silence():
+    r = _cli("generate", "--model", "toy-sudoku", "-p", "1.3.34..2.4.4.1.", "--seed", "1", "--max-context", "100000")
+    assert r.returncode == 0 and r.stdout.decode() == "1234342121434312\n"
+    assert "a 100,000-token context was asked for, but the model's is 512 tokens: using 512" in r.stderr.decode()
+    r = _cli("generate", "--model", "toy-sudoku", "-p", "1.3.34..2.4.4.1.", "--seed", "1", "--max-context", "300")
+    assert r.returncode == 0 and r.stderr.decode() == ""
 
 
 @pytest.mark.parametrize("text, expected", [

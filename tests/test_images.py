@@ -250,9 +250,16 @@ def test_model_without_vision_or_image_tokens(tmp_path, model_dir, hf_tokenizer)
     text_only = tmp_path / "tok"
     write_tokenizer(text_only, VOCAB)
     (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
-    with pytest.raises(ImageError, match=r"^the tokenizer has no <\|image\|> token at id \d+ "
-                                         r"\(config.json's image_token_id\); use the tokenizer"):
+    # A text-only tokenizer: the model takes no images (whatever its config describes).
+    with pytest.raises(ImageError, match=r"^this model takes no images: its tokenizer has no "
+                                         r"<\|image\|> token to place one in the prompt; leave"):
         Processor.from_pretrained(tmp_path, AutoTokenizer.from_pretrained(text_only))
+    # The token is there, at another id than config.json's: the pair does not belong together.
+    config = json.loads((model_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, image_token_id=config["image_token_id"] + 1)))
+    with pytest.raises(ImageError, match=r"^the tokenizer has <\|image\|> at id \d+, but config.json's "
+                                         r"image_token_id is \d+: the two do not belong together"):
+        Processor.from_pretrained(tmp_path, hf_tokenizer)
 
 
 def test_unsupported_budget():

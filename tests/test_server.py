@@ -17,9 +17,6 @@ same request twice on the same cache path) are compared exactly.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,32 +25,12 @@ import pytest
 
 openai = pytest.importorskip("openai")
 import requests  # noqa: E402
+from servers import start_server as _start, stop_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
 HELDOUT = json.loads((TOY / "heldout.json").read_text())["puzzles"]
 PUZZLE, SOLUTION = HELDOUT[0]["puzzle"], HELDOUT[0]["solution"]
-
-
-def _start(*extra, timeout=90):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_diffgemma.cli", "serve", "--model", "toy-sudoku",
-         "--port", "0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
-    deadline = time.time() + timeout
-    lines = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "listening on " in line:
-            url = line.rsplit("listening on ", 1)[1].strip()
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
-            return proc, url
-    proc.kill()
-    raise AssertionError("server did not start:\n" + "".join(lines))
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +39,7 @@ def server():
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def _client(url, **kw):

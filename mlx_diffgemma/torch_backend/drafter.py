@@ -204,11 +204,12 @@ def stream_generate(
     cache=None,
     noise: Optional[NoiseSource] = None,
     seed: Optional[int] = None,
+    chat: bool = False,
     **generation_kwargs,
 ) -> Iterator[Event]:
     """As `mlx_diffgemma.stream_generate`, on torch (images through transformers' tower)."""
     gen = generation_config(model, **generation_kwargs)
-    prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images)
+    prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
     generator = None
     if check_seed(seed) is not None:
         device = next(model.parameters()).device

@@ -1,0 +1,44 @@
+"""`mlx-diffgemma serve` as a real process on a free localhost port, for the server tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_server(*extra, model: str = "toy-sudoku", timeout: float = 90):
+    """(process, base URL) of `serve --model MODEL --port 0 EXTRA...`, once it listens.
+    Its output (stdout and stderr) keeps being read into `process.output`, a list of
+    lines."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_diffgemma.cli", "serve", "--model", model, "--port", "0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
+    proc.output = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        proc.output.append(line)
+        if "listening on " in line:
+            url = line.rsplit("listening on ", 1)[1].strip()
+            threading.Thread(target=lambda: proc.output.extend(proc.stdout), daemon=True).start()
+            return proc, url
+    proc.kill()
+    raise AssertionError("server did not start:\n" + "".join(proc.output))
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
