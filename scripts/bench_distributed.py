@@ -198,12 +198,14 @@ def print_measure(r: dict) -> None:
 
 # -- the cost model at the released shapes -----------------------------------------------------
 
-# GPU: ALUs x 2 FLOP x clock (Apple GPUs run FP16 at the FP32 rate), memory bandwidth as
-# Apple specifies it; which Thunderbolt the machine has.
+# GPU: ALUs x 2 FLOP x clock as GPU databases list the clocks (hmc-tech.com: the M4 and
+# M4 Pro GPUs at 1470 MHz, the M4 Max at 1678 MHz, as scripts/roofline.py takes it; Apple
+# GPUs run FP16 at the FP32 rate), memory bandwidth as Apple specifies it; which
+# Thunderbolt the machine has.
 MACS = {
     "M4 (10-core GPU)": dict(flops=1280 * 2 * 1.47e9, bandwidth=120e9, thunderbolt=4),
     "M4 Pro (20-core GPU)": dict(flops=2560 * 2 * 1.47e9, bandwidth=273e9, thunderbolt=5),
-    "M4 Max (40-core GPU)": dict(flops=5120 * 2 * 1.47e9, bandwidth=546e9, thunderbolt=5),
+    "M4 Max (40-core GPU)": dict(flops=5120 * 2 * 1.678e9, bandwidth=546e9, thunderbolt=5),
 }
 # Per link: seconds per ring step (latency) and bytes per second (BENCHMARKS.md, sources).
 LINKS = {
