@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_diffgemma.convert import add_convert_args, main_convert  # noqa: E402
+from mlx_diffgemma.convert.commands import add_convert_args, main_convert  # noqa: E402
 
 
 def main(argv=None) -> int:

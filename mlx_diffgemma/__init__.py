@@ -11,18 +11,18 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "load": "loader",
-    "generate": "generation",
-    "stream_generate": "generation",
-    "speculative_generate": "speculative",
-    "speculative_stream_generate": "speculative",
-    "SpeculativeSummary": "drafter",
-    "Processor": "images",
-    "Draft": "drafter",
-    "Commit": "drafter",
-    "Summary": "drafter",
-    "NoiseSource": "noise",
-    "SeededNoise": "noise",
+    "load": "models.loader",
+    "generate": "generation.api",
+    "stream_generate": "generation.api",
+    "speculative_generate": "generation.speculative",
+    "speculative_stream_generate": "generation.speculative",
+    "SpeculativeSummary": "generation.loop",
+    "Processor": "images.processor",
+    "Draft": "generation.loop",
+    "Commit": "generation.loop",
+    "Summary": "generation.loop",
+    "NoiseSource": "generation.noise",
+    "SeededNoise": "generation.noise",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

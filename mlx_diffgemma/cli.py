@@ -19,13 +19,13 @@ SPLIT_COMMANDS = ("chat", "generate", "serve")
 
 # subcommand -> (module, help)
 _COMMANDS = {
-    "chat": ("mlx_diffgemma.commands", "chat with the model, watching each canvas settle"),
-    "generate": ("mlx_diffgemma.commands", "generate a reply to one prompt (for scripts)"),
-    "convert": ("mlx_diffgemma.convert", "convert Hugging Face weights to an MLX directory"),
-    "quantize": ("mlx_diffgemma.quantize", "re-quantize an existing MLX directory"),
-    "verify": ("mlx_diffgemma.verify", "check an MLX directory's files (and logits)"),
-    "bench": ("mlx_diffgemma.bench", "measure prefill, denoising step and generation speed"),
-    "serve": ("mlx_diffgemma.server", "serve the model over an OpenAI-compatible HTTP API"),
+    "chat": ("mlx_diffgemma.chat.commands", "chat with the model, watching each canvas settle"),
+    "generate": ("mlx_diffgemma.chat.commands", "generate a reply to one prompt (for scripts)"),
+    "convert": ("mlx_diffgemma.convert.commands", "convert Hugging Face weights to an MLX directory"),
+    "quantize": ("mlx_diffgemma.convert.quantize", "re-quantize an existing MLX directory"),
+    "verify": ("mlx_diffgemma.convert.verify", "check an MLX directory's files (and logits)"),
+    "bench": ("mlx_diffgemma.bench.bench", "measure prefill, denoising step and generation speed"),
+    "serve": ("mlx_diffgemma.serve.http", "serve the model over an OpenAI-compatible HTTP API"),
 }
 
 
@@ -57,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command in SPLIT_COMMANDS and any(k in os.environ for k in LAUNCH_ENV):
             # Under mlx.launch: rank 0 runs the command, the others follow it (mirror.py).
-            from .mirror import run_split
+            from .chat.mirror import run_split
 
             return run_split(args, lambda: body(args))
         return body(args) or 0

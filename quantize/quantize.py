@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_diffgemma.quantize import add_quantize_args, main_quantize  # noqa: E402
+from mlx_diffgemma.convert.quantize import add_quantize_args, main_quantize  # noqa: E402
 
 
 def main(argv=None) -> int:

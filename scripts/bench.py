@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from mlx_diffgemma import bench  # noqa: E402
+from mlx_diffgemma.bench import bench  # noqa: E402
 
 IMPLS = ("ours", "mlx-vlm", "transformers")
 

@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx.core as mx  # noqa: E402
 
 from bench_fast import MODES  # noqa: E402
-from mlx_diffgemma.config import read_json_object  # noqa: E402
-from mlx_diffgemma.fast import forward_positions, sample_top_k, sparse_soft_embedding, top_k_probabilities  # noqa: E402
-from mlx_diffgemma.synthetic import preset_args, synthetic_model  # noqa: E402
+from mlx_diffgemma.models.config import read_json_object  # noqa: E402
+from mlx_diffgemma.generation.fast import forward_positions, sample_top_k, sparse_soft_embedding, top_k_probabilities  # noqa: E402
+from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model  # noqa: E402
 
 TOP_K = 64
 
@@ -180,7 +180,7 @@ def project(t: Dict[str, Any], toy: str, path: Path) -> List[Dict[str, Any]]:
     """Per mode of bench_fast's JSON at `path`: projected seconds per generated token at
     the released shapes, and the FLOP projection bench_fast wrote, both as x less than
     the reference."""
-    from mlx_diffgemma.paths import packaged_model
+    from mlx_diffgemma.models.paths import packaged_model
 
     canvas = read_json_object(Path(packaged_model(toy)) / "config.json", "config")["canvas_length"]
     f = 256 / canvas

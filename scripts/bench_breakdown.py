@@ -11,9 +11,9 @@ from typing import Any, Callable, Dict
 import mlx.core as mx
 import numpy as np
 
-from mlx_diffgemma.bench import timed
-from mlx_diffgemma.denoiser import MLXDenoiser
-from mlx_diffgemma.lanes import attention_inputs, join_lanes, on_lanes, run_layer, split_lanes
+from mlx_diffgemma.bench.bench import timed
+from mlx_diffgemma.generation.denoiser import MLXDenoiser
+from mlx_diffgemma.models.lanes import attention_inputs, join_lanes, on_lanes, run_layer, split_lanes
 
 KINDS = ("sliding_attention", "full_attention")
 

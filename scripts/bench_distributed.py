@@ -42,8 +42,8 @@ def save_synthetic(preset: str, out: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_diffgemma.config import GenerationConfig
-    from mlx_diffgemma.synthetic import hf_config, preset_args, quantization_of, synthetic_model
+    from mlx_diffgemma.models.config import GenerationConfig
+    from mlx_diffgemma.bench.synthetic import hf_config, preset_args, quantization_of, synthetic_model
 
     args = preset_args(preset)
     model = synthetic_model(args, recipe="mixed-4", dtype=mx.float32)
@@ -62,11 +62,11 @@ def run_rank(model_dir: str, out: str, steps: int, prompt_tokens: int, lanes=Non
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from mlx_diffgemma.distributed import launched_group
-    from mlx_diffgemma.drafter import generation_config
-    from mlx_diffgemma.generation import make_denoiser
-    from mlx_diffgemma.loader import load
-    from mlx_diffgemma.noise import SeededNoise
+    from mlx_diffgemma.models.distributed import launched_group
+    from mlx_diffgemma.generation.loop import generation_config
+    from mlx_diffgemma.generation.api import make_denoiser
+    from mlx_diffgemma.models.loader import load
+    from mlx_diffgemma.generation.noise import SeededNoise
 
     group = launched_group()
     t = time.perf_counter()
@@ -220,8 +220,8 @@ def step_parts(config: dict, ranks: int, mode: str, context: int = 4096) -> dict
     """FLOPs and bytes of one denoising step per rank, by part, at canvas C, and the
     all-reduces it issues (count, bytes each). Balanced routing assumed (each rank's
     experts take 1/ranks of the token-expert pairs)."""
-    from mlx_diffgemma.config import ModelArgs
-    from mlx_diffgemma.sizes import estimate
+    from mlx_diffgemma.models.config import ModelArgs
+    from mlx_diffgemma.models.sizes import estimate
 
     a = ModelArgs.from_dict(config)
     C, H, V, N = a.canvas_length, a.hidden_size, a.vocab_size, ranks
@@ -290,7 +290,7 @@ def tokens_per_second(t: dict, mode: str, canvas: int = 256) -> float:
 def head_split(config: dict, mac: dict, link: dict, ranks: int = 2) -> dict:
     """Per step: what splitting the LM head or the self-conditioning product by vocabulary
     rows saves in compute, and what its communication costs."""
-    from mlx_diffgemma.config import ModelArgs
+    from mlx_diffgemma.models.config import ModelArgs
 
     a = ModelArgs.from_dict(config)
     C, H, V = a.canvas_length, a.hidden_size, a.vocab_size
@@ -300,8 +300,8 @@ def head_split(config: dict, mac: dict, link: dict, ranks: int = 2) -> dict:
 
 
 def cost_model(json_out=None) -> dict:
-    from mlx_diffgemma.sizes import estimate
-    from mlx_diffgemma.synthetic import hf_config, preset_args
+    from mlx_diffgemma.models.sizes import estimate
+    from mlx_diffgemma.bench.synthetic import hf_config, preset_args
 
     config = hf_config(preset_args("real"))
     print("links: " + "; ".join(f"{k}: {v['latency'] * 1e6:g} us a ring step, {v['bandwidth'] / 1e9:g} GB/s"

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_diffgemma as md  # noqa: E402
-from mlx_diffgemma.config import ModelArgs  # noqa: E402
-from mlx_diffgemma.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.drafter import generation_config, stream  # noqa: E402
-from mlx_diffgemma.fast import FastDenoiser, FastOptions, Work  # noqa: E402
+from mlx_diffgemma.models.config import ModelArgs  # noqa: E402
+from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
+from mlx_diffgemma.generation.loop import generation_config, stream  # noqa: E402
+from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, Work  # noqa: E402
 
 
 def rule_rows(d: FastOptions) -> Dict[str, FastOptions]:
@@ -149,7 +149,7 @@ def mlx_vlm_mode(path: Path, cases: List[Case], check, max_new: int) -> Dict[str
     import mlx.core as mx
     from mlx_vlm.utils import load_model
 
-    from mlx_diffgemma.loader import load_tokenizer
+    from mlx_diffgemma.models.loader import load_tokenizer
 
     d = importlib.import_module("mlx_vlm.generate.diffusion")
     model = load_model(path)
@@ -328,7 +328,7 @@ def print_strata(rows: Dict[str, Dict[str, Any]], versus=("reference", PEER)) ->
 
 
 def run_toy(toy: str, a, real: ModelArgs, modes: Dict[str, Optional[FastOptions]]) -> Dict[str, Dict[str, Any]]:
-    from mlx_diffgemma.paths import packaged_model
+    from mlx_diffgemma.models.paths import packaged_model
 
     mlx_dir, hf_dir = packaged_model(toy), packaged_model(toy, prefer="hf")
     model, tok = md.load(mlx_dir)
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-mlx-vlm", action="store_true")
     p.add_argument("--json-dir", default=None, help="write fast-<toy>.json here")
     a = p.parse_args(argv)
-    from mlx_diffgemma.synthetic import preset_args
+    from mlx_diffgemma.bench.synthetic import preset_args
 
     modes = MODES if not a.modes else {"reference": None, **{m: MODES[m] for m in a.modes.split(",")}}
     real = preset_args("real")

@@ -24,9 +24,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_diffgemma.bench import DenoiserRunner
-from mlx_diffgemma.config import GenerationConfig
-from mlx_diffgemma.synthetic import quantization_of
+from mlx_diffgemma.bench.bench import DenoiserRunner
+from mlx_diffgemma.models.config import GenerationConfig
+from mlx_diffgemma.bench.synthetic import quantization_of
 
 
 # -- mlx-vlm -------------------------------------------------------------------------

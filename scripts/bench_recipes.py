@@ -40,8 +40,8 @@ TOY = ROOT / "mlx_diffgemma" / "assets" / "toy-sudoku" / "hf"
 def memory(args) -> None:
     from estimate_sizes import REAL_CONFIG
 
-    from mlx_diffgemma.bench import memory_arithmetic
-    from mlx_diffgemma.sizes import estimate
+    from mlx_diffgemma.bench.bench import memory_arithmetic
+    from mlx_diffgemma.models.sizes import estimate
 
     print("| recipe | experts | file GB | text weights GB | KV 4K GB | KV 32K GB | step GB (4K) | total 4K GB | total 32K GB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -69,7 +69,7 @@ def layers(args) -> None:
     import mlx.nn as nn
     import numpy as np
 
-    from mlx_diffgemma.recipes import make_recipe
+    from mlx_diffgemma.models.recipes import make_recipe
 
     rng = np.random.default_rng(0)
     H, E, I, MI, V = 2816, 8, 2112, 704, 32768
@@ -131,7 +131,7 @@ def toy(args) -> None:
     from eval_toy import evaluate, make_mlx_backend
     from transformers import AutoConfig, AutoTokenizer
 
-    from mlx_diffgemma.convert import convert
+    from mlx_diffgemma.convert.commands import convert
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOY))
     canvas = AutoConfig.from_pretrained(str(TOY)).canvas_length

@@ -133,8 +133,8 @@ def run_target_alone(target, prompts) -> dict:
 
 
 def run_speculative(target, ttok, drafter, dtok, prompts, k: int, steps: int, adaptive: bool = False) -> dict:
-    from mlx_diffgemma.drafter import SpeculativeSummary
-    from mlx_diffgemma.speculative import speculative_stream_generate
+    from mlx_diffgemma.generation.loop import SpeculativeSummary
+    from mlx_diffgemma.generation.speculative import speculative_stream_generate
 
     outs, rounds, tf, df, tic = [], 0, 0, 0, time.perf_counter()
     for i, ids in enumerate(prompts):

@@ -40,9 +40,9 @@ def real_vision_model(dtype: str, layers: int = 27, seed: int = 0):
     from mlx.utils import tree_flatten, tree_unflatten
 
     from estimate_sizes import REAL_CONFIG
-    from mlx_diffgemma.config import ModelArgs
-    from mlx_diffgemma.model import Model
-    from mlx_diffgemma.weights import is_vision_tensor
+    from mlx_diffgemma.models.config import ModelArgs
+    from mlx_diffgemma.models.model import Model
+    from mlx_diffgemma.models.weights import is_vision_tensor
 
     config = dict(REAL_CONFIG, vision_config=dict(REAL_CONFIG["vision_config"], num_hidden_layers=layers))
     model = Model(ModelArgs.from_dict(config))
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     import mlx.core as mx
 
     from estimate_sizes import REAL_CONFIG
-    from mlx_diffgemma.sizes import vision_shapes
+    from mlx_diffgemma.models.sizes import vision_shapes
 
     model, nbytes = real_vision_model(args.dtype, args.layers)
     full = sum(math.prod(s) for s in vision_shapes(REAL_CONFIG).values()) * mx.zeros((), getattr(mx, args.dtype)).itemsize

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_diffgemma.recipes import RECIPES  # noqa: E402
-from mlx_diffgemma.sizes import estimate  # noqa: E402
+from mlx_diffgemma.models.recipes import RECIPES  # noqa: E402
+from mlx_diffgemma.models.sizes import estimate  # noqa: E402
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"

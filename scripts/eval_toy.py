@@ -87,7 +87,7 @@ def make_mlx_backend(model_dir: Path, seed: int) -> Solve:
     import mlx.core as mx
 
     import mlx_diffgemma as md
-    from mlx_diffgemma.drafter import run_to_summary
+    from mlx_diffgemma.generation.loop import run_to_summary
 
     mlx_dir = model_dir.parent / "mlx" if (model_dir.parent / "mlx").is_dir() else model_dir
     model, _ = md.load(mlx_dir)

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fast import position_flops  # noqa: E402
-from mlx_diffgemma.config import ModelArgs  # noqa: E402
-from mlx_diffgemma.sizes import estimate  # noqa: E402
-from mlx_diffgemma.synthetic import hf_config, preset_args  # noqa: E402
+from mlx_diffgemma.models.config import ModelArgs  # noqa: E402
+from mlx_diffgemma.models.sizes import estimate  # noqa: E402
+from mlx_diffgemma.bench.synthetic import hf_config, preset_args  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,13 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 
 from teacher_forcing import recording, replay, top2_gap  # noqa: E402
 
-import mlx_diffgemma.fast as fast  # noqa: E402
+import mlx_diffgemma.generation.fast as fast  # noqa: E402
 from mlx_diffgemma import load  # noqa: E402
-from mlx_diffgemma.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.drafter import generation_config, run_to_summary  # noqa: E402
-from mlx_diffgemma.fast import FastOptions  # noqa: E402
-from mlx_diffgemma.generation import make_denoiser, stream_generate  # noqa: E402
-from mlx_diffgemma.noise import SeededNoise  # noqa: E402
+from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
+from mlx_diffgemma.generation.loop import generation_config, run_to_summary  # noqa: E402
+from mlx_diffgemma.generation.fast import FastOptions  # noqa: E402
+from mlx_diffgemma.generation.api import make_denoiser, stream_generate  # noqa: E402
+from mlx_diffgemma.generation.noise import SeededNoise  # noqa: E402
 
 # (noise seed, prompt length, canvases, generation settings)
 RUNS = [
@@ -172,10 +172,10 @@ CLI = {"generate": ("hello there", 3), "chat": (["hello", "again please"], 3),
 
 
 def _cli_expected(group, path):
-    from mlx_diffgemma.engine import Engine, Sink
-    from mlx_diffgemma.generation import generate
-    from mlx_diffgemma.images import prepare_prompt
-    from mlx_diffgemma.session import ChatSession
+    from mlx_diffgemma.serve.engine import Engine, Sink
+    from mlx_diffgemma.generation.api import generate
+    from mlx_diffgemma.images.processor import prepare_prompt
+    from mlx_diffgemma.chat.session import ChatSession
 
     model, tok = load(path, group=group)
     kw = {"max_new_tokens": CLI["max_new_tokens"], "max_denoising_steps": CLI["steps"]}
@@ -282,8 +282,8 @@ def drop(group, path):
     """Rank 1 of an `mlx-diffgemma generate` run (rank 0 is the command itself): it
     follows rank 0 as the command's own followers do, and leaves after its first
     denoising step."""
-    from mlx_diffgemma.backends import MLXBackend
-    from mlx_diffgemma.mirror import follow
+    from mlx_diffgemma.chat.backends import MLXBackend
+    from mlx_diffgemma.chat.mirror import follow
 
     model, tok = load(path, group=group)
     real_step = MLXDenoiser.step

@@ -3,7 +3,7 @@
 `hooked_generate(model, input_ids, noise, ...)` calls the REAL
 `DiffusionGemmaForBlockDiffusion.generate` (transformers 5.23,
 `generation_diffusion_gemma.py`) with its three sources of randomness replaced by a
-noise source (see `mlx_diffgemma.noise`):
+noise source (see `mlx_diffgemma.generation.noise`):
 
 * canvas init  (`torch.randint` in `EntropyBoundSampler.initialize_canvas`)
       -> `noise.init_canvas(canvas_index, (B, C), V)`

@@ -87,7 +87,7 @@ def test_cli_bench_takes_model_names_and_fits_the_prompt_to_the_context(tmp_path
 
 
 def test_cli_bench_fails_when_nothing_was_measured(monkeypatch, capsys):
-    from mlx_diffgemma import bench
+    from mlx_diffgemma.bench import bench
 
     def broken(*args, **kwargs):
         raise RuntimeError("the device went away")
@@ -122,8 +122,8 @@ def test_compiled_decoder_matches_eager(lanes, monkeypatch):
     """The `compile_decode` switch (offset passed as an array, cache views as inputs) gives
     the eager logits bit for bit, across canvases (the trace is redone per context shape),
     on one lane and on two (lanes.py; 16-token lanes so the 32-token canvas splits)."""
-    import mlx_diffgemma.lanes as lanes_mod
-    from mlx_diffgemma.synthetic import preset_args, synthetic_model
+    import mlx_diffgemma.models.lanes as lanes_mod
+    from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model
 
     monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 16)
     args = preset_args("tiny")
@@ -147,8 +147,8 @@ def test_compiled_decoder_matches_eager(lanes, monkeypatch):
 
 
 def test_memory_arithmetic_of_the_real_model():
-    from mlx_diffgemma.bench import memory_arithmetic
-    from mlx_diffgemma.synthetic import hf_config, preset_args
+    from mlx_diffgemma.bench.bench import memory_arithmetic
+    from mlx_diffgemma.bench.synthetic import hf_config, preset_args
 
     mem = memory_arithmetic(hf_config(preset_args("real")))
     assert 15.0 < mem["weights_gb"] < 16.0  # mixed-4 of the 26B-A4B text model
@@ -160,10 +160,10 @@ def test_memory_arithmetic_of_the_real_model():
 def test_lanes_keep_the_step_peak_of_one_lane(monkeypatch):
     """On lanes `decode` evaluates its logits before the sampler runs: in one graph with
     the sampler the concurrent lanes kept one more [canvas x vocab] array alive."""
-    import mlx_diffgemma.lanes as lanes_mod
-    from mlx_diffgemma.denoiser import MLXDenoiser
-    from mlx_diffgemma.bench import bench_generation
-    from mlx_diffgemma.synthetic import preset_args, synthetic_model
+    import mlx_diffgemma.models.lanes as lanes_mod
+    from mlx_diffgemma.generation.denoiser import MLXDenoiser
+    from mlx_diffgemma.bench.bench import bench_generation
+    from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model
 
     monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 16)
     args = preset_args("tiny", vocab_size=16384)

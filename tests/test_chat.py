@@ -28,12 +28,13 @@ import mlx.core as mx
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma import backends, repl
-from mlx_diffgemma import paths
-from mlx_diffgemma.session import ChatSession, Interrupted, Prefill, split_prompt
-from mlx_diffgemma.config import GenerationConfig
-from mlx_diffgemma.denoiser import MLXDenoiser
-from mlx_diffgemma.drafter import Commit, Summary
+from mlx_diffgemma.chat import backends
+from mlx_diffgemma.chat import repl
+from mlx_diffgemma.models import paths
+from mlx_diffgemma.chat.session import ChatSession, Interrupted, Prefill, split_prompt
+from mlx_diffgemma.models.config import GenerationConfig
+from mlx_diffgemma.generation.denoiser import MLXDenoiser
+from mlx_diffgemma.generation.loop import Commit, Summary
 from teacher_forcing import recording, replay
 from terminals import Pexpect as _Pexpect, Tmux as _Tmux, wait as _wait
 
@@ -486,7 +487,7 @@ def test_resolve_packaged_toy_sudoku(tmp_path, monkeypatch):
 
 OFFLINE_SCRIPT = r"""
 import json, sys
-from mlx_diffgemma import paths
+from mlx_diffgemma.models import paths
 print(json.dumps(str(paths.resolve_model_path("org/tiny-dg"))))
 try:
     paths.resolve_model_path(paths.DEFAULT_MODEL)

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_diffgemma.checkpoint import INDEX_FILE, ConversionError, header_bytes, read_header
-from mlx_diffgemma.convert import ConversionInterrupted, convert
-from mlx_diffgemma.model import expected_shapes
-from mlx_diffgemma.quantize import quantize
-from mlx_diffgemma.sizes import estimate
-from mlx_diffgemma.verify import VerifyError, compare_logits, verify
+from mlx_diffgemma.models.checkpoint import INDEX_FILE, ConversionError, header_bytes, read_header
+from mlx_diffgemma.convert.commands import ConversionInterrupted, convert
+from mlx_diffgemma.models.model import expected_shapes
+from mlx_diffgemma.convert.quantize import quantize
+from mlx_diffgemma.models.sizes import estimate
+from mlx_diffgemma.convert.verify import VerifyError, compare_logits, verify
 from teacher_forcing import assert_argmax_where_certain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def _tensors(path: Path):
 
 
 def _args(path):
-    from mlx_diffgemma.config import ModelArgs
+    from mlx_diffgemma.models.config import ModelArgs
 
     return ModelArgs.from_dict(json.loads((Path(path) / "config.json").read_text()))
 
@@ -275,7 +275,7 @@ def _vlm_logits(path, prompt, canvas):
 
 def _our_logits(path, prompt, canvas):
     from mlx_diffgemma import load
-    from mlx_diffgemma.verify import model_logits
+    from mlx_diffgemma.convert.verify import model_logits
 
     model, _ = load(path)
     return model_logits(model, prompt, canvas)
@@ -405,7 +405,7 @@ def test_peak_memory_bounded_by_largest_tensor(hf, tmp_path):
         f"""
         import json, resource, sys
         sys.path.insert(0, {str(REPO)!r})
-        from mlx_diffgemma.convert import convert
+        from mlx_diffgemma.convert.commands import convert
         # A small conversion first: the libraries it imports (MLX, the tokenizer check's
         # transformers) are in the base, so the difference is the streaming alone.
         convert({str(hf)!r}, {str(tmp_path / 'warm')!r}, quantize=True, progress=False, verbose=False)
@@ -536,7 +536,7 @@ def test_existing_output_dir(hf, tmp_path):
 
 
 def test_interrupt_and_disk_full_leave_nothing(hf, tmp_path, monkeypatch):
-    import mlx_diffgemma.convert as conv
+    import mlx_diffgemma.convert.commands as conv
 
     real = conv._stream_job
     calls = {"n": 0}

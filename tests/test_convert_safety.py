@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-import mlx_diffgemma.convert as conv
-from mlx_diffgemma.checkpoint import INDEX_FILE, ConversionError, WeightsError, read_header
-from mlx_diffgemma.convert import ConversionInterrupted, convert
-from mlx_diffgemma.loader import load
-from mlx_diffgemma.verify import VerifyError, verify
-from mlx_diffgemma.quantize import quantize
+import mlx_diffgemma.convert.commands as conv
+from mlx_diffgemma.models.checkpoint import INDEX_FILE, ConversionError, WeightsError, read_header
+from mlx_diffgemma.convert.commands import ConversionInterrupted, convert
+from mlx_diffgemma.models.loader import load
+from mlx_diffgemma.convert.verify import VerifyError, verify
+from mlx_diffgemma.convert.quantize import quantize
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, verbose=False)
@@ -241,7 +241,7 @@ def test_sigterm_to_the_command_line(hf, tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        import mlx_diffgemma.convert as conv
+        import mlx_diffgemma.convert.commands as conv
         real, n = conv._pwrite_all, [0]
         def write(fd, data, offset):
             n[0] += 1
@@ -266,7 +266,7 @@ def test_sigterm_to_the_command_line(hf, tmp_path):
 # the new output took its name), so that a signal can be sent exactly there.
 SLOW_SWAP = """
 import sys, time
-import mlx_diffgemma.publish as pub
+import mlx_diffgemma.convert.publish as pub
 pause, rename, rmtree = sys.argv[1], pub.rename_noreplace, pub.shutil.rmtree
 def slow_rename(src, dst):
     rename(src, dst)
@@ -355,7 +355,7 @@ def test_a_swap_cut_by_sigkill_is_undone_or_finished_by_the_next_run(hf, tmp_pat
 
 def test_a_swap_cut_before_another_output_appeared_leaves_both(hf, tmp_path):
     """Cut with the previous output aside, then someone made OUT: neither is removed."""
-    from mlx_diffgemma.publish import recover_swaps
+    from mlx_diffgemma.convert.publish import recover_swaps
 
     out = tmp_path / "out"
     _previous_output(hf, out)

@@ -158,7 +158,7 @@ def ckpts(ckpt_factory, tmp_path_factory):
     """tiny (float; its full layer has 1 KV head: replicated on both ranks), split-q4
     (mixed-4 at group 32: both layer kinds with 2 KV heads, one per rank; the dense MLP
     split 1 + 2 groups), mixed (five float layers)."""
-    from mlx_diffgemma.convert import convert
+    from mlx_diffgemma.convert.commands import convert
 
     q = tmp_path_factory.mktemp("split-q4") / "mlx"
     convert(ckpt_factory("split"), q, recipe="mixed-4", q_group_size=32, progress=False, verbose=False)
@@ -221,7 +221,7 @@ def _expected_fraction(name: str, rank: int, config: dict) -> float:
     layer's query heads, experts and dense MLP width (in whole quantization groups:
     3 groups of 32 split 1 + 2), half of the KV heads where there are 2, all of one
     KV head where there is 1; everything else whole."""
-    from mlx_diffgemma.config import ModelArgs
+    from mlx_diffgemma.models.config import ModelArgs
 
     args = ModelArgs.from_dict(config)
     if not name.startswith("model.decoder.layers.") or not any(
@@ -244,7 +244,7 @@ def test_each_rank_holds_its_share(parity, ckpts, name):
     in all, about half of what one process holds plus what is replicated. Loading reads
     the slices: its peak is the rank's share plus at most one whole tensor (a column
     cut), well below one process's."""
-    from mlx_diffgemma.weights import is_vision_tensor
+    from mlx_diffgemma.models.weights import is_vision_tensor
 
     config = json.loads((Path(ckpts[name]) / "config.json").read_text())
     for rank in parity:

@@ -21,9 +21,9 @@ import pytest
 import mlx_diffgemma as md
 from hf_reference import hooked_generate
 from mlx_diffgemma import torch_backend as tb
-from mlx_diffgemma.config import GenerationConfig
-from mlx_diffgemma.denoiser import MLXDenoiser
-from mlx_diffgemma.drafter import Summary
+from mlx_diffgemma.models.config import GenerationConfig
+from mlx_diffgemma.generation.denoiser import MLXDenoiser
+from mlx_diffgemma.generation.loop import Summary
 from teacher_forcing import from_reference, recording, replay
 from tiny_checkpoints import DRAFTER_RUNS, random_prompt
 
@@ -123,7 +123,7 @@ def test_whole_runs_token_for_token(seed, prompt_len, canvases, kw, damped, monk
 def test_whole_runs_on_lanes_match_the_reference(seed, prompt_len, canvases, kw, damped, monkeypatch):
     """The reference's runs replayed with the canvas and the prompt split into two lanes
     on two streams (lanes.py; lanes shrunk to 8 tokens so the 16-token canvas splits)."""
-    import mlx_diffgemma.lanes as lanes_mod
+    import mlx_diffgemma.models.lanes as lanes_mod
 
     path, model, tmodel, ref = damped
     monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 8)

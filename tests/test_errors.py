@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma import repl, session as session_mod
-from mlx_diffgemma.session import ChatSession, parse_temp
-from mlx_diffgemma.config import ConfigError
+from mlx_diffgemma.chat import repl
+from mlx_diffgemma.chat import session as session_mod
+from mlx_diffgemma.chat.session import ChatSession, parse_temp
+from mlx_diffgemma.models.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_chat_command_reports_a_malformed_config(corrupted):
 
 def test_torch_backend_refuses_pickled_weights(ckpt_factory, tmp_path):
     from mlx_diffgemma import torch_backend as tb
-    from mlx_diffgemma.checkpoint import WeightsError
+    from mlx_diffgemma.models.checkpoint import WeightsError
 
     path = shutil.copytree(ckpt_factory("tiny"), tmp_path / "m")
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
@@ -368,7 +369,7 @@ def test_repl_survives_bad_input_and_keeps_the_conversation(ckpt_factory, tmp_pa
 
 
 def test_special_tokens_are_ids_not_text(ckpt_factory):
-    from mlx_diffgemma.drafter import Commit, Summary
+    from mlx_diffgemma.generation.loop import Commit, Summary
 
     path = ckpt_factory("tiny")
     model, tok = md.load(path)

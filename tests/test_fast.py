@@ -14,8 +14,8 @@ import pytest
 
 import mlx_diffgemma as md
 from tiny_checkpoints import DRAFTER_RUNS, random_prompt
-from mlx_diffgemma.drafter import generation_config, stream
-from mlx_diffgemma.fast import (
+from mlx_diffgemma.generation.loop import generation_config, stream
+from mlx_diffgemma.generation.fast import (
     FastDenoiser,
     FastOptions,
     forward_positions,
@@ -181,8 +181,9 @@ def test_generate_and_chat_run_fast_mode_end_to_end(capsys):
 
     from rich.console import Console
 
-    from mlx_diffgemma import cli, repl
-    from mlx_diffgemma.session import ChatSession
+    from mlx_diffgemma import cli
+    from mlx_diffgemma.chat import repl
+    from mlx_diffgemma.chat.session import ChatSession
 
     assert cli.main(["generate", "--model", "toy-sudoku", "-p", PUZZLE, "--mode", "fast", "--seed", "0"]) == 0
     assert capsys.readouterr().out.strip() == SOLUTION

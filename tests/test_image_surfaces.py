@@ -19,10 +19,10 @@ import requests
 from PIL import Image
 
 import mlx_diffgemma as md
-from mlx_diffgemma import session as session_mod
-from mlx_diffgemma.drafter import Summary, run_to_summary
-from mlx_diffgemma.images import ImageError
-from mlx_diffgemma.session import ChatSession, Prefill
+from mlx_diffgemma.chat import session as session_mod
+from mlx_diffgemma.generation.loop import Summary, run_to_summary
+from mlx_diffgemma.images.processor import ImageError
+from mlx_diffgemma.chat.session import ChatSession, Prefill
 from tiny_checkpoints import VISION_TOKENS, reference_processor
 
 GEN = dict(max_new_tokens=16, max_denoising_steps=3)
@@ -204,7 +204,7 @@ def test_model_without_a_tower_refuses_images(text_only, image_file):
 def test_repl_image_command(loaded, image_file, tmp_path, tower_runs):
     from rich.console import Console
 
-    from mlx_diffgemma import repl
+    from mlx_diffgemma.chat import repl
 
     model, tok = loaded
     s = ChatSession(model, tok, gen_kwargs=GEN, seed=1)
@@ -242,8 +242,8 @@ def test_generate_command_with_images(vdir, image_file, capsys):
 
 @pytest.fixture(scope="module")
 def image_server(vdir, image_file):
-    from mlx_diffgemma.engine import Engine
-    from mlx_diffgemma.server import Server
+    from mlx_diffgemma.serve.engine import Engine
+    from mlx_diffgemma.serve.http import Server
 
     engine = Engine(lambda: md.load(vdir), "tiny-vision", image_dirs=[image_file.parent])
     srv = Server(engine, "127.0.0.1", 0)
@@ -310,7 +310,7 @@ def test_server_image_url_parts(image_server, image_file, tmp_path):
 
 
 def test_server_local_files_off_by_default():
-    from mlx_diffgemma.api import APIError, chat_messages
+    from mlx_diffgemma.serve.openai import APIError, chat_messages
 
     body = {"messages": [{"role": "user", "content": [_image_part("/tmp/x.png")]}]}
     with pytest.raises(APIError, match="local image files are off on this server; send a data URL, "

@@ -1,4 +1,4 @@
-"""Image inputs (mlx_diffgemma.images) against transformers' Gemma 4 processor: the same
+"""Image inputs (mlx_diffgemma.images.processor) against transformers' Gemma 4 processor: the same
 pixel values, patch positions and expanded prompt ids on the same images, and every bad
 image refused in one line."""
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from tiny_checkpoints import media_token_ids, reference_processor, vision_token_config, write_tokenizer
 
-from mlx_diffgemma.images import (
+from mlx_diffgemma.images.processor import (
     PIL_MISSING,
     ImageConfig,
     ImageError,

@@ -76,9 +76,9 @@ def test_framework_free_modules():
     """What the torch path, the drafter loop and the session import when they are
     imported never reaches MLX (the MLX path's own imports happen inside functions)."""
     graph = _graph(top_only=True)
-    for root in ("mlx_diffgemma.drafter", "mlx_diffgemma.torch_backend.drafter",
-                 "mlx_diffgemma.session", "mlx_diffgemma.paths", "mlx_diffgemma.checkpoint",
-                 "mlx_diffgemma.recipes"):
+    for root in ("mlx_diffgemma.generation.loop", "mlx_diffgemma.torch_backend.drafter",
+                 "mlx_diffgemma.chat.session", "mlx_diffgemma.models.paths", "mlx_diffgemma.models.checkpoint",
+                 "mlx_diffgemma.models.recipes"):
         seen, todo = set(), [root]
         while todo:
             m = todo.pop()

@@ -180,7 +180,7 @@ def test_lanes_are_bit_identical_and_match_transformers(ckpt_factory):
     decoder logits bit-identical to one lane, for 2 and 3 lanes of >= 32 tokens, with the
     context past the sliding window, with and without self-conditioning; one lane and
     three held to transformers."""
-    import mlx_diffgemma.lanes as lanes_mod
+    import mlx_diffgemma.models.lanes as lanes_mod
     from tiny_checkpoints import load_reference
 
     path = ckpt_factory("lanes")

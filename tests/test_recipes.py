@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_diffgemma.convert import convert
-from mlx_diffgemma.model import expected_shapes
-from mlx_diffgemma.quantize import quantize
-from mlx_diffgemma.recipes import RecipeError, check_quantization_record, make_recipe, module_quantization
-from mlx_diffgemma.sizes import estimate
-from mlx_diffgemma.verify import VerifyError, compare_logits, verify
+from mlx_diffgemma.convert.commands import convert
+from mlx_diffgemma.models.model import expected_shapes
+from mlx_diffgemma.convert.quantize import quantize
+from mlx_diffgemma.models.recipes import RecipeError, check_quantization_record, make_recipe, module_quantization
+from mlx_diffgemma.models.sizes import estimate
+from mlx_diffgemma.convert.verify import VerifyError, compare_logits, verify
 from teacher_forcing import assert_argmax_where_certain
 from test_convert import _args, _inputs, _kind, _our_logits, _tensors, _vlm_logits, assert_same_tensors
 
@@ -141,7 +141,7 @@ def test_records_checked_per_mode():
 def test_verify_catches_biases_in_mxfp4(converted, tmp_path):
     import shutil
 
-    from mlx_diffgemma.checkpoint import INDEX_FILE
+    from mlx_diffgemma.models.checkpoint import INDEX_FILE
 
     src, _ = converted["mxfp4-mixed"]
     bad = tmp_path / "bad"
@@ -162,7 +162,7 @@ def test_real_sizes_and_the_16gb_budget():
     sys.path.insert(0, str(REPO / "scripts"))
     from estimate_sizes import REAL_CONFIG
 
-    from mlx_diffgemma.loader import runtime_bytes
+    from mlx_diffgemma.models.loader import runtime_bytes
 
     extra = runtime_bytes(REAL_CONFIG, 4096)
     resident = {r: estimate(REAL_CONFIG, r)["text_bytes"] + extra for r in ("mixed-4", *NEW)}
@@ -175,7 +175,7 @@ def test_real_sizes_and_the_16gb_budget():
 
 
 def test_check_fits_names_a_recipe_that_fits(converted, monkeypatch, capsys):
-    from mlx_diffgemma import loader
+    from mlx_diffgemma.models import loader
 
     path, _ = converted["mxfp4-mixed"]
     rep = loader.check_fits(path, out=sys.stdout)
@@ -198,7 +198,7 @@ def test_check_fits_names_a_recipe_that_fits(converted, monkeypatch, capsys):
 
 
 def test_check_fits_without_metal_uses_the_machine(monkeypatch):
-    from mlx_diffgemma import loader
+    from mlx_diffgemma.models import loader
 
     monkeypatch.setattr(loader.mx, "device_info", lambda: {"device_name": "cpu"}, raising=False)
     limit, what = loader.memory_limit()
@@ -210,8 +210,8 @@ def test_loading_holds_one_copy(converted):
     init, no re-quantized copy, no second buffer per tensor)."""
     import mlx.core as mx
 
-    from mlx_diffgemma.loader import load_model
-    from mlx_diffgemma.weights import hf_to_mlx_name
+    from mlx_diffgemma.models.loader import load_model
+    from mlx_diffgemma.models.weights import hf_to_mlx_name
 
     for recipe in ("mxfp4-mixed", "2bit-mixed"):
         path, _ = converted[recipe]

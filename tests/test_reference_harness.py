@@ -15,7 +15,7 @@ from hf_reference import (
     reference_decoder_logits,
     reference_encoder_cache,
 )
-from mlx_diffgemma.noise import SeededNoise
+from mlx_diffgemma.generation.noise import SeededNoise
 from teacher_forcing import certain_acceptance, entropy
 from tiny_checkpoints import SHAPES, SPECIAL_TOKENS, load_reference
 

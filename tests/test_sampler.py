@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffgemma.config import GenerationConfig
-from mlx_diffgemma.drafter import pad_after_eos
-from mlx_diffgemma.sampler import (
+from mlx_diffgemma.models.config import GenerationConfig
+from mlx_diffgemma.generation.loop import pad_after_eos
+from mlx_diffgemma.generation.sampler import (
     entropy_bound_accept,
     stable_and_confident,
     token_entropy,
@@ -109,7 +109,7 @@ def test_checkpoint_defaults_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("seed", [-5, 2**64, 1.5, "7", None, True])
 def test_seeded_noise_refuses_bad_seeds_at_once(seed):
-    from mlx_diffgemma.noise import SeededNoise
+    from mlx_diffgemma.generation.noise import SeededNoise
 
     with pytest.raises(ValueError, match="seed"):
         SeededNoise(seed)

@@ -222,8 +222,8 @@ def test_every_bad_request_gets_a_4xx_and_the_server_keeps_serving(server):
 @pytest.fixture(scope="module")
 def local_server():
     import mlx_diffgemma as md
-    from mlx_diffgemma.engine import Engine
-    from mlx_diffgemma.server import Server
+    from mlx_diffgemma.serve.engine import Engine
+    from mlx_diffgemma.serve.http import Server
 
     engine = Engine(lambda: md.load("toy-sudoku"), "toy-sudoku", cache_entries=2)
     engine.noise_for = lambda seed: None if seed is None else md.SeededNoise(seed)
@@ -251,8 +251,8 @@ def test_growing_conversation_reuses_the_cache_and_gives_the_cold_reply(local_se
     import mlx.core as mx
 
     import mlx_diffgemma as md
-    from mlx_diffgemma.denoiser import MLXDenoiser
-    from mlx_diffgemma.session import split_prompt
+    from mlx_diffgemma.generation.denoiser import MLXDenoiser
+    from mlx_diffgemma.chat.session import split_prompt
     from teacher_forcing import recording, replay
 
     c = _client(local_server.url, api_key="sekret")
@@ -305,7 +305,7 @@ def tool_tokenizer(ckpt_factory, tmp_path_factory):
 
     from tokenizers import AddedToken, Tokenizer
 
-    from mlx_diffgemma.loader import load_tokenizer
+    from mlx_diffgemma.models.loader import load_tokenizer
 
     path = tmp_path_factory.mktemp("tools")
     for f in ckpt_factory("tiny").iterdir():
@@ -331,9 +331,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 
 def test_tool_calls_rendered_by_the_template_parse_into_openai_tool_calls(tool_tokenizer):
-    from mlx_diffgemma.api import chat_messages
-    from mlx_diffgemma.replies import ReplyParser
-    from mlx_diffgemma.session import encode_text, render, split_prompt
+    from mlx_diffgemma.serve.openai import chat_messages
+    from mlx_diffgemma.serve.replies import ReplyParser
+    from mlx_diffgemma.chat.session import encode_text, render, split_prompt
 
     tok = tool_tokenizer
     assert tok.tool_parser is not None  # mlx-lm inferred Gemma 4's parser from the template

@@ -27,9 +27,9 @@ from teacher_forcing import top2_gap
 from tiny_checkpoints import make_target_checkpoint, random_prompt
 
 from mlx_diffgemma import load
-from mlx_diffgemma import speculative as spec
-from mlx_diffgemma.drafter import Commit, SpeculativeSummary
-from mlx_diffgemma.speculative import BlockDrafter, speculative_stream_generate
+from mlx_diffgemma.generation import speculative as spec
+from mlx_diffgemma.generation.loop import Commit, SpeculativeSummary
+from mlx_diffgemma.generation.speculative import BlockDrafter, speculative_stream_generate
 
 # A reference decision whose top-2 logit gap is below this can flip between a one-token
 # and a block forward (float32 differences are ~1e-5 here).
@@ -383,8 +383,8 @@ def test_chat_turns_are_the_targets_greedy_replies(pair_tiny):
     """Three turns through ChatSession with the speculative backend: each reply is mlx-lm's
     greedy continuation of the rendered conversation (up to a near-tie), and both caches
     go back to the conversation's stable boundary after every turn, with no re-encode."""
-    from mlx_diffgemma.session import ChatSession, split_prompt
-    from mlx_diffgemma.speculative import SpeculativeBackend
+    from mlx_diffgemma.chat.session import ChatSession, split_prompt
+    from mlx_diffgemma.generation.speculative import SpeculativeBackend
 
     target, ttok, drafter, dtok = pair_tiny
     backend = SpeculativeBackend(drafter, target, ttok, k=4, draft_steps=2)
@@ -414,9 +414,9 @@ def test_serve_with_a_target_replies_with_the_targets_greedy_output(monkeypatch)
 
     import requests
 
-    from mlx_diffgemma.paths import ASSETS_DIR
-    from mlx_diffgemma.server import Server, add_serve_args, build_engine
-    from mlx_diffgemma.session import split_prompt
+    from mlx_diffgemma.models.paths import ASSETS_DIR
+    from mlx_diffgemma.serve.http import Server, add_serve_args, build_engine
+    from mlx_diffgemma.chat.session import split_prompt
 
     root = ASSETS_DIR.parents[1]
     args = add_serve_args(argparse.ArgumentParser()).parse_args(

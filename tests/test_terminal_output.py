@@ -75,8 +75,9 @@ def test_generate_verbose_keeps_the_answer_on_screen(tmp_path, terminal, target)
 # view must take itself off the screen before each line it lets out on stdout.
 FAKE_REPLY = textwrap.dedent("""
     import sys
-    from mlx_diffgemma import cli, commands
-    from mlx_diffgemma.drafter import Commit, Draft, Summary
+    from mlx_diffgemma import cli
+    from mlx_diffgemma.chat import commands
+    from mlx_diffgemma.generation.loop import Commit, Draft, Summary
 
     TEXTS = ["first line\\nsecond ", "half\\nthird", " line, no newline"]
 
@@ -142,7 +143,7 @@ def test_a_huge_piped_prompt_is_refused_before_it_is_tokenized():
                         r"24 generated exceed the 512-token context; shorten the prompt or lower "
                         r"--max-new-tokens\n", r.stderr), r.stderr
     import mlx_diffgemma as md
-    from mlx_diffgemma.session import ChatSession
+    from mlx_diffgemma.chat.session import ChatSession
 
     session = ChatSession(*md.load("toy-sudoku"))
     with pytest.raises(ValueError, match=r"^prompt too long: at least \d+ context tokens"):

@@ -22,7 +22,7 @@ assert importlib.util.find_spec("mlx") is None and importlib.util.find_spec("mlx
 
 import mlx_diffgemma as md
 from mlx_diffgemma import torch_backend as tb
-from mlx_diffgemma.session import ChatSession
+from mlx_diffgemma.chat.session import ChatSession
 
 model, tok = tb.load(sys.argv[1], device="cpu")
 kw = dict(max_new_tokens=32, max_denoising_steps=3)

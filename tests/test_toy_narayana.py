@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma.drafter import run_to_summary
+from mlx_diffgemma.generation.loop import run_to_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

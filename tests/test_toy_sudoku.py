@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma.drafter import run_to_summary
-from mlx_diffgemma.paths import ASSETS_DIR, resolve_model_path
+from mlx_diffgemma.generation.loop import run_to_summary
+from mlx_diffgemma.models.paths import ASSETS_DIR, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -116,7 +116,7 @@ def test_chat_without_history_solves_puzzle_after_puzzle():
     """`mlx-diffgemma chat --model toy-sudoku --no-history`: each puzzle is sent as a
     fresh conversation (the model was trained single-turn), reusing the cached
     `<bos><|turn>user\\n` prefix."""
-    from mlx_diffgemma.session import ChatSession
+    from mlx_diffgemma.chat.session import ChatSession
 
     model, tok = md.load(MLX_DIR)
     session = ChatSession(model, tok, seed=0, keep_history=False)

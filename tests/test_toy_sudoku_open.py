@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlx_diffgemma as md
-from mlx_diffgemma.paths import ASSETS_DIR, resolve_model_path
+from mlx_diffgemma.models.paths import ASSETS_DIR, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

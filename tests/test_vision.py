@@ -15,12 +15,12 @@ import pytest
 
 import mlx_diffgemma as md
 from hf_reference import hooked_generate, image_kwargs, reference_decoder_logits, reference_encoder_cache
-from mlx_diffgemma.config import GenerationConfig, ModelArgs
-from mlx_diffgemma.denoiser import MLXDenoiser
-from mlx_diffgemma.drafter import Summary, draft
-from mlx_diffgemma.model import Model
-from mlx_diffgemma.images import ImageInputs, image_blocks
-from mlx_diffgemma.vision import chunk_bounds, soft_token_counts
+from mlx_diffgemma.models.config import GenerationConfig, ModelArgs
+from mlx_diffgemma.generation.denoiser import MLXDenoiser
+from mlx_diffgemma.generation.loop import Summary, draft
+from mlx_diffgemma.models.model import Model
+from mlx_diffgemma.images.processor import ImageInputs, image_blocks
+from mlx_diffgemma.models.vision import chunk_bounds, soft_token_counts
 from teacher_forcing import assert_argmax_where_certain, from_reference, replay
 from tiny_checkpoints import VISION_TOKENS, load_reference
 
@@ -64,7 +64,7 @@ def _prompt(counts, seed, text=6):
 @pytest.fixture(scope="module")
 def vision(ckpt_factory, tmp_path_factory):
     """(converted path, our model, the transformers reference)."""
-    from mlx_diffgemma.convert import convert
+    from mlx_diffgemma.convert.commands import convert
 
     src = ckpt_factory("vision")
     out = tmp_path_factory.mktemp("vision-mlx") / "model"
@@ -146,7 +146,7 @@ def test_bfloat16_tower_matches_reference(ckpt_factory):
 
 def test_tower_attention_in_query_blocks(vision, monkeypatch):
     """Long images attend in blocks of query rows (bounded score memory): same result."""
-    import mlx_diffgemma.vision as vision_mod
+    import mlx_diffgemma.models.vision as vision_mod
 
     _, model, _ = vision
     pv, pos, _ = _process(["square"])
@@ -308,9 +308,9 @@ def test_released_tower_shapes_and_config_errors():
     count (sizes.vision_shapes), under the checkpoint's names; bad fields are one line."""
     from mlx.utils import tree_flatten
 
-    from mlx_diffgemma.config import ConfigError
-    from mlx_diffgemma.sizes import vision_shapes
-    from mlx_diffgemma.weights import is_vision_tensor
+    from mlx_diffgemma.models.config import ConfigError
+    from mlx_diffgemma.models.sizes import vision_shapes
+    from mlx_diffgemma.models.weights import is_vision_tensor
 
     text = dict(hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704,
                 num_experts=128, top_k_experts=8, num_hidden_layers=30,
@@ -380,7 +380,7 @@ def test_quantizing_convert_keeps_the_tower_float(ckpt_factory, tmp_path):
     fit the tower's 32-wide inputs), and the converted model still reads images."""
     from safetensors.numpy import load_file
 
-    from mlx_diffgemma.convert import convert
+    from mlx_diffgemma.convert.commands import convert
 
     src = ckpt_factory("vision")
     out = tmp_path / "q"

@@ -42,10 +42,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .config import GenerationConfig
-from .denoiser import MLXDenoiser
-from .generation import make_denoiser, stream_generate
-from .drafter import run_to_summary
+from ..models.config import GenerationConfig
+from ..generation.denoiser import MLXDenoiser
+from ..generation.api import make_denoiser, stream_generate
+from ..generation.loop import run_to_summary
 
 
 # -- machine ---------------------------------------------------------------------------
@@ -141,8 +141,8 @@ def build_model(args) -> tuple:
     from .synthetic import hf_config, preset_args, synthetic_model
 
     if args.model:
-        from .loader import load_model
-        from .paths import resolve_model_path
+        from ..models.loader import load_model
+        from ..models.paths import resolve_model_path
 
         # --model as chat, generate and serve take it (a directory, hub id, LM Studio or
         # packaged name).
@@ -199,7 +199,7 @@ def special_ids(model, config: Dict[str, Any], model_dir: Optional[str] = None) 
     for section in (config, config.get("text_config") or {}):
         out |= {v for k, v in section.items() if k.endswith("_token_id") and isinstance(v, int)}
     if model_dir:
-        from .loader import load_tokenizer
+        from ..models.loader import load_tokenizer
 
         tok = load_tokenizer(model_dir)
         if tok is not None:
@@ -389,7 +389,7 @@ def memory_arithmetic(config: Dict[str, Any], recipe: str = "mixed-4", prompt: i
       (a full layer's unfused attention scores + softmax over a `prefill_chunk`-token
       chunk), which is smaller than the step's and so not added.
     """
-    from .sizes import estimate, generation_memory
+    from ..models.sizes import estimate, generation_memory
 
     est = estimate(config, recipe)
     g = generation_memory(config, prompt, new_tokens, act_bytes, prefill_chunk)
@@ -601,7 +601,7 @@ def fit_prompt(args, model, gen: GenerationConfig) -> str:
     """Sets `args.prompt_tokens` to what the model's context holds beside the generation
     (the default 512, or less for a short context); refuses in one line a --prompt-tokens
     or --gen-tokens that does not fit. Returns a note for the report when it shortened."""
-    from .drafter import reserved_tokens
+    from ..generation.loop import reserved_tokens
 
     context = int(model.args.max_position_embeddings)
     reserve = reserved_tokens(gen, model.canvas_length)
@@ -623,7 +623,7 @@ def active_step_times(model, prompt: np.ndarray, sizes: Sequence[int], iters: in
     """Median seconds of one fast-mode step computing `n` canvas positions, per `n`: the
     decoder on those positions (the others' keys and values from a full first pass),
     the LM head and the top-K sampler's pieces."""
-    from .fast import forward_positions
+    from ..generation.fast import forward_positions
 
     C, V = model.canvas_length, model.vocab_size
     cache = model.make_cache()

@@ -23,10 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ModelArgs
-from .model import Model
-from .recipes import make_recipe
-from .weights import is_vision_tensor
+from ..models.config import ModelArgs
+from ..models.model import Model
+from ..models.recipes import make_recipe
+from ..models.weights import is_vision_tensor
 
 # name -> ModelArgs overrides (on top of the released defaults).
 PRESETS: Dict[str, Dict[str, Any]] = {

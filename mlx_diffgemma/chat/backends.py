@@ -76,7 +76,7 @@ class MLXBackend:
         return new
 
     def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
-        from .generation import stream_generate
+        from ..generation.api import stream_generate
 
         return stream_generate(
             self.model, tokenizer, prompt, images=images, cache=cache, noise=noise, seed=seed,
@@ -114,7 +114,7 @@ class TorchBackend:
     def encode(self, cache, ids: Sequence[int], images=None) -> None:
         t = self.torch.as_tensor([list(ids)], dtype=self.torch.long, device=self.device)
         with self.torch.no_grad():
-            from .images import torch_image_kwargs
+            from ..images.processor import torch_image_kwargs
 
             self.model.model.encoder(input_ids=t, past_key_values=cache,
                                      **torch_image_kwargs(self.model, t, images))
@@ -138,7 +138,7 @@ class TorchBackend:
         return copy.deepcopy(cache)
 
     def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
-        from .torch_backend import stream_generate
+        from ..torch_backend import stream_generate
 
         return stream_generate(
             self.model, tokenizer, prompt, images=images, cache=cache, noise=noise, seed=seed,
@@ -158,7 +158,7 @@ def make_backend(model):
     if not hasattr(model, "make_cache"):
         return TorchBackend(model)
     if getattr(model, "group", None) is not None:  # split over ranks: rank 0 leads them
-        from .distributed import leading
+        from ..models.distributed import leading
 
         return leading(MLXBackend(model))
     return MLXBackend(model)

@@ -12,11 +12,11 @@ import sys
 from typing import Any, Callable, Dict, Optional
 
 from .backends import make_backend
-from .config import SEED_MAX, GenerationConfig
-from .drafter import (Commit, Draft, Summary, check_context, check_reserve, context_limit, generation_config,
+from ..models.config import SEED_MAX, GenerationConfig
+from ..generation.loop import (Commit, Draft, Summary, check_context, check_reserve, context_limit, generation_config,
                       reserved_tokens)
-from .images import load_image, prepare_prompt
-from .paths import DEFAULT_MODEL, resolve_model_path
+from ..images.processor import load_image, prepare_prompt
+from ..models.paths import DEFAULT_MODEL, resolve_model_path
 from .repl import LiveCanvas, run_repl, summary_line
 from .session import (
     SETTING_ALIASES,
@@ -27,7 +27,7 @@ from .session import (
     parse_seed,
     parse_temp,
 )
-from .templates import min_tokens
+from ..models.tokenizer import min_tokens
 
 
 def _flag_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
@@ -133,7 +133,7 @@ def resolve_mode(args) -> str:
 def target_backend(args, model, tokenizer):
     """The chat backend that drafts for `--target` (loaded and checked here), from the
     command line's speculative flags (chat and serve)."""
-    from .speculative import SpeculativeBackend
+    from ..generation.speculative import SpeculativeBackend
 
     target, target_tokenizer = load_target(args.target, tokenizer, args.backend)
     return SpeculativeBackend(model, target, target_tokenizer, k=args.draft_tokens, draft_steps=args.draft_steps,
@@ -146,8 +146,8 @@ def load_target(target_arg: str, tokenizer, backend: str = "mlx"):
         raise ValueError("--target runs on the MLX backend only; drop --backend torch")
     from mlx_lm import load as mlx_lm_load
 
-    from .checkpoint import first_line
-    from .speculative import check_tokenizers
+    from ..models.checkpoint import first_line
+    from ..generation.speculative import check_tokenizers
 
     try:
         target, target_tokenizer = mlx_lm_load(target_arg)
@@ -205,7 +205,7 @@ def load_for(model_arg: str, backend: str, mode: str = "reference"):
     path = resolve_model_path(model_arg, prefer="hf" if backend == "torch" else "mlx")
     if backend == "torch":
         try:
-            from .torch_backend import load as torch_load
+            from ..torch_backend import load as torch_load
         except ImportError as e:
             raise ValueError(
                 f"--backend torch needs PyTorch and transformers ({e}): pip install torch "
@@ -214,8 +214,8 @@ def load_for(model_arg: str, backend: str, mode: str = "reference"):
 
         model, tokenizer = torch_load(path)
     else:
-        from .distributed import launched_group
-        from .loader import load
+        from ..models.distributed import launched_group
+        from ..models.loader import load
 
         model, tokenizer = load(path, group=launched_group())
     if tokenizer is None:
@@ -379,7 +379,7 @@ def _out(text: str) -> None:
 
 def _speculative_events(args, model, tokenizer, target, ids, overrides, mode):
     """The target's output with `model` drafting (speculative.py), from the CLI flags."""
-    from .speculative import speculative_stream_generate
+    from ..generation.speculative import speculative_stream_generate
 
     kw = dict(overrides)
     kw.pop("max_denoising_steps", None)  # --draft-steps sets the drafter's steps

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from .distributed import (
+from ..models.distributed import (
     LeaderStopped,
     RankError,
     broadcast_array,
@@ -80,13 +80,13 @@ def _images_out(images) -> tuple:
 def _images_in(meta, arrays):
     if meta is None:
         return None
-    from .images import ImageInputs
+    from ..images.processor import ImageInputs
 
     return ImageInputs(arrays[0], arrays[1], meta["num_soft_tokens"], meta["digests"])
 
 
 def _noise_out(noise) -> Optional[Dict[str, int]]:
-    from .noise import SeededNoise
+    from ..generation.noise import SeededNoise
 
     if noise is None:
         return None
@@ -138,7 +138,7 @@ class LeaderBackend:
         return new
 
     def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
-        from .drafter import prompt_ids
+        from ..generation.loop import prompt_ids
 
         ids = prompt_ids(tokenizer, prompt)
         meta, arrays = _images_out(images)
@@ -238,7 +238,7 @@ def _run_op(base, tokenizer, group, op, msg, arrays, caches, snaps) -> None:
 
 
 def _follow_generation(base, tokenizer, group, msg, arrays, cache) -> None:
-    from .noise import SeededNoise
+    from ..generation.noise import SeededNoise
 
     noise = None if msg["noise"] is None else SeededNoise(msg["noise"]["seed"])
     images = _images_in(msg["images"], arrays)
@@ -306,9 +306,9 @@ def _follower(args, group) -> int:
     from functools import lru_cache
 
     from .backends import MLXBackend
-    from .loader import load, load_tokenizer
-    from .paths import resolve_model_path
-    from .sharding import ShardingError
+    from ..models.loader import load, load_tokenizer
+    from ..models.paths import resolve_model_path
+    from ..models.sharding import ShardingError
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a blocked collective cannot see Python's
     sys.stdout = open(os.devnull, "w")  # rank 0 owns the terminal

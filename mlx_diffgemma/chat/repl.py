@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .drafter import Commit, Draft, SpeculativeSummary, Summary
+from ..generation.loop import Commit, Draft, SpeculativeSummary, Summary
 from .session import ChatSession, Prefill, check_text
 
 

@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .config import SEED_MAX, GenerationConfig, check_seed
+from ..models.config import SEED_MAX, GenerationConfig, check_seed
 from .backends import make_backend
-from .drafter import (Commit, Summary, check_context, check_mode, context_limit, generation_config,
+from ..generation.loop import (Commit, Summary, check_context, check_mode, context_limit, generation_config,
                       reserved_tokens)
-from .templates import (  # noqa: F401  (re-exported: the session's callers use them)
+from ..models.tokenizer import (  # noqa: F401  (re-exported: the session's callers use them)
     check_text,
     encode_text,
     ensure_chat_template,
@@ -111,7 +111,7 @@ def split_prompt(tokenizer, messages: Sequence[Dict[str, Any]],
     (images.Processor); the stable part holds them. `fits(n)`, when given, is called
     with a lower bound on the prompt's tokens before anything is tokenized (and raises
     when that is already too many: a huge prompt costs no tokenization)."""
-    from .images import render_with_images, split_image_parts
+    from ..images.processor import render_with_images, split_image_parts
 
     messages, sources = split_image_parts(messages)
     if sources and processor is None:
@@ -436,7 +436,7 @@ class ChatSession:
         """The model's images.Processor (built on first use); ImageError naming the fix
         when the model takes no images."""
         if self._processor is None:
-            from .images import processor_for
+            from ..images.processor import processor_for
 
             self._processor = processor_for(self.model, self.tokenizer)
         return self._processor
@@ -445,7 +445,7 @@ class ChatSession:
         """Each image loaded and preprocessed now (a bad one is refused here, for what is
         wrong with it, before any turn): one images.ImageInputs per source, to pass to
         `send`."""
-        from .images import ImageInputs, load_image
+        from ..images.processor import ImageInputs, load_image
 
         loaded = [s if isinstance(s, ImageInputs) else load_image(s) for s in sources]
         return [self.processor.images([s]) for s in loaded]
@@ -453,7 +453,7 @@ class ChatSession:
     @staticmethod
     def user_message(text: str, images: Sequence[Any] = (), names: Sequence[str] = ()) -> Dict[str, Any]:
         """A user message; with images, content parts: the images, then the text."""
-        from .images import user_message
+        from ..images.processor import user_message
 
         return user_message(text, images, names)
 
@@ -531,7 +531,7 @@ class ChatSession:
         `images` (sources, or `load_images`' results) go with this message, before its
         text; `names` label them in the transcript. They stay in the conversation: later
         turns reuse their encoded tokens from the cache."""
-        from .images import describe
+        from ..images.processor import describe
 
         names = list(names) or [describe(im) for im in images]
         images = self.load_images(images) if images else []

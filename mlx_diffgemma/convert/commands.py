@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .checkpoint import (
+from ..models.checkpoint import (
     FLOAT_DTYPES,
     INDEX_FILE,
     ST_DTYPES,
@@ -68,10 +68,10 @@ from .checkpoint import (
     read_json,
     scan_checkpoint,
 )
-from .config import ConfigError, load_config
-from .loader import check_sidecars
-from .model import expected_shapes
-from .paths import hub_snapshot
+from ..models.config import ConfigError, load_config
+from ..models.loader import check_sidecars
+from ..models.model import expected_shapes
+from ..models.paths import hub_snapshot
 from .publish import (
     Published,
     _Terminated,
@@ -82,7 +82,7 @@ from .publish import (
     remove_stale_tmp,
     terminate_as_interrupt,
 )
-from .recipes import (
+from ..models.recipes import (
     DTYPE_NAMES,
     MODES,
     RECIPES,
@@ -94,8 +94,8 @@ from .recipes import (
     module_quantization,
     quantization_record,
 )
-from .sharding import tensor_array
-from .weights import QUANT_SUFFIXES, hf_to_mlx_name, is_vision_tensor
+from ..models.sharding import tensor_array
+from ..models.weights import QUANT_SUFFIXES, hf_to_mlx_name, is_vision_tensor
 
 MAX_SHARD_SIZE = 5 << 30  # bytes, as mlx-lm / mlx-vlm (MAX_FILE_SIZE_GB = 5)
 CHUNK_BYTES = 64 << 20  # float32 bytes per processed block of rows
@@ -165,7 +165,7 @@ def model_args(config: Dict[str, Any], path: Path):
     """(ModelArgs, expected text shapes) of a config.json, or ConversionError naming the
     file: the config parser and the module tree reject hostile values with whatever
     Python raises, so every failure is turned into one line here."""
-    from .config import ModelArgs
+    from ..models.config import ModelArgs
 
     try:
         args = ModelArgs.from_dict(config, source=str(path))
@@ -503,7 +503,7 @@ def build_config(
     (mlx-vlm reads `global_head_dim`/`num_global_key_value_heads`, not transformers'
     `per_layer_config`), generation_config.json merged in as mlx-vlm does, the old
     quantization record replaced by the new one, keys sorted (mlx-vlm's save_config)."""
-    from .config import ModelArgs
+    from ..models.config import ModelArgs
 
     cfg = copy.deepcopy(config)
     cfg.pop("quantization", None)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from .checkpoint import ConversionError
+from ..models.checkpoint import ConversionError
 
 
 @dataclass

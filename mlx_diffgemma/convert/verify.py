@@ -9,11 +9,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .checkpoint import FLOAT_DTYPES, ConversionError, TensorRef, scan_checkpoint
-from .convert import fraction, human_bytes, model_args, positive_int, read_config, run_cli, source_record
-from .loader import check_sidecars
-from .recipes import module_quantization
-from .weights import QUANT_SUFFIXES, hf_to_mlx_name, is_vision_tensor
+from ..models.checkpoint import FLOAT_DTYPES, ConversionError, TensorRef, scan_checkpoint
+from .commands import fraction, human_bytes, model_args, positive_int, read_config, run_cli, source_record
+from ..models.loader import check_sidecars
+from ..models.recipes import module_quantization
+from ..models.weights import QUANT_SUFFIXES, hf_to_mlx_name, is_vision_tensor
 
 
 class VerifyError(ValueError):
@@ -165,9 +165,9 @@ def _dtype_of(tensors: Dict[str, TensorRef]) -> Optional[str]:
 
 def _load_runtime(path):
     try:
-        from . import load  # type: ignore[attr-defined]
+        from .. import load  # type: ignore[attr-defined]
     except ImportError:
-        from .loader import load
+        from ..models.loader import load
     model, _ = load(path)
     return model
 

@@ -454,7 +454,7 @@ class Processor:
     def __call__(self, text: Union[str, Sequence[int]], images: Sequence[ImageSource] = ()) -> Prompt:
         """`text` (encoded as is, no chat template, no BOS added) or ids, with `images`."""
         if isinstance(text, str):
-            from .templates import encode_text
+            from ..models.tokenizer import encode_text
 
             ids = encode_text(self.tokenizer, text)
         else:
@@ -498,7 +498,7 @@ def render_with_images(tokenizer, messages: Sequence[Dict[str, Any]], token: str
     """(the messages as rendered, the text) for messages whose image parts are
     `{"type": "image"}`: as content parts where the chat template places them, else with
     the placeholder `token` written into the text (a template that reads strings only)."""
-    from .templates import render
+    from ..models.tokenizer import render
 
     text = render(tokenizer, messages, add_generation_prompt, **kwargs)
     if not n_images or text.count(token) == n_images:
@@ -605,7 +605,7 @@ def prepare_prompt(model, tokenizer, prompt: Any, images: Optional[Sequence[Imag
                              "messages as they are, or token ids without chat=True")
         prompt, images = [user_message(prompt, images or ())], None
     if is_messages(prompt):
-        from .templates import encode_text, ensure_chat_template, render
+        from ..models.tokenizer import encode_text, ensure_chat_template, render
 
         ensure_chat_template(tokenizer, getattr(model, "model_path", None))
         if images:

@@ -31,7 +31,7 @@ from .vision import (
     chunk_bounds,
     real_patches,
 )
-from .images import image_blocks
+from ..images.processor import image_blocks
 from .weights import CLIP_SUFFIXES, hf_to_mlx_name, is_vision_tensor
 
 

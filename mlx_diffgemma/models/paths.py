@@ -18,7 +18,7 @@ ORIGINAL_MODEL = "google/diffusiongemma-26B-A4B-it"
 # Models shipped inside the package (e.g. `toy-sudoku`): assets/<name>/ holding `hf/`
 # (Hugging Face format) and/or an MLX conversion in a subfolder (`mlx/`, `mlx-*`) or at
 # the top level.
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 # LM Studio keeps models at <root>/<publisher>/<model>/; this variable (one directory,
 # or several separated by os.pathsep) replaces the default roots.

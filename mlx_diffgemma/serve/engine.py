@@ -14,14 +14,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import api
-from .api import APIError, bad
-from .drafter import Commit, Draft, Summary, generation_config
-from .images import ImageError, load_message_images
+from . import openai as api
+from .openai import APIError, bad
+from ..generation.loop import Commit, Draft, Summary, generation_config
+from ..images.processor import ImageError, load_message_images
 from .prompt_cache import PromptCache
 from .replies import ReplyParser, find_stop
-from .session import ChatSession, Interrupted, Prefill, PromptSplit, split_prompt
-from .templates import min_tokens
+from ..chat.session import ChatSession, Interrupted, Prefill, PromptSplit, split_prompt
+from ..models.tokenizer import min_tokens
 
 
 # -- one generation -----------------------------------------------------------------------
@@ -169,7 +169,7 @@ class Engine:
     def _setup(self, load, max_tokens, max_context, mode) -> None:
         model, tokenizer = load()
         if max_tokens is None:
-            from .commands import _chat_max_new_tokens
+            from ..chat.commands import _chat_max_new_tokens
 
             max_tokens = _chat_max_new_tokens(model)
         backend = self.target(model, tokenizer) if self.target is not None else None

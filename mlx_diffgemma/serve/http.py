@@ -33,9 +33,9 @@ from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional
 
-from . import api
-from .api import APIError, bad
-from .drafter import Draft
+from . import openai as api
+from .openai import APIError, bad
+from ..generation.loop import Draft
 from .engine import Engine, Job, Output, Sink
 
 KEEPALIVE_S = 10.0  # an SSE comment at least this often while a stream waits or prefills
@@ -340,8 +340,8 @@ class Server(ThreadingHTTPServer):
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .paths import DEFAULT_MODEL
-    from .commands import _flag_type, _positive_int, _setting_type, add_target_args
+    from ..models.paths import DEFAULT_MODEL
+    from ..chat.commands import _flag_type, _positive_int, _setting_type, add_target_args
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, Hugging Face id or packaged model name (default {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="mlx (default) or the torch reference path")
@@ -364,7 +364,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _port(text: str) -> int:
-    from .session import parse_number
+    from ..chat.session import parse_number
 
     port = parse_number("the port", int, text)
     if not 0 <= port <= 65535:
@@ -382,8 +382,8 @@ def _directory(text: str) -> str:
 
 
 def build_engine(args) -> Engine:
-    from .paths import resolve_model_path
-    from .commands import load_for, resolve_mode
+    from ..models.paths import resolve_model_path
+    from ..chat.commands import load_for, resolve_mode
 
     path = resolve_model_path(args.model, prefer="hf" if args.backend == "torch" else "mlx")
     return Engine(lambda: load_for(str(path), args.backend)[:2], args.model_id or args.model,
@@ -401,7 +401,7 @@ def target_loader(args):
         return None
 
     def load(model, tokenizer):
-        from .commands import target_backend
+        from ..chat.commands import target_backend
 
         return target_backend(args, model, tokenizer)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import unquote
 
-from .config import SEED_MAX, GenerationConfig
-from .drafter import MODES
+from ..models.config import SEED_MAX, GenerationConfig
+from ..generation.loop import MODES
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 GEN_EXTRAS = {

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-from .session import CacheState, ChatSession, _common_prefix_len
+from ..chat.session import CacheState, ChatSession, _common_prefix_len
 
 
 class PromptCache:

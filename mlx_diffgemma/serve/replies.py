@@ -29,7 +29,7 @@ class Parsed:
 
 
 def _special_strings(tokenizer) -> List[str]:
-    from .templates import _hf_tokenizer
+    from ..models.tokenizer import _hf_tokenizer
 
     hf = _hf_tokenizer(tokenizer)
     names = set(getattr(hf, "all_special_tokens", []) or [])

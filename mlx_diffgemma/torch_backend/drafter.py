@@ -18,12 +18,12 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from ..checkpoint import WeightsError, check_tokenizer_files
-from ..config import GenerationConfig, ModelArgs, check_seed, load_config
-from ..drafter import Event, collect, generation_config, stream
-from ..images import prepare_prompt, torch_image_kwargs
-from ..paths import resolve_model_path
-from ..noise import NoiseSource
+from ..models.checkpoint import WeightsError, check_tokenizer_files
+from ..models.config import GenerationConfig, ModelArgs, check_seed, load_config
+from ..generation.loop import Event, collect, generation_config, stream
+from ..images.processor import prepare_prompt, torch_image_kwargs
+from ..models.paths import resolve_model_path
+from ..generation.noise import NoiseSource
 
 
 def _default_device() -> str:

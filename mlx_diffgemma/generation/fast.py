@@ -50,7 +50,7 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .config import GenerationConfig
+from ..models.config import GenerationConfig
 from .denoiser import MLXDenoiser
 from .freezing import Freezing
 from .noise import NoiseSource

@@ -7,13 +7,13 @@ from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .cache import EncoderCache
-from .config import check_seed
+from ..models.cache import EncoderCache
+from ..models.config import check_seed
 from .denoiser import MLXDenoiser
-from .distributed import checked, shared_seed
-from .drafter import Event, check_mode, collect, generation_config, stream
+from ..models.distributed import checked, shared_seed
+from .loop import Event, check_mode, collect, generation_config, stream
 from .fast import FastDenoiser, FastOptions
-from .images import prepare_prompt
+from ..images.processor import prepare_prompt
 from .noise import NoiseSource
 
 def make_denoiser(model, gen, *, cache=None, noise=None, mode: str = "reference",

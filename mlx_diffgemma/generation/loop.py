@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, 
 
 import numpy as np
 
-from .config import GenerationConfig
+from ..models.config import GenerationConfig
 
 # -- events -------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import EncoderCache
-from .config import GenerationConfig
+from ..models.cache import EncoderCache
+from ..models.config import GenerationConfig
 from .noise import NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
 

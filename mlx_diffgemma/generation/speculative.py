@@ -26,12 +26,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from .config import check_seed
-from .drafter import (Commit, Draft, Event, SpeculativeSummary, check_reserve, collect, generation_config,
+from ..models.config import check_seed
+from .loop import (Commit, Draft, Event, SpeculativeSummary, check_reserve, collect, generation_config,
                       prompt_ids, text_decoder)
 from .fast import FastOptions
-from .generation import make_denoiser
-from .backends import MLXBackend
+from .api import make_denoiser
+from ..chat.backends import MLXBackend
 
 # -- the target's cache ----------------------------------------------------------------
 

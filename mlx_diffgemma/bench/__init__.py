@@ -1,0 +1,1 @@
+"""`mlx-diffgemma bench` and the synthetic models it runs."""

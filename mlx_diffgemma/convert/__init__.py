@@ -1,0 +1,1 @@
+"""Hugging Face weights to MLX directories: planning, streaming writes, safe publishing, verify."""

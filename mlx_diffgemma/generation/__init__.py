@@ -1,0 +1,1 @@
+"""Generation: settings, the drafter loop and its events, the denoisers, fast mode, speculative drafting, the API."""

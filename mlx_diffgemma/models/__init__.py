@@ -1,0 +1,1 @@
+"""The network and its files: configs, the MLX model and its cache, checkpoints, loading, tokenizer, sizes, ranks."""

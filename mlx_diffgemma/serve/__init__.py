@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: request parsing, the engine and its prompt cache, HTTP."""
