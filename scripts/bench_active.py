@@ -10,7 +10,7 @@ ratio at 26B-A4B, beside the FLOP arithmetic.
 The weights are synthetic.py's: random, already-quantized mixed-4, at the released
 shapes. Each piece is timed apart, per computed-position count n:
   layers     the decoder layers on n positions, the others' keys and values stale
-             (fast.forward_positions, as the active set runs them): a one-layer model of
+             (Model.forward_positions, as the active set runs them): a one-layer model of
              each attention kind, weighted by the released pattern (25 sliding, 5 full)
   head       final norm, the [hidden x vocab] LM head and soft-capping on n rows
   top-K      fast mode's selection on those logits (fast.py's functions): exact top-64
@@ -47,7 +47,8 @@ import mlx.core as mx  # noqa: E402
 
 from bench_fast import MODES  # noqa: E402
 from mlx_diffgemma.models.config import read_json_object  # noqa: E402
-from mlx_diffgemma.generation.fast import forward_positions, sample_top_k, sparse_soft_embedding, top_k_probabilities  # noqa: E402
+from mlx_diffgemma.generation.fast import sample_top_k, top_k_probabilities  # noqa: E402
+from mlx_diffgemma.models.model import sparse_soft_embedding  # noqa: E402
 from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model  # noqa: E402
 
 TOP_K = 64
@@ -85,12 +86,12 @@ def time_layers(model, sizes: Sequence[int], prompt_tokens: int, iters: int) -> 
     model.encode(mx.random.randint(3, V, (1, prompt_tokens), dtype=mx.int32), cache)
     canvas = mx.random.randint(3, V, (1, C), dtype=mx.int32)
     kv = [None] * len(model.layers)
-    mx.eval(forward_positions(model, canvas, mx.arange(C), C, cache, kv, head=False), kv)
+    mx.eval(model.forward_positions(canvas, mx.arange(C), C, cache, kv, head=False), kv)
     out = {}
     for n in sizes:
         idx = mx.arange(n)
-        out[n] = seconds(lambda: mx.eval(forward_positions(
-            model, canvas[:, idx], idx, C, cache, list(kv), head=False)), iters)
+        out[n] = seconds(lambda: mx.eval(model.forward_positions(
+            canvas[:, idx], idx, C, cache, list(kv), head=False)), iters)
     return out
 
 

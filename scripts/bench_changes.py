@@ -35,7 +35,7 @@ import mlx_diffgemma.models.lanes as L  # noqa: E402
 import mlx_diffgemma.models.model as M  # noqa: E402
 import mlx_diffgemma.generation.sampler as S  # noqa: E402
 from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.generation.loop import Draft  # noqa: E402
+from mlx_diffgemma.generation.events import Draft  # noqa: E402
 from mlx_diffgemma.bench.bench import bench_generation  # noqa: E402
 from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model  # noqa: E402
 

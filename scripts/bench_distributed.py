@@ -63,7 +63,7 @@ def run_rank(model_dir: str, out: str, steps: int, prompt_tokens: int, lanes=Non
     from mlx.utils import tree_flatten
 
     from mlx_diffgemma.models.distributed import launched_group
-    from mlx_diffgemma.generation.loop import generation_config
+    from mlx_diffgemma.generation.settings import defaults, resolve
     from mlx_diffgemma.generation.api import make_denoiser
     from mlx_diffgemma.models.loader import load
     from mlx_diffgemma.generation.noise import SeededNoise
@@ -81,8 +81,8 @@ def run_rank(model_dir: str, out: str, steps: int, prompt_tokens: int, lanes=Non
     t = time.perf_counter()
     model.encode(mx.array(ids), cache)
     res["prefill_s"] = time.perf_counter() - t
-    gen = generation_config(model, max_denoising_steps=steps + 2, eos_token_id=None)
-    den = make_denoiser(model, gen, cache=cache, noise=SeededNoise(0))
+    settings = resolve(defaults(model), max_denoising_steps=steps + 2, eos_token_id=None)
+    den = make_denoiser(model, settings, cache=cache, noise=SeededNoise(0))
     mx.reset_peak_memory()
     canvas = den.start_canvas(0)
     canvas = den.step(canvas, 0, steps + 2)[0]  # warm-up, and the step with no self-conditioning

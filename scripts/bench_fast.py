@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx_diffgemma as md  # noqa: E402
 from mlx_diffgemma.models.config import ModelArgs  # noqa: E402
 from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.generation.loop import generation_config, stream  # noqa: E402
+from mlx_diffgemma.generation.loop import stream  # noqa: E402
+from mlx_diffgemma.generation.settings import defaults, resolve  # noqa: E402
 from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, Work  # noqa: E402
 
 
@@ -130,7 +131,7 @@ def run_mode(model, tok, cases: List[Case], check, opts: Optional[FastOptions], 
     out = []
     t0 = time.perf_counter()
     for c in cases:
-        gen = generation_config(model, max_new_tokens=max_new)
+        gen = resolve(defaults(model), max_new_tokens=max_new).gen
         noise = md.SeededNoise(c.seed)
         den = (MLXDenoiser(model, gen, noise=noise) if opts is None
                else FastDenoiser(model, gen, noise=noise, options=opts))
@@ -149,7 +150,7 @@ def mlx_vlm_mode(path: Path, cases: List[Case], check, max_new: int) -> Dict[str
     import mlx.core as mx
     from mlx_vlm.utils import load_model
 
-    from mlx_diffgemma.models.loader import load_tokenizer
+    from mlx_diffgemma.models.tokenizer import load_tokenizer
 
     d = importlib.import_module("mlx_vlm.generate.diffusion")
     model = load_model(path)

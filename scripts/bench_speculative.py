@@ -133,7 +133,7 @@ def run_target_alone(target, prompts) -> dict:
 
 
 def run_speculative(target, ttok, drafter, dtok, prompts, k: int, steps: int, adaptive: bool = False) -> dict:
-    from mlx_diffgemma.generation.loop import SpeculativeSummary
+    from mlx_diffgemma.generation.events import SpeculativeSummary
     from mlx_diffgemma.generation.speculative import speculative_stream_generate
 
     outs, rounds, tf, df, tic = [], 0, 0, 0, time.perf_counter()

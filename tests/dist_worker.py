@@ -28,13 +28,14 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 
 from teacher_forcing import recording, replay, top2_gap  # noqa: E402
 
-import mlx_diffgemma.generation.fast as fast  # noqa: E402
 from mlx_diffgemma import load  # noqa: E402
 from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.generation.loop import generation_config, run_to_summary  # noqa: E402
+from mlx_diffgemma.generation.loop import run_to_summary  # noqa: E402
+from mlx_diffgemma.generation.settings import defaults, resolve  # noqa: E402
 from mlx_diffgemma.generation.fast import FastOptions  # noqa: E402
 from mlx_diffgemma.generation.api import make_denoiser, stream_generate  # noqa: E402
 from mlx_diffgemma.generation.noise import SeededNoise  # noqa: E402
+from mlx_diffgemma.models.model import Model  # noqa: E402
 
 # (noise seed, prompt length, canvases, generation settings)
 RUNS = [
@@ -91,7 +92,7 @@ def _replay_reference(single, split):
         kw = dict(kw, max_new_tokens=canvases * single.canvas_length)
         with recording(MonkeyPatch(), MLXDenoiser) as rec:
             run_to_summary(stream_generate(single, None, _prompt(single, n, seed), noise=SeededNoise(seed), **kw))
-        den = make_denoiser(split, generation_config(split, **kw), noise=SeededNoise(seed))
+        den = make_denoiser(split, resolve(defaults(split), **kw), noise=SeededNoise(seed))
         rep = replay(den, rec, SeededNoise(seed), from_numpy=mx.array)
         out.append({"max_logit_diff": rep.max_logit_diff, "decisions": rep.decisions,
                     "uncertain": rep.uncertain, "mismatches": rep.mismatches, "steps": rep.steps})
@@ -99,11 +100,11 @@ def _replay_reference(single, split):
 
 
 def _forced_fast(single, split, options, runs=RUNS):
-    """Fast mode, teacher-forced at its forward (fast.forward_positions): the split
+    """Fast mode, teacher-forced at its forward (Model.forward_positions): the split
     model computes every forward of the one-process run on the same inputs; its logits
     are compared (argmax where certain), then the recorded ones are used, so both runs
     take the same path."""
-    real = fast.forward_positions
+    real = Model.forward_positions
     out = []
     for seed, n, canvases, kw in runs:
         kw = dict(kw, max_new_tokens=canvases * single.canvas_length, mode="fast", fast=options)
@@ -125,13 +126,13 @@ def _forced_fast(single, split, options, runs=RUNS):
             stats["mismatches"] += int(((mine.argmax(-1) != ref.argmax(-1)) & sure).sum())
             return mx.array(ref)
 
-        fast.forward_positions = forward
+        Model.forward_positions = forward
         try:
             tokens = [run_to_summary(stream_generate(m, None, _prompt(single, n, seed),
                                                      noise=SeededNoise(seed), **kw)).tokens
                       for m in (single, split)]
         finally:
-            fast.forward_positions = real
+            Model.forward_positions = real
         stats["same_tokens"] = tokens[0] == tokens[1]
         stats["recorded"] = len(log)
         out.append(stats)
@@ -174,17 +175,17 @@ CLI = {"generate": ("hello there", 3), "chat": (["hello", "again please"], 3),
 def _cli_expected(group, path):
     from mlx_diffgemma.serve.engine import Engine, Sink
     from mlx_diffgemma.generation.api import generate
-    from mlx_diffgemma.images.processor import prepare_prompt
+    from mlx_diffgemma.generation.prompt import prepare_prompt
     from mlx_diffgemma.chat.session import ChatSession
+    from mlx_diffgemma.images.processor import user_message
 
     model, tok = load(path, group=group)
     kw = {"max_new_tokens": CLI["max_new_tokens"], "max_denoising_steps": CLI["steps"]}
     text, seed = CLI["generate"]
-    ids, _ = prepare_prompt(model, tok, [ChatSession.user_message(text)])
+    ids, _ = prepare_prompt(model, tok, [user_message(text)])
     out = {"generate": generate(model, tok, ids, seed=seed, **kw)}
     lines, seed = CLI["chat"]
-    session = ChatSession(model, tok, seed=seed, gen_kwargs={"max_new_tokens": CLI["max_new_tokens"],
-                                                               "steps": CLI["steps"]})
+    session = ChatSession(model, tok, seed=seed, **kw)
     out["chat"] = [[e for e in session.send(line) if e.kind == "summary"][0].text for line in lines]
 
     class Client:
@@ -193,7 +194,7 @@ def _cli_expected(group, path):
 
     engine = Engine(lambda: (model, tok), "m")
     try:
-        out["serve"] = engine.run(engine.completion_job(dict(CLI["serve"])), Sink(Client())).content
+        out["serve"] = engine.run(engine.requests.completion(dict(CLI["serve"])), Sink(Client())).content
     finally:
         engine.close()
     return out

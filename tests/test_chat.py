@@ -31,10 +31,11 @@ import mlx_diffgemma as md
 from mlx_diffgemma.chat import backends
 from mlx_diffgemma.chat import repl
 from mlx_diffgemma.models import paths
-from mlx_diffgemma.chat.session import ChatSession, Interrupted, Prefill, split_prompt
+from mlx_diffgemma.chat.session import ChatSession, Interrupted, Prefill
+from mlx_diffgemma.chat.prompt import split_prompt
 from mlx_diffgemma.models.config import GenerationConfig
 from mlx_diffgemma.generation.denoiser import MLXDenoiser
-from mlx_diffgemma.generation.loop import Commit, Summary
+from mlx_diffgemma.generation.events import Commit, Summary
 from teacher_forcing import recording, replay
 from terminals import Pexpect as _Pexpect, Tmux as _Tmux, wait as _wait
 
@@ -139,7 +140,7 @@ def test_second_turn_encodes_only_new_tokens_and_matches_fresh(mixed_sc01, rollb
     path = mixed_sc01
     model, tok = md.load(path)
     spy = _EncodeSpy(model)
-    session = ChatSession(model, tok, gen_kwargs=GEN, noise=md.SeededNoise(11))
+    session = ChatSession(model, tok, **GEN, noise=md.SeededNoise(11))
     C = model.canvas_length
 
     user1, user2 = "hello there, how are you today?", "tell me more about that please"
@@ -191,7 +192,7 @@ def test_second_turn_encodes_only_new_tokens_and_matches_fresh(mixed_sc01, rollb
 def test_interrupted_turn_leaves_session_as_before(mixed_sc01, monkeypatch):
     model, tok = md.load(mixed_sc01)
     kw = dict(GEN, max_denoising_steps=6, eos_token_id=None)  # never ends early: the stop must
-    s = ChatSession(model, tok, gen_kwargs=kw, noise=md.SeededNoise(5))
+    s = ChatSession(model, tok, **kw, noise=md.SeededNoise(5))
     _run(s, "first question")
     held, msgs = s.cached_tokens, list(s.messages)
     ev = _run(s, "this reply gets interrupted", stop_after_commits=2)
@@ -214,7 +215,7 @@ def test_interrupted_turn_leaves_session_as_before(mixed_sc01, monkeypatch):
 def test_changed_start_cuts_or_clears_cache_and_long_prompt_is_refused(mixed_sc01, monkeypatch):
     model, tok = md.load(mixed_sc01)
     kw = dict(max_denoising_steps=2, max_new_tokens=16)
-    s = ChatSession(model, tok, gen_kwargs=kw)
+    s = ChatSession(model, tok, **kw)
     _run(s, "hi")
     held = s.cached_tokens
     s.set_system("be brief")  # the conversation now starts differently
@@ -228,7 +229,7 @@ def test_changed_start_cuts_or_clears_cache_and_long_prompt_is_refused(mixed_sc0
     assert s.cached_tokens == held and len(s.messages) == 4
 
     _tight_cache(monkeypatch)  # no slack: the cut is impossible, the cache is cleared
-    s = ChatSession(model, tok, gen_kwargs=kw)
+    s = ChatSession(model, tok, **kw)
     _run(s, "hi")
     s.set_system("be brief")
     pre = _run(s, "again")[0]
@@ -241,7 +242,7 @@ def test_slash_commands(mixed_sc01, tmp_path):
     from rich.console import Console
 
     model, tok = md.load(mixed_sc01)
-    s = ChatSession(model, tok, gen_kwargs=dict(max_denoising_steps=2, max_new_tokens=16), seed=3)
+    s = ChatSession(model, tok, max_denoising_steps=2, max_new_tokens=16, seed=3)
     out = io.StringIO()
     con = Console(file=out, width=200, highlight=False)
 
@@ -252,10 +253,10 @@ def test_slash_commands(mixed_sc01, tmp_path):
 
     assert "Ctrl-C" in run("/help")[1] and "dropped" in run("/help")[1]
     assert "max_new_tokens=32 steps=6 temp=0.5-0.7" in run("/set steps=6 temp=0.5-0.7 max_new_tokens=32")[1]
-    assert s.gen.max_denoising_steps == 6 and (s.gen.t_min, s.gen.t_max) == (0.5, 0.7)
-    assert "error" in run("/set temp=0.9-0.1")[1] and s.gen.t_min == 0.5  # rejected, unchanged
+    assert s.settings.gen.max_denoising_steps == 6 and (s.settings.gen.t_min, s.settings.gen.t_max) == (0.5, 0.7)
+    assert "error" in run("/set temp=0.9-0.1")[1] and s.settings.gen.t_min == 0.5  # rejected, unchanged
     assert "unknown setting" in run("/set bogus=1")[1]
-    assert "eos=none" in run("/set eos=none seed=none")[1] and s.gen.eos_token_id is None
+    assert "eos=none" in run("/set eos=none seed=none")[1] and s.settings.gen.eos_token_id is None
     _run(s, "hi")
     assert "conversation: 1 turns" in run("/stats")[1]
     target = tmp_path / "t.json"
@@ -277,7 +278,7 @@ def test_torch_backend_reuses_cache_too(mixed_sc01, monkeypatch):
     from mlx_diffgemma import torch_backend as tb
 
     model, tok = tb.load(mixed_sc01, device="cpu")
-    s = ChatSession(model, tok, gen_kwargs=GEN, noise=md.SeededNoise(2))
+    s = ChatSession(model, tok, **GEN, noise=md.SeededNoise(2))
     first = _run(s, "hello")
     with recording(monkeypatch, tb.TorchDenoiser) as turn:
         pre = _run(s, "and now?")

@@ -23,7 +23,7 @@ from hf_reference import hooked_generate
 from mlx_diffgemma import torch_backend as tb
 from mlx_diffgemma.models.config import GenerationConfig
 from mlx_diffgemma.generation.denoiser import MLXDenoiser
-from mlx_diffgemma.generation.loop import Summary
+from mlx_diffgemma.generation.events import Summary
 from teacher_forcing import from_reference, recording, replay
 from tiny_checkpoints import DRAFTER_RUNS, random_prompt
 
@@ -158,12 +158,12 @@ def test_eos_ends_generation_like_the_reference(damped):
     ):
         free = _summary(run(**kw))
         eos = free.tokens[C + 3]
-        ours = _summary(run(**dict(kw, eos_token_id=[eos])))
+        ours = _summary(run(kw, eos_token_id=[eos]))
         cut = free.tokens.index(eos) + 1
         assert ours.tokens == free.tokens[:cut], name
         assert ours.finish_reason == "eos" and ours.canvases == cut // C + (cut % C > 0), name
         if name == "torch":
-            reference = hooked_generate(ref, np.array([prompt]), noise, **dict(kw, eos_token_id=[eos]))
+            reference = hooked_generate(ref, np.array([prompt]), noise, kw, eos_token_id=[eos])
             ref_tokens = reference.tokens[0].tolist()
             assert ref_tokens[:cut] == ours.tokens
             assert all(t == 0 for t in ref_tokens[cut:])  # the reference pads with pad_token_id

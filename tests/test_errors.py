@@ -19,8 +19,11 @@ import pytest
 import mlx_diffgemma as md
 from mlx_diffgemma.chat import repl
 from mlx_diffgemma.chat import session as session_mod
-from mlx_diffgemma.chat.session import ChatSession, parse_temp
+from mlx_diffgemma.chat import turn_cache
+from mlx_diffgemma.chat.session import ChatSession
+from mlx_diffgemma.generation.settings import parse_temp
 from mlx_diffgemma.models.config import ConfigError
+from mlx_diffgemma.models.tokenizer import render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,8 +281,8 @@ def test_api_rejects_bad_seeds_and_temperatures(ckpt_factory):
 
 def test_session_settings_are_checked_when_set(ckpt_factory):
     model, tok = md.load(ckpt_factory("tiny"))
-    s = ChatSession(model, tok, gen_kwargs=dict(max_denoising_steps=2, max_new_tokens=16), seed=1)
-    before = s.settings()
+    s = ChatSession(model, tok, max_denoising_steps=2, max_new_tokens=16, seed=1)
+    before = s.settings.describe()
     for key, value, message in [
         ("seed", "-5", "seed must be an integer from 0 to"),
         ("seed", str(2**64), "seed must be an integer from 0 to"),
@@ -294,9 +297,9 @@ def test_session_settings_are_checked_when_set(ckpt_factory):
     ]:
         with pytest.raises(ValueError, match=message):
             s.update_settings(**{key: value})
-        assert s.settings() == before
+        assert s.settings.describe() == before
     s.update_settings(seed="18446744073709551615", temp="1e-3-0.5")
-    assert s.settings()["temp"] == "0.001-0.5"
+    assert s.settings.describe()["temp"] == "0.001-0.5"
 
 
 def _repl(session, lines):
@@ -317,7 +320,7 @@ def _repl(session, lines):
 
 def test_repl_survives_bad_input_and_keeps_the_conversation(ckpt_factory, tmp_path, monkeypatch):
     model, tok = md.load(ckpt_factory("tiny"))
-    s = ChatSession(model, tok, gen_kwargs=dict(max_denoising_steps=2, max_new_tokens=16), seed=0)
+    s = ChatSession(model, tok, max_denoising_steps=2, max_new_tokens=16, seed=0)
     undecodable = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
 
     calls = {"n": 0}
@@ -369,7 +372,7 @@ def test_repl_survives_bad_input_and_keeps_the_conversation(ckpt_factory, tmp_pa
 
 
 def test_special_tokens_are_ids_not_text(ckpt_factory):
-    from mlx_diffgemma.generation.loop import Commit, Summary
+    from mlx_diffgemma.generation.events import Commit, Summary
 
     path = ckpt_factory("tiny")
     model, tok = md.load(path)
@@ -391,7 +394,7 @@ def test_special_tokens_are_ids_not_text(ckpt_factory):
     # The canvas view draws them as nothing; the chat template still renders its markers.
     view = repl.CanvasView(tok, 2)
     assert view.token_text(0) == "" and view.token_text(summary.tokens[0]) is not None
-    rendered = session_mod.render(tok, [{"role": "user", "content": "hi"}], True)
+    rendered = render(tok, [{"role": "user", "content": "hi"}], True)
     assert "<|turn>user" in rendered
 
 
@@ -399,8 +402,8 @@ def test_stop_during_prefill_keeps_what_was_encoded(ckpt_factory, monkeypatch):
     """Ctrl-C while a prefill chunk is encoded: feedback at once, the next chunk is not
     started, and the cache holds exactly the chunks already encoded."""
     model, tok = md.load(ckpt_factory("tiny"))
-    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 8)
-    s = ChatSession(model, tok, gen_kwargs=dict(max_denoising_steps=2, max_new_tokens=16))
+    monkeypatch.setattr(turn_cache, "PREFILL_CHUNK", 8)
+    s = ChatSession(model, tok, max_denoising_steps=2, max_new_tokens=16)
     flag, told, encoded = repl.StopFlag(), [], []
     flag.on_set = lambda: told.append("stopping…")
     real = s.backend.encode

@@ -14,15 +14,10 @@ import pytest
 
 import mlx_diffgemma as md
 from tiny_checkpoints import DRAFTER_RUNS, random_prompt
-from mlx_diffgemma.generation.loop import generation_config, stream
-from mlx_diffgemma.generation.fast import (
-    FastDenoiser,
-    FastOptions,
-    forward_positions,
-    rope_at,
-    sparse_soft_embedding,
-    sparse_soft_embedding_bound,
-)
+from mlx_diffgemma.generation.loop import stream
+from mlx_diffgemma.generation.settings import defaults, resolve
+from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, sparse_soft_embedding_bound
+from mlx_diffgemma.models.model import rope_at, sparse_soft_embedding
 
 RUNS = [DRAFTER_RUNS[i] for i in (0, 3, 4)]  # a plain run and both data-dependent stops
 
@@ -79,15 +74,15 @@ def test_active_positions_match_the_full_decoder(mixed, with_sc):
     full = np.array(model.decode(canvas, cache, sc))
     kv = [None] * len(model.layers)
     every = mx.arange(C)
-    whole = np.array(forward_positions(model, canvas, every, C, cache, kv, sc_logits=sc))
+    whole = np.array(model.forward_positions(canvas, every, C, cache, kv, sc_logits=sc))
     np.testing.assert_allclose(whole, full, atol=1e-4)
     some = mx.array([1, 2, 7, 12])
-    part = forward_positions(model, canvas[:, some], some, C, cache, kv,
+    part = model.forward_positions(canvas[:, some], some, C, cache, kv,
                              sc_logits=None if sc is None else sc[:, some])
     np.testing.assert_allclose(np.array(part), full[:, [1, 2, 7, 12]], atol=1e-4)
     # Teeth: stale keys and values for the other positions give other logits.
     stale = [(k * 0.5, v * 0.5) for k, v in kv]
-    off = forward_positions(model, canvas[:, some], some, C, cache, stale,
+    off = model.forward_positions(canvas[:, some], some, C, cache, stale,
                             sc_logits=None if sc is None else sc[:, some])
     assert np.abs(np.array(off) - full[:, [1, 2, 7, 12]]).max() > 1e-2
 
@@ -136,7 +131,7 @@ OPTIONS = {
 def test_fast_mode_runs_with_each_approximation(mixed, name):
     _, model, tok = mixed
     C = model.canvas_length
-    gen = generation_config(model, max_new_tokens=2 * C, max_denoising_steps=8, eos_token_id=None)
+    gen = resolve(defaults(model), max_new_tokens=2 * C, max_denoising_steps=8, eos_token_id=None).gen
     den = FastDenoiser(model, gen, noise=md.SeededNoise(3), options=OPTIONS[name])
     events = list(stream(den, None, _prompt(model.vocab_size, 7, 1)))
     s = events[-1]

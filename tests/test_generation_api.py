@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma.generation.loop import Commit, Summary, run_to_summary
-from mlx_diffgemma.chat.session import ChatSession, split_prompt
+from mlx_diffgemma.generation.events import Commit, Summary
+from mlx_diffgemma.generation.loop import run_to_summary
+from mlx_diffgemma.chat.session import ChatSession
+from mlx_diffgemma.chat.prompt import split_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 PUZZLE, SOLUTION = "1.3.34..2.4.4.1.", "1234342121434312"
@@ -64,7 +66,7 @@ def test_the_readmes_first_python_example_uses_the_chat_template(toy, monkeypatc
                         or real(ids, cache, *a, **k))
     monkeypatch.setattr(md, "load", lambda name: toy)
     # the toy's context holds one 24-token canvas after the prompt
-    monkeypatch.setattr(md, "generate", lambda *a, **k: _summary(*a, **dict(k, max_new_tokens=24)).text)
+    monkeypatch.setattr(md, "generate", lambda *a, **k: _summary(*a, k, max_new_tokens=24).text)
     exec(compile(example, "README.md", "exec"), {"__name__": "readme"})
     question = re.search(r"\"content\": \"([^\"]+)\"", example).group(1)
     assert encoded[0] == split_prompt(tok, [{"role": "user", "content": question}]).ids
@@ -92,7 +94,7 @@ def test_replies_stop_at_max_new_tokens_everywhere(ckpt_factory, capsys):
                                             max_new_tokens=20, **kw))
     assert len(got.tokens) == 20
 
-    session = ChatSession(model, tok, gen_kwargs=dict(max_new_tokens=20, steps=4, eos="none"), seed=0)
+    session = ChatSession(model, tok, seed=0, max_new_tokens=20, max_denoising_steps=4, eos_token_id=None)
     events = list(session.send("hi"))
     commits = [e for e in events if isinstance(e, Commit)]
     assert sum(len(c.tokens) for c in commits) == len(events[-1].tokens) == 20

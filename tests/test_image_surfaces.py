@@ -20,8 +20,10 @@ from PIL import Image
 
 import mlx_diffgemma as md
 from mlx_diffgemma.chat import session as session_mod
-from mlx_diffgemma.generation.loop import Summary, run_to_summary
-from mlx_diffgemma.images.processor import ImageError
+from mlx_diffgemma.chat import turn_cache
+from mlx_diffgemma.generation.events import Summary
+from mlx_diffgemma.generation.loop import run_to_summary
+from mlx_diffgemma.images.load import ImageError
 from mlx_diffgemma.chat.session import ChatSession, Prefill
 from tiny_checkpoints import VISION_TOKENS, reference_processor
 
@@ -111,7 +113,7 @@ def _turn(session, text, **kw):
 
 def test_chat_encodes_an_image_once_across_turns(loaded, image_file, tower_runs):
     model, tok = loaded
-    s = ChatSession(model, tok, gen_kwargs=GEN, seed=1)
+    s = ChatSession(model, tok, **GEN, seed=1)
     first = _turn(s, "what is it?", images=[image_file])
     assert len(tower_runs) == 1 and first.reused == 0
     held = s.cached_tokens
@@ -138,7 +140,7 @@ def test_cache_tells_images_apart(loaded, tower_runs):
     nothing, since the sliding window cannot be trimmed that far back); the same pixels
     again reuse the whole prompt."""
     model, tok = loaded
-    s = ChatSession(model, tok, gen_kwargs=GEN, seed=1, keep_history=False)
+    s = ChatSession(model, tok, **GEN, seed=1, keep_history=False)
     a, b = picture(80, 80, 1), picture(80, 80, 2)
     _turn(s, "what?", images=[a])
     block_start = s.cached_ids.index(next(k for k in s.cached_ids if k < 0))
@@ -150,8 +152,8 @@ def test_cache_tells_images_apart(loaded, tower_runs):
 
 def test_prefill_chunks_never_cut_an_image(loaded, monkeypatch):
     model, tok = loaded
-    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 8)
-    s = ChatSession(model, tok, gen_kwargs=GEN, seed=1)
+    monkeypatch.setattr(turn_cache, "PREFILL_CHUNK", 8)
+    s = ChatSession(model, tok, **GEN, seed=1)
     calls = []
     real = s.backend.encode
     s.backend.encode = lambda cache, ids, images=None: (calls.append((list(ids), images)), real(cache, ids, images))[1]
@@ -166,7 +168,7 @@ def test_prefill_chunks_never_cut_an_image(loaded, monkeypatch):
 
 def test_bad_images_leave_the_session_going(loaded, tmp_path, vdir):
     model, tok = loaded
-    s = ChatSession(model, tok, gen_kwargs=GEN, seed=1)
+    s = ChatSession(model, tok, **GEN, seed=1)
     (tmp_path / "notes.txt").write_text("not pixels")
     for bad, msg in [(tmp_path / "nope.png", "image file not found"),
                      (tmp_path / "notes.txt", "is not an image Pillow can read")]:
@@ -195,7 +197,7 @@ def test_model_without_a_tower_refuses_images(text_only, image_file):
     msg = "has no vision tower .* that includes the tower"
     with pytest.raises(ImageError, match=msg):
         list(md.stream_generate(model, tok, "<|image|>", images=[image_file], **GEN))
-    s = ChatSession(model, tok, gen_kwargs=GEN)
+    s = ChatSession(model, tok, **GEN)
     with pytest.raises(ImageError, match=msg):
         list(s.send("look", images=[image_file]))
     _turn(s, "text works")
@@ -207,7 +209,7 @@ def test_repl_image_command(loaded, image_file, tmp_path, tower_runs):
     from mlx_diffgemma.chat import repl
 
     model, tok = loaded
-    s = ChatSession(model, tok, gen_kwargs=GEN, seed=1)
+    s = ChatSession(model, tok, **GEN, seed=1)
     lines = iter([f"/image '{image_file}'", "/image /no/such.png", "what is it?", "/image",
                   f"/image {image_file}", "/image", "and now?", "/exit"])
     out = io.StringIO()
@@ -325,7 +327,7 @@ def test_torch_path_takes_images(vdir, image_file):
     model, tok = load(vdir)
     runs = []
     model.model.encoder.vision_tower.register_forward_hook(lambda *a: runs.append(1))
-    s = ChatSession(model, tok, gen_kwargs=GEN, seed=1)
+    s = ChatSession(model, tok, **GEN, seed=1)
     first = _turn(s, "what is it?", images=[image_file])
     second = _turn(s, "more?")
     assert len(runs) == 1 and second.reused == first.reused + first.encoded

@@ -252,7 +252,7 @@ def test_growing_conversation_reuses_the_cache_and_gives_the_cold_reply(local_se
 
     import mlx_diffgemma as md
     from mlx_diffgemma.generation.denoiser import MLXDenoiser
-    from mlx_diffgemma.chat.session import split_prompt
+    from mlx_diffgemma.chat.prompt import split_prompt
     from teacher_forcing import recording, replay
 
     c = _client(local_server.url, api_key="sekret")
@@ -305,7 +305,7 @@ def tool_tokenizer(ckpt_factory, tmp_path_factory):
 
     from tokenizers import AddedToken, Tokenizer
 
-    from mlx_diffgemma.models.loader import load_tokenizer
+    from mlx_diffgemma.models.tokenizer import load_tokenizer
 
     path = tmp_path_factory.mktemp("tools")
     for f in ckpt_factory("tiny").iterdir():
@@ -333,7 +333,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 def test_tool_calls_rendered_by_the_template_parse_into_openai_tool_calls(tool_tokenizer):
     from mlx_diffgemma.serve.openai import chat_messages
     from mlx_diffgemma.serve.replies import ReplyParser
-    from mlx_diffgemma.chat.session import encode_text, render, split_prompt
+    from mlx_diffgemma.models.tokenizer import encode_text, render
+    from mlx_diffgemma.chat.prompt import split_prompt
 
     tok = tool_tokenizer
     assert tok.tool_parser is not None  # mlx-lm inferred Gemma 4's parser from the template

@@ -28,8 +28,8 @@ from tiny_checkpoints import make_target_checkpoint, random_prompt
 
 from mlx_diffgemma import load
 from mlx_diffgemma.generation import speculative as spec
-from mlx_diffgemma.generation.loop import Commit, SpeculativeSummary
-from mlx_diffgemma.generation.speculative import BlockDrafter, speculative_stream_generate
+from mlx_diffgemma.generation.events import Commit, SpeculativeSummary
+from mlx_diffgemma.generation.speculative import Proposer, speculative_stream_generate
 
 # A reference decision whose top-2 logit gap is below this can flip between a one-token
 # and a block forward (float32 differences are ~1e-5 here).
@@ -71,7 +71,7 @@ def reference_greedy(target, prompt, n):
 def oracle_drafts(monkeypatch, ref, n_prompt, rng, p_true=0.85):
     """The real drafter runs; each proposal is then replaced with the target's greedy token
     with probability `p_true`, so rounds keep anything from 0 to k drafts."""
-    propose = BlockDrafter.propose
+    propose = Proposer.propose
 
     def mixed(self, k, index, temperature):
         tokens, logits, events = propose(self, k, index, temperature)
@@ -79,7 +79,7 @@ def oracle_drafts(monkeypatch, ref, n_prompt, rng, p_true=0.85):
         truth = ref[done : done + k]
         return [r if rng.random() < p_true else t for t, r in zip(tokens, truth)], logits, events
 
-    monkeypatch.setattr(BlockDrafter, "propose", mixed)
+    monkeypatch.setattr(Proposer, "propose", mixed)
 
 
 def greedy_runs(monkeypatch, pair, cases, max_new=24, **kw):
@@ -125,9 +125,9 @@ def test_adaptive_k_keeps_greedy_output_and_sizes_blocks_by_the_last_round(monke
 
     monkeypatch.setattr(spec, "accept_block", logged)
     k, max_new, runs, grew, shrank = 8, 40, [], False, False
-    propose = BlockDrafter.propose
+    propose = Proposer.propose
     for case in [(3, k, 20), (4, k, 9), (6, k, 1)]:
-        monkeypatch.setattr(BlockDrafter, "propose", propose)  # oracle_drafts wraps the real one
+        monkeypatch.setattr(Proposer, "propose", propose)  # oracle_drafts wraps the real one
         rounds.clear()
         runs += greedy_runs(monkeypatch, pair_tiny, [case], max_new=max_new, adaptive_k=True)
         size, generated = k, 0  # replay the rule over this run's rounds
@@ -195,7 +195,7 @@ def close_drafts(monkeypatch, target, temperature):
     """Drafts x_i from q_i = half the drafter's distribution, half the target's after
     x_<i: any q drawn before x_i keeps the output exact, and this one agrees often enough
     that acceptance, rejection and the bonus token are all exercised."""
-    propose = BlockDrafter.propose
+    propose = Proposer.propose
 
     def mixed(self, k, index, temperature_):
         _, logits, events = propose(self, k, index, 0.0)
@@ -207,18 +207,18 @@ def close_drafts(monkeypatch, target, temperature):
             context.append(int(mx.random.categorical(mx.log(q)).item()))
         return context[-k:], mx.stack(rows), events
 
-    monkeypatch.setattr(BlockDrafter, "propose", mixed)
+    monkeypatch.setattr(Proposer, "propose", mixed)
 
 
 def track_context(monkeypatch):
     """Records the drafter's context on its denoiser (for `close_drafts`)."""
-    encode = BlockDrafter.encode
+    encode = Proposer.encode
 
     def recording(self, ids):
         self.denoiser.context = list(getattr(self.denoiser, "context", [])) + list(ids)
         encode(self, ids)
 
-    monkeypatch.setattr(BlockDrafter, "encode", recording)
+    monkeypatch.setattr(Proposer, "encode", recording)
 
 
 def sampled_counts(pair, prompt, runs, temperature, depth=3, first_seed=0):
@@ -383,12 +383,14 @@ def test_chat_turns_are_the_targets_greedy_replies(pair_tiny):
     """Three turns through ChatSession with the speculative backend: each reply is mlx-lm's
     greedy continuation of the rendered conversation (up to a near-tie), and both caches
     go back to the conversation's stable boundary after every turn, with no re-encode."""
-    from mlx_diffgemma.chat.session import ChatSession, split_prompt
-    from mlx_diffgemma.generation.speculative import SpeculativeBackend
+    from mlx_diffgemma.chat.session import ChatSession
+    from mlx_diffgemma.chat.prompt import split_prompt
+    from mlx_diffgemma.chat.backends import SpeculativeBackend
 
     target, ttok, drafter, dtok = pair_tiny
-    backend = SpeculativeBackend(drafter, target, ttok, k=4, draft_steps=2)
-    session = ChatSession(drafter, dtok, gen_kwargs={"max_new_tokens": 20}, seed=0, mode="fast", backend=backend)
+    backend = SpeculativeBackend(drafter, target, ttok, k=4)
+    session = ChatSession(drafter, dtok, max_new_tokens=20, max_denoising_steps=2, seed=0, mode="fast",
+                          backend=backend)
     compared = 0
     for text in ("hi", "tell me more", "ok"):
         split = split_prompt(dtok, session.conversation(text))
@@ -416,7 +418,7 @@ def test_serve_with_a_target_replies_with_the_targets_greedy_output(monkeypatch)
 
     from mlx_diffgemma.models.paths import ASSETS_DIR
     from mlx_diffgemma.serve.http import Server, add_serve_args, build_engine
-    from mlx_diffgemma.chat.session import split_prompt
+    from mlx_diffgemma.chat.prompt import split_prompt
 
     root = ASSETS_DIR.parents[1]
     args = add_serve_args(argparse.ArgumentParser()).parse_args(

@@ -77,7 +77,7 @@ FAKE_REPLY = textwrap.dedent("""
     import sys
     from mlx_diffgemma import cli
     from mlx_diffgemma.chat import commands
-    from mlx_diffgemma.generation.loop import Commit, Draft, Summary
+    from mlx_diffgemma.generation.events import Commit, Draft, Summary
 
     TEXTS = ["first line\\nsecond ", "half\\nthird", " line, no newline"]
 

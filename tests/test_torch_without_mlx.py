@@ -27,7 +27,7 @@ from mlx_diffgemma.chat.session import ChatSession
 model, tok = tb.load(sys.argv[1], device="cpu")
 kw = dict(max_new_tokens=32, max_denoising_steps=3)
 events = list(tb.stream_generate(model, tok, [5, 6, 7, 8], noise=md.SeededNoise(4), **kw))
-session = ChatSession(model, tok, gen_kwargs=kw, noise=md.SeededNoise(4))
+session = ChatSession(model, tok, **kw, noise=md.SeededNoise(4))
 reply = [e for e in session.send("hello") if e.kind == "summary"][0]
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm"))
 print(json.dumps({"tokens": events[-1].tokens, "chat": reply.tokens, "loaded": loaded}))

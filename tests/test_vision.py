@@ -17,9 +17,11 @@ import mlx_diffgemma as md
 from hf_reference import hooked_generate, image_kwargs, reference_decoder_logits, reference_encoder_cache
 from mlx_diffgemma.models.config import GenerationConfig, ModelArgs
 from mlx_diffgemma.generation.denoiser import MLXDenoiser
-from mlx_diffgemma.generation.loop import Summary, draft
+from mlx_diffgemma.generation.events import Summary
+from mlx_diffgemma.generation.loop import draft
 from mlx_diffgemma.models.model import Model
-from mlx_diffgemma.images.processor import ImageInputs, image_blocks
+from mlx_diffgemma.images.processor import ImageInputs
+from mlx_diffgemma.models.tokenizer import image_blocks
 from mlx_diffgemma.models.vision import chunk_bounds, soft_token_counts
 from teacher_forcing import assert_argmax_where_certain, from_reference, replay
 from tiny_checkpoints import VISION_TOKENS, load_reference

@@ -42,10 +42,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..models.config import GenerationConfig
-from ..generation.denoiser import MLXDenoiser
 from ..generation.api import make_denoiser, stream_generate
+from ..generation.denoiser import MLXDenoiser
 from ..generation.loop import run_to_summary
+from ..generation.settings import Settings, reserved_tokens
+from ..models.config import GenerationConfig
 
 
 # -- machine ---------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def special_ids(model, config: Dict[str, Any], model_dir: Optional[str] = None) 
     for section in (config, config.get("text_config") or {}):
         out |= {v for k, v in section.items() if k.endswith("_token_id") and isinstance(v, int)}
     if model_dir:
-        from ..models.loader import load_tokenizer
+        from ..models.tokenizer import load_tokenizer
 
         tok = load_tokenizer(model_dir)
         if tok is not None:
@@ -285,7 +286,7 @@ class OursRunner(DenoiserRunner):
 
     def set_context(self, ids: np.ndarray) -> None:
         mx.random.seed(self.seed)
-        self.den = make_denoiser(self.model, self.gen, mode=self.mode)
+        self.den = make_denoiser(self.model, Settings(self.gen, mode=self.mode))
         self.den.encode(np.asarray(ids).reshape(-1).tolist())
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, steps: int) -> Dict[str, Any]:
@@ -601,8 +602,6 @@ def fit_prompt(args, model, gen: GenerationConfig) -> str:
     """Sets `args.prompt_tokens` to what the model's context holds beside the generation
     (the default 512, or less for a short context); refuses in one line a --prompt-tokens
     or --gen-tokens that does not fit. Returns a note for the report when it shortened."""
-    from ..generation.loop import reserved_tokens
-
     context = int(model.args.max_position_embeddings)
     reserve = reserved_tokens(gen, model.canvas_length)
     room = context - reserve
@@ -623,20 +622,18 @@ def active_step_times(model, prompt: np.ndarray, sizes: Sequence[int], iters: in
     """Median seconds of one fast-mode step computing `n` canvas positions, per `n`: the
     decoder on those positions (the others' keys and values from a full first pass),
     the LM head and the top-K sampler's pieces."""
-    from ..generation.fast import forward_positions
-
     C, V = model.canvas_length, model.vocab_size
     cache = model.make_cache()
     model.encode(mx.array(prompt), cache)
     canvas = mx.random.randint(0, V, (1, C), dtype=mx.int32)
     kv = [None] * len(model.layers)
-    mx.eval(forward_positions(model, canvas, mx.arange(C), C, cache, kv), kv)
+    mx.eval(model.forward_positions(canvas, mx.arange(C), C, cache, kv), kv)
     out = {}
     for n in sorted(set(min(max(n, 1), C) for n in sizes)):
         idx = mx.arange(n)
 
         def step():
-            logits = forward_positions(model, canvas[:, idx], idx, C, cache, list(kv))
+            logits = model.forward_positions(canvas[:, idx], idx, C, cache, list(kv))
             top = mx.argpartition(-logits, kth=63, axis=-1)[..., :64] if V > 64 else logits
             mx.eval(logits, top)
 

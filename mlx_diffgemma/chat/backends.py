@@ -1,9 +1,9 @@
 """The cache operations a chat needs, per backend: encode, snapshot, one `rollback`, a
-fork for the server's branching conversations, and generation on the backend's own
-`stream_generate`. `MLXBackend` holds our model and its `EncoderCache`;
-`TorchBackend` transformers' network and its `DynamicCache` (session.ChatSession drives
-either; speculative.py's backend builds on the MLX one). No array framework is imported
-at module level.
+fork for the server's branching conversations, and generation with a request's
+`Settings`. `MLXBackend` holds our model and its `EncoderCache`; `TorchBackend`
+transformers' network and its `DynamicCache`; `SpeculativeBackend` our model drafting
+for an mlx-lm target (generation/speculative.py). session.ChatSession drives any of
+them. No array framework is imported at module level.
 """
 
 from __future__ import annotations
@@ -11,6 +11,12 @@ from __future__ import annotations
 import copy
 import math
 from typing import Sequence
+
+from ..generation.settings import Settings
+
+# Rank 0 of a command-line run over several ranks (mirror.py) wraps its MLX backend in
+# this, to lead the other ranks; None elsewhere.
+lead = {"backend": None}
 
 
 class MLXBackend:
@@ -75,12 +81,10 @@ class MLXBackend:
         new.restore(cache.snapshot())
         return new
 
-    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
-        from ..generation.api import stream_generate
+    def stream_generate(self, tokenizer, prompt, cache, settings: Settings, noise=None, images=None):
+        from ..generation.api import run
 
-        return stream_generate(
-            self.model, tokenizer, prompt, images=images, cache=cache, noise=noise, seed=seed,
-            **gen_kwargs)
+        return run(self.model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise)
 
     def cache_bytes(self, cache) -> int:
         return cache.nbytes
@@ -114,7 +118,7 @@ class TorchBackend:
     def encode(self, cache, ids: Sequence[int], images=None) -> None:
         t = self.torch.as_tensor([list(ids)], dtype=self.torch.long, device=self.device)
         with self.torch.no_grad():
-            from ..images.processor import torch_image_kwargs
+            from ..torch_backend.drafter import torch_image_kwargs
 
             self.model.model.encoder(input_ids=t, past_key_values=cache,
                                      **torch_image_kwargs(self.model, t, images))
@@ -137,12 +141,10 @@ class TorchBackend:
     def fork(self, cache):
         return copy.deepcopy(cache)
 
-    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
-        from ..torch_backend import stream_generate
+    def stream_generate(self, tokenizer, prompt, cache, settings: Settings, noise=None, images=None):
+        from ..torch_backend.drafter import run
 
-        return stream_generate(
-            self.model, tokenizer, prompt, images=images, cache=cache, noise=noise, seed=seed,
-            **gen_kwargs)
+        return run(self.model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise)
 
     def cache_bytes(self, cache) -> int:
         total = 0
@@ -154,11 +156,104 @@ class TorchBackend:
         return total
 
 
+# -- speculative drafting --------------------------------------------------------------------
+
+
+NO_TARGET_IMAGES = ("images are not supported with a target model: the target verifies text only; "
+                    "start the chat without --target to ask about an image")
+
+
+class SpeculativeCache:
+    """What a chat keeps per conversation: the drafter's and the target's caches, holding
+    the same tokens."""
+
+    def __init__(self, drafter, target: list):
+        self.drafter = drafter
+        self.target = target
+
+    @property
+    def offset(self) -> int:
+        return self.drafter.offset
+
+
+class SpeculativeBackend(MLXBackend):
+    """The chat backend of speculative decoding: our model drafts `k` tokens per round
+    (`adaptive_k`: 1 to k) in `settings.gen.max_denoising_steps` steps for the `target`,
+    sampled at `settings.target_temperature`. Our model's cache goes back to a turn's
+    start by trimming, as `MLXBackend`'s; the target's sliding-window layers cannot trim
+    a whole turn, so each turn keeps their state at its start (no copy: their updates
+    make new arrays) and restores it."""
+
+    def __init__(self, model, target, target_tokenizer, *, k: int, adaptive_k: bool = False):
+        from ..generation.speculative import target_context
+
+        super().__init__(model)
+        self.target, self.target_tokenizer = target, target_tokenizer
+        self.k, self.adaptive_k = k, adaptive_k
+        self.max_context = min(self.max_context, target_context(target) or self.max_context)
+        self._drafter_snapshot = False
+
+    def new_cache(self, max_new_tokens: int) -> SpeculativeCache:
+        from ..generation.speculative import make_target_cache
+
+        return SpeculativeCache(super().new_cache(max_new_tokens), make_target_cache(self.target))
+
+    def encode(self, cache: SpeculativeCache, ids: Sequence[int], images=None) -> None:
+        if images is not None:
+            raise ValueError(NO_TARGET_IMAGES)
+        from ..generation.speculative import Target
+
+        super().encode(cache.drafter, ids)
+        Target(self.target, cache=cache.target).prefill(ids)
+
+    def needs_snapshot(self, turn_tokens: int) -> bool:
+        # The drafter encodes every kept token: up to a canvas more than a diffusion turn.
+        self._drafter_snapshot = super().needs_snapshot(turn_tokens + self.canvas_length)
+        return True
+
+    def snapshot(self, cache: SpeculativeCache):
+        drafter = super().snapshot(cache.drafter) if self._drafter_snapshot else None
+        return drafter, [c.state for c in cache.target]
+
+    def rollback(self, cache: SpeculativeCache, length: int, snap):
+        drafter_snap = None if snap is None or snap[1][0] is None else (snap[0], snap[1][0])
+        if super().rollback(cache.drafter, length, drafter_snap) is None:
+            return None
+        have = cache.target[0].offset if cache.target else length
+        if have > length and snap is not None and snap[0] == length:
+            for c, state in zip(cache.target, snap[1][1]):
+                c.state = state
+        elif have != length:
+            return None
+        return cache
+
+    def fork(self, cache: SpeculativeCache) -> SpeculativeCache:
+        from ..generation.speculative import make_target_cache
+
+        target = make_target_cache(self.target)
+        for c, src in zip(target, cache.target):
+            c.state = src.state
+        return SpeculativeCache(super().fork(cache.drafter), target)
+
+    def stream_generate(self, tokenizer, prompt, cache: SpeculativeCache, settings: Settings, noise=None,
+                        images=None):
+        from ..generation.speculative import speculate
+
+        if images:
+            raise ValueError(NO_TARGET_IMAGES)
+        if noise is not None:
+            raise ValueError("speculative decoding draws its own randomness: pass a seed, not a noise source")
+        return speculate(self.target, self.target_tokenizer, self.model, tokenizer, prompt, settings, k=self.k,
+                         adaptive_k=self.adaptive_k, cache=cache and cache.drafter,
+                         target_cache=cache and cache.target)
+
+    def cache_bytes(self, cache: SpeculativeCache) -> int:
+        return cache.drafter.nbytes + sum(c.nbytes for c in cache.target)
+
+
 def make_backend(model):
     if not hasattr(model, "make_cache"):
         return TorchBackend(model)
-    if getattr(model, "group", None) is not None:  # split over ranks: rank 0 leads them
-        from ..models.distributed import leading
-
-        return leading(MLXBackend(model))
+    if getattr(model, "group", None) is not None and lead["backend"] is not None:
+        return lead["backend"](MLXBackend(model))  # split over ranks: rank 0 leads them
     return MLXBackend(model)

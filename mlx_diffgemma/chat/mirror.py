@@ -19,10 +19,13 @@ import signal
 import sys
 import threading
 import weakref
+from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from ..generation.settings import Settings
+from ..models.config import GenerationConfig
 from ..models.distributed import (
     LeaderStopped,
     RankError,
@@ -31,10 +34,10 @@ from ..models.distributed import (
     broadcast_json,
     check_same_model,
     launched_group,
-    lead,
     stage,
     watch,
 )
+from . import backends
 
 PULL, CLOSE = 1, 2
 
@@ -95,6 +98,20 @@ def _noise_out(noise) -> Optional[Dict[str, int]]:
     return {"seed": noise.seed}
 
 
+def _settings_out(s: Settings) -> Dict[str, Any]:
+    fast = None if s.fast is None else asdict(s.fast)
+    return {"gen": asdict(s.gen), "mode": s.mode, "fast": fast, "seed": s.seed}
+
+
+def _settings_in(d: Dict[str, Any]) -> Settings:
+    fast = None
+    if d["fast"] is not None:
+        from ..generation.fast import FastOptions
+
+        fast = FastOptions(**dict(d["fast"], buckets=tuple(d["fast"]["buckets"])))
+    return Settings(GenerationConfig(**d["gen"]), d["mode"], fast, d["seed"])
+
+
 class LeaderBackend:
     """Rank 0's MLX chat backend: each operation is sent to the other ranks, then run."""
 
@@ -137,14 +154,14 @@ class LeaderBackend:
         self._send("fork", cache=_names.of(cache), new=_names.of(new))
         return new
 
-    def stream_generate(self, tokenizer, prompt, cache, noise, seed, gen_kwargs, images=None):
-        from ..generation.loop import prompt_ids
+    def stream_generate(self, tokenizer, prompt, cache, settings: Settings, noise=None, images=None):
+        from ..generation.prompt import prompt_ids
 
         ids = prompt_ids(tokenizer, prompt)
         meta, arrays = _images_out(images)
         self._send("generate", arrays, cache=_names.of(cache), prompt=ids, noise=_noise_out(noise),
-                   seed=seed, gen_kwargs=gen_kwargs, images=meta)
-        events = self.base.stream_generate(tokenizer, ids, cache, noise, seed, gen_kwargs, images=images)
+                   settings=_settings_out(settings), images=meta)
+        events = self.base.stream_generate(tokenizer, ids, cache, settings, noise, images=images)
         return Lockstep(events, self.group)
 
 
@@ -243,7 +260,7 @@ def _follow_generation(base, tokenizer, group, msg, arrays, cache) -> None:
     noise = None if msg["noise"] is None else SeededNoise(msg["noise"]["seed"])
     images = _images_in(msg["images"], arrays)
     events = base.stream_generate(None if images is None else tokenizer(), msg["prompt"], cache,
-                                  noise, msg["seed"], msg["gen_kwargs"], images=images)
+                                  _settings_in(msg["settings"]), noise, images=images)
     try:
         while broadcast_int(None, group) == PULL:
             try:
@@ -279,7 +296,7 @@ def run_split(args, main: Callable[[], Optional[int]]) -> int:
         return 2  # rank 0 says it
     if rank != 0:
         return _follower(args, group)
-    lead["backend"] = lambda backend: LeaderBackend(backend, backend.model.group)
+    backends.lead["backend"] = lambda backend: LeaderBackend(backend, backend.model.group)
     try:
         return main() or 0
     finally:
@@ -305,8 +322,8 @@ def _stop_followers(group) -> None:
 def _follower(args, group) -> int:
     from functools import lru_cache
 
-    from .backends import MLXBackend
-    from ..models.loader import load, load_tokenizer
+    from ..models.loader import load
+    from ..models.tokenizer import load_tokenizer
     from ..models.paths import resolve_model_path
     from ..models.sharding import ShardingError
 
@@ -323,7 +340,7 @@ def _follower(args, group) -> int:
                          f"{' '.join(str(e).split())}\n")
         return 2
     try:
-        return follow(MLXBackend(model), tokenizer, group)
+        return follow(backends.MLXBackend(model), tokenizer, group)
     except Exception as e:
         sys.stderr.write(f"mlx-diffgemma {args.command}: error: rank {group.rank()}: "
                          f"{type(e).__name__}: {' '.join(str(e).split())}\n")

@@ -14,8 +14,9 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..generation.loop import Commit, Draft, SpeculativeSummary, Summary
-from .session import ChatSession, Prefill, check_text
+from ..generation.events import Commit, Draft, SpeculativeSummary, Summary
+from ..models.tokenizer import check_text
+from .session import ChatSession, Prefill
 
 
 # -- rendering --------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def _stream_reply(session: ChatSession, console, text: str, flag,
         t.append(pending)
         return t
 
-    with LiveCanvas(console, session.tokenizer, session.denoising_steps(),
+    with LiveCanvas(console, session.tokenizer, session.settings.gen.max_denoising_steps,
                     vertical_overflow="visible") as live:
         if hasattr(flag, "on_set"):
             flag.on_set = lambda: live.live.console.print(Text("stopping…", style="yellow"))
@@ -328,6 +329,10 @@ def format_memory(gb: float) -> str:
     return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.1f} MB"
 
 
+def _settings_line(session: ChatSession) -> str:
+    return " ".join(f"{k}={v}" for k, v in session.settings.describe().items())
+
+
 def _stats_text(session: ChatSession) -> str:
     exchanges = len(session.messages) // 2
     if session.keep_history:
@@ -337,7 +342,7 @@ def _stats_text(session: ChatSession) -> str:
         conversation = f"conversation: none kept (--no-history: each message is sent alone), {replies} so far"
     lines = [
         f"model: {session.model_name} ({session.backend.name})",
-        "settings: " + " ".join(f"{k}={v}" for k, v in session.settings().items()),
+        "settings: " + _settings_line(session),
         conversation + ", system prompt " + ("set" if session.system else "none"),
         f"cache: {session.cached_tokens} tokens held "
         f"({session.backend.cache_bytes(session.cache) / 1e6:.1f} MB), context limit {session.max_context}",
@@ -406,7 +411,7 @@ def _command(session: ChatSession, console, line: str, attached: Optional[Attach
         console.print(Text(f"system prompt {'set' if rest else 'cleared'}", style="green"))
     elif cmd == "set":
         if not rest:
-            console.print(Text(" ".join(f"{k}={v}" for k, v in session.settings().items())))
+            console.print(Text(_settings_line(session)))
             return True
         try:
             pairs = {}
@@ -419,7 +424,7 @@ def _command(session: ChatSession, console, line: str, attached: Optional[Attach
         except ValueError as e:
             console.print(Text(f"error: {e}", style="red"))
             return True
-        console.print(Text(" ".join(f"{k}={v}" for k, v in session.settings().items()), style="green"))
+        console.print(Text(_settings_line(session), style="green"))
     elif cmd == "image" and attached is not None:
         if not rest:
             n = len(attached.items)

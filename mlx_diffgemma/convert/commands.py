@@ -65,10 +65,9 @@ from ..models.checkpoint import (
     ShardFiles,
     TensorRef,
     header_bytes,
-    read_json,
     scan_checkpoint,
 )
-from ..models.config import ConfigError, load_config
+from ..models.config import ConfigError, load_config, read_json_object
 from ..models.loader import check_sidecars
 from ..models.model import expected_shapes
 from ..models.paths import hub_snapshot
@@ -522,7 +521,7 @@ def build_config(
     gen_path = src / "generation_config.json"
     if gen_path.is_file():
         try:
-            gen = read_json(gen_path)
+            gen = read_json_object(gen_path, "an object", ConversionError)
         except ConversionError:  # copied as it is; check_sidecars warns about it
             gen = None
         if gen:

@@ -3,28 +3,43 @@ default, token-exact to the reference) or fast mode (fast.py)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from ..models.cache import EncoderCache
-from ..models.config import check_seed
-from .denoiser import MLXDenoiser
-from ..models.distributed import checked, shared_seed
-from .loop import Event, check_mode, collect, generation_config, stream
+from ..models.distributed import shared_seed
+from .denoiser import MLXDenoiser, checked
+from .events import Event
 from .fast import FastDenoiser, FastOptions
-from ..images.processor import prepare_prompt
+from .loop import collect, stream
 from .noise import NoiseSource
+from .prompt import prepare_prompt
+from .settings import Settings, defaults, resolve
 
-def make_denoiser(model, gen, *, cache=None, noise=None, mode: str = "reference",
-                  fast: Optional[FastOptions] = None) -> MLXDenoiser:
-    """The denoiser of `mode`; for a split model (`Model.shard`), checked across its ranks
-    at every step (distributed.CheckedDenoiser)."""
-    if check_mode(mode) == "fast":
-        return checked(FastDenoiser(model, gen, cache=cache, noise=noise, options=fast), model)
-    if fast is not None:
-        raise ValueError("fast options need mode='fast'")
-    return checked(MLXDenoiser(model, gen, cache=cache, noise=noise), model)
+
+def make_denoiser(model, settings: Settings, *, cache=None, noise=None) -> MLXDenoiser:
+    """The denoiser of `settings.mode`; for a split model (`Model.shard`), checked across
+    its ranks at every step (denoiser.CheckedDenoiser)."""
+    if settings.mode == "fast":
+        return checked(FastDenoiser(model, settings.gen, cache=cache, noise=noise, options=settings.fast), model)
+    return checked(MLXDenoiser(model, settings.gen, cache=cache, noise=noise), model)
+
+
+@contextmanager
+def on_device(model):
+    """mlx-lm's wired limit and generation stream around a generation on Metal: the
+    weights stay resident while it runs, and its work goes to a stream of its own (one
+    per thread). Nothing elsewhere: on the CPU the forward already runs on lanes of their
+    own streams (lanes.py), and CUDA has no wired memory to set."""
+    if not mx.metal.is_available():
+        yield
+        return
+    from mlx_lm.generate import generation_stream, wired_limit
+
+    with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
+        yield
 
 
 def stream_generate(
@@ -48,25 +63,33 @@ def stream_generate(
     what an instruction-tuned model such as the released one expects), text (encoded
     with `tokenizer` as is, no chat template: a base-model prompt, or one you templated
     yourself; `chat=True` sends it as one user message instead), or token ids.
-    `images` (paths, data URLs, bytes, PIL images; images.py) go where the prompt holds
-    the image placeholder `<|image|>`, one per image; chat messages carry theirs as
-    content parts `{"type": "image", "image": ...}`. The prompt is expanded and the
-    images encoded with it (images.Processor).
+    `images` (paths, data URLs, bytes, PIL images; images/load.py) go where the prompt
+    holds the image placeholder `<|image|>`, one per image; chat messages carry theirs
+    as content parts `{"type": "image", "image": ...}`. The prompt is expanded and the
+    images encoded with it (images.processor.Processor).
     With `cache`, only the tokens it does not hold yet are passed as `prompt`.
     Generation parameters (`max_new_tokens`, `max_denoising_steps`, `entropy_bound`,
     `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`, `eos_token_id`,
     `pad_token_id`) default to the checkpoint's generation_config.json.
     `mode="fast"` runs fast.py's denoiser (`fast`: its options, default FastOptions()).
     """
-    gen = generation_config(model, **generation_kwargs)
+    settings = resolve(defaults(model), mode=mode, fast=fast, seed=seed, **generation_kwargs)
+    yield from run(model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise, chat=chat)
+
+
+def run(model, tokenizer, prompt, settings: Settings, *, images=None, cache: Optional[EncoderCache] = None,
+        noise: Optional[NoiseSource] = None, chat: bool = False) -> Iterator[Event]:
+    """`stream_generate` with its settings resolved: what the chat backends call."""
     prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
-    if check_seed(seed) is None and noise is None and getattr(model, "group", None) is not None:
+    seed = settings.seed
+    if seed is None and noise is None and getattr(model, "group", None) is not None:
         seed = shared_seed(model.group)  # the ranks of a split model must draw alike
-    if check_seed(seed) is not None:
+    if seed is not None:
         mx.random.seed(seed)
-    denoiser = make_denoiser(model, gen, cache=cache, noise=noise, mode=mode, fast=fast)
+    denoiser = make_denoiser(model, settings, cache=cache, noise=noise)
     denoiser.images = image_inputs  # encoded with the prompt
-    yield from stream(denoiser, tokenizer, prompt)
+    with on_device(model):
+        yield from stream(denoiser, tokenizer, prompt)
 
 
 def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:

@@ -1,15 +1,17 @@
 """The MLX denoiser the drafter loop drives in reference mode: one step of the
-reference sampler at a time, on device (fast.py's denoiser builds on it)."""
+reference sampler at a time, on device (fast.py's denoiser builds on it); and, for a
+model split over ranks, the check that every rank decided the same."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from ..models.cache import EncoderCache
 from ..models.config import GenerationConfig
+from ..models.distributed import agree, checksum, watch
 from .noise import NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
 
@@ -103,3 +105,41 @@ class MLXDenoiser:
 
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9
+
+
+class CheckedDenoiser:
+    """A split model's denoiser (reference or fast mode) whose every rank checks, each
+    step, that all ranks decided the same: the next canvas, its argmax, the accepted
+    positions and the stop. It also checks that they encode the same tokens. A cheap
+    collective of a few KB per step; the steps themselves run under the watchdog."""
+
+    def __init__(self, inner, group):
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_group", group)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._inner, name, value)
+
+    def encode(self, token_ids: Sequence[int]) -> None:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        with watch(f"encoding {len(ids)} tokens"):
+            agree(self._group, [len(ids), checksum(ids)], "the tokens to encode")
+            self._inner.encode(token_ids)
+
+    def step(self, canvas, canvas_index: int, step: int):
+        with watch(f"denoising canvas {canvas_index} (step counter {step})"):
+            out = self._inner.step(canvas, canvas_index, step)
+            nxt, argmax, accepted, stop = out
+            values = np.concatenate([np.array(nxt).reshape(-1), np.array(argmax).reshape(-1),
+                                     np.array(accepted).reshape(-1).astype(np.int64), [int(stop)]])
+            agree(self._group, values, f"canvas {canvas_index}, step counter {step}")
+        return out
+
+
+def checked(denoiser, model):
+    """`denoiser` checked across ranks when `model` is split, else as it is."""
+    group = getattr(model, "group", None)
+    return denoiser if group is None else CheckedDenoiser(denoiser, group)

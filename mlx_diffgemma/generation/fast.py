@@ -156,17 +156,6 @@ def bucket(n: int, buckets: Tuple[int, ...], limit: int) -> int:
     return limit
 
 
-def rope_at(rope, x: mx.array, idx: mx.array, length: int, offset: int) -> mx.array:
-    """`x` [batch, heads, A, dim] of the canvas positions `idx`, rotated as in the whole
-    canvas: the rotary embedding is per position, so the tokens are placed in a canvas
-    of zeros, rotated there with the same operation the full decoder uses, and taken
-    back."""
-    B, H, _, D = x.shape
-    full = mx.zeros((B, H, length, D), dtype=x.dtype)
-    full[:, :, idx] = x
-    return rope(full, offset=offset)[:, :, idx]
-
-
 def sample_top_k(processed: mx.array, g: mx.array, k: int):
     """(argmax, Gumbel-max sample with noise `g`, entropy, largest logit) over the exact
     top-`k` of the processed logits (renormalised there); the whole vocabulary when `k`
@@ -189,14 +178,6 @@ def top_k_probabilities(processed: mx.array, k: int) -> Tuple[mx.array, mx.array
     probs = mx.softmax(processed.astype(mx.float32), axis=-1)
     ids = mx.argpartition(-probs, kth=min(k, probs.shape[-1]) - 1, axis=-1)[..., :k]
     return mx.take_along_axis(probs, ids, axis=-1), ids
-
-
-def sparse_soft_embedding(embed, probs: mx.array, ids: mx.array, scale: float) -> mx.array:
-    """sum_k probs[k] * E[ids[k]] * scale over the top-K ids [.., K]: the self-conditioning
-    input from the kept probabilities only (not renormalised)."""
-    rows = embed(ids)  # [.., K, hidden]; a quantized table dequantizes only these rows
-    soft = (probs[..., None].astype(rows.dtype) * rows).sum(axis=-2)
-    return soft * mx.array(scale, dtype=rows.dtype)
 
 
 def sparse_soft_embedding_bound(embed_weight: mx.array, probs: mx.array, ids: mx.array,
@@ -270,8 +251,8 @@ class FastDenoiser(MLXDenoiser):
         if not o.active_set and not o.sc_top_k:
             return self.model.decode(canvas, self.cache, self._sc_logits)
         ids = canvas if full else canvas[:, idx]
-        return forward_positions(self.model, ids, idx, self.canvas_length, self.cache, self._kv_buffers(),
-                                 sc_logits=self._sc_rows(idx, full), sc_sparse=self._sc_sparse_rows(idx))
+        return self.model.forward_positions(ids, idx, self.canvas_length, self.cache, self._kv_buffers(),
+                                            sc_logits=self._sc_rows(idx, full), sc_sparse=self._sc_sparse_rows(idx))
 
     def _kv_buffers(self) -> List[Tuple[mx.array, mx.array]]:
         if self._kv is None:
@@ -424,41 +405,6 @@ def _put(buffer: mx.array, idx: mx.array, rows: mx.array) -> mx.array:
     out = mx.array(buffer)
     out[:, idx] = rows.astype(buffer.dtype)
     return out
-
-
-def forward_positions(model, ids: mx.array, idx: mx.array, length: int, cache,
-                      kv: List[Optional[Tuple[mx.array, mx.array]]], sc_logits=None,
-                      sc_sparse=None, head: bool = True) -> mx.array:
-    """The decoder on the canvas positions `idx` (tokens `ids` [1, A]) of a canvas of
-    `length`: their queries attend to the cached context and to every canvas position's
-    keys and values in `kv` (per layer, [1, heads, length, dim]), where this call first
-    writes their own; the others keep what an earlier step wrote. Returns float32
-    logits [1, A, V] (with `head=False`, the last layer's hidden states: the bench times
-    the layers and the LM head apart). With every position computed it is the full
-    decoder's forward."""
-    dec = model.model.decoder
-    h = model.embed(ids)
-    if sc_sparse is not None:
-        soft = sparse_soft_embedding(dec.embed_tokens, sc_sparse[0], sc_sparse[1], model.embed_scale)
-        h = dec.self_conditioning(h, soft)
-    else:
-        h = model.self_conditioned(h, sc_logits)
-    offset = cache.offset
-    for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
-        attn = layer.self_attn
-        q, k, v = attn.unrotated(layer.input_layernorm(h))
-        q = rope_at(attn.rope, q, idx, length, offset)
-        k = rope_at(attn.rope, k, idx, length, offset)
-        if kv[i] is None:
-            B, H, _, D = k.shape
-            kv[i] = (mx.zeros((B, H, length, D), k.dtype), mx.zeros((B, H, length, D), v.dtype))
-        kb, vb = mx.array(kv[i][0]), mx.array(kv[i][1])
-        kb[:, :, idx] = k
-        vb[:, :, idx] = v
-        kv[i] = (kb, vb)
-        keys, values = attn.keys_values(kb, vb, cache=c)
-        h = layer.finish(h, q, keys, values, None, layer.layer_scalar)
-    return model.head(h) if head else h
 
 
 def work_per_token(work: Work, tokens: int, layers: int, vocab: int) -> Dict[str, float]:

@@ -16,84 +16,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
-
-import numpy as np
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from ..models.config import GenerationConfig
-
-# -- events -------------------------------------------------------------------------
-
-
-@dataclass
-class Draft:
-    """One denoising step of one canvas (batch row 0)."""
-
-    canvas_index: int
-    step: int  # the reference's counter: N at the first step, 1 at the last
-    tokens: List[int]  # the argmax canvas
-    accepted: List[bool]  # positions that took the denoiser's sample this step
-    kind: str = "draft"
-
-
-@dataclass
-class Commit:
-    """A canvas committed to the output."""
-
-    canvas_index: int
-    tokens: List[int]  # committed ids, EOS kept, padding after it removed
-    text: str  # new text this canvas adds
-    steps: int  # denoising steps it took
-    finished: bool  # it held an EOS: generation ends here
-    kind: str = "commit"
-
-
-@dataclass
-class Summary:
-    tokens: List[int]  # all generated ids, EOS padding removed, at most max_new_tokens
-    text: str
-    prompt_tokens: int
-    canvases: int
-    steps_per_canvas: List[int]
-    tokens_per_forward: float
-    prompt_time: float
-    prompt_tps: float
-    generation_time: float
-    generation_tps: float
-    peak_memory_gb: float
-    finish_reason: str  # "eos" or "length"
-    # `tokens` that are not pad: what tokens_per_forward and generation_tps count (a
-    # canvas may hold pads before its EOS, or everywhere without one)
-    valid_tokens: int = -1
-    kind: str = "summary"
-
-    def __post_init__(self):
-        if self.valid_tokens < 0:
-            self.valid_tokens = len(self.tokens)
-
-    @property
-    def pad_tokens(self) -> int:
-        return len(self.tokens) - self.valid_tokens
-
-
-@dataclass
-class SpeculativeSummary(Summary):
-    """A speculative run's summary (speculative.py): each "canvas" is one draft-and-verify
-    round, `steps_per_canvas` the drafter's denoising steps in it, `tokens_per_forward`
-    the tokens kept per target forward."""
-
-    block_size: int = 0  # k: draft tokens proposed per round
-    acceptance_length: float = 0.0  # tokens kept per round: accepted drafts + the target's own
-    target_forwards: int = 0  # verify forwards (the prompt's prefill not counted)
-    drafter_forwards: int = 0  # denoising steps plus encodes of the kept tokens
-    kind: str = "summary"
-
-
-Event = Union[Draft, Commit, Summary]
-
-
-# -- the framework-neutral loop -------------------------------------------------------
+from .events import Commit, Draft, Event, Summary
+from .prompt import prompt_ids
+from .settings import check_reserve, reserved_tokens
 
 
 class Denoiser(Protocol):
@@ -243,83 +171,15 @@ def pad_after_eos(
     return tokens, False
 
 
-# -- shared by both backends' stream_generate / generate ------------------------------
-
-# reference: the released sampler, token-exact to transformers; fast: fast.py (MLX only).
-MODES = ("reference", "fast")
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
-    return mode
-
-
-def generation_config(model, **overrides) -> GenerationConfig:
-    """The model's generation defaults (read from its directory once, at load, into
-    `model.generation_defaults`) with per-call overrides under the reference's names."""
-    defaults = getattr(model, "generation_defaults", None)
-    if defaults is None:
-        return GenerationConfig.from_model_dir(getattr(model, "model_path", None), **overrides)
-    return defaults.with_overrides(**overrides)
-
-
-def prompt_ids(tokenizer, prompt) -> List[int]:
-    """Token ids of a prompt given as text (encoded as is, no chat template) or as ids (a
-    list, or any array with `tolist`: NumPy, MLX, torch)."""
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
-        return [int(t) for t in tokenizer.encode(prompt)]
-    if hasattr(prompt, "tolist"):
-        prompt = prompt.tolist()
-    return [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
-
-
-def context_limit(requested: Optional[int], model_limit: int) -> Tuple[int, Optional[str]]:
-    """(the context a run enforces, a note or None): `requested` (--max-context), but never
-    more than the model's own, and then the note says so instead of clamping in silence."""
-    if requested is not None and requested < 1:
-        raise ValueError(f"max_context must be a positive number of tokens (got {requested})")
-    if requested is None or requested == model_limit:
-        return model_limit, None
-    if requested < model_limit:
-        return requested, None
-    return model_limit, (f"a {requested:,}-token context was asked for, but the model's is "
-                         f"{model_limit:,} tokens: using {model_limit:,}")
-
-
-def reserved_tokens(gen: GenerationConfig, canvas_length: int) -> int:
-    """Context tokens a reply may take: every canvas `max_new_tokens` may need, whole."""
-    return math.ceil(gen.max_new_tokens / canvas_length) * canvas_length
-
-
-def check_context(context_tokens: int, gen: GenerationConfig, canvas_length: int, limit: int,
-                  fix: str = "shorten the prompt or lower max_new_tokens", at_least: bool = False) -> None:
-    """Refuses a generation that could run past `limit`: the context it starts from (what
-    a cache holds plus the new prompt) and every canvas it may generate. `at_least`: the
-    count is a lower bound (templates.min_tokens), taken before the prompt is tokenized."""
-    check_reserve(context_tokens, reserved_tokens(gen, canvas_length), limit, fix, at_least=at_least)
-
-
-def check_reserve(context_tokens: int, reserve: int, limit: int,
-                  fix: str = "shorten the prompt or lower max_new_tokens", whose: str = "",
-                  at_least: bool = False) -> None:
-    """Refuses `context_tokens` plus up to `reserve` more past `limit` (`whose`: which
-    model's context, for the message)."""
-    if context_tokens + reserve > limit:
-        raise ValueError(
-            f"prompt too long: {'at least ' if at_least else ''}{context_tokens} context tokens "
-            f"+ up to {reserve} generated exceed the {whose}{limit}-token context; {fix}"
-        )
+# -- shared by every backend's stream_generate / generate ---------------------------------
 
 
 def stream(denoiser: Denoiser, tokenizer, prompt) -> Iterator[Event]:
     """The body of every backend's `stream_generate`: the prompt's ids, the context
     check, then block diffusion on `denoiser`."""
     ids = prompt_ids(tokenizer, prompt)
-    check_context(denoiser.cached_tokens + len(ids), denoiser.gen, denoiser.canvas_length,
-                  denoiser.max_context)
+    reserve = reserved_tokens(denoiser.gen, denoiser.canvas_length)
+    check_reserve(denoiser.cached_tokens + len(ids), reserve, denoiser.max_context)
     yield from draft(denoiser, ids, denoiser.gen, text_decoder(tokenizer))
 
 

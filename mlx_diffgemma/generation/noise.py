@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..models.config import check_seed
+from .settings import check_seed
 
 # Stream ids mixed into the seed, one per kind of draw.
 _INIT, _RENOISE, _GUMBEL = 0, 1, 2

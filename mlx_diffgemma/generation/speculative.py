@@ -1,7 +1,7 @@
 """Speculative decoding: DiffusionGemma drafts blocks for an autoregressive Gemma 4 target
 run by mlx-lm, and the output is the target's.
 
-Each round the drafter (our Model; its encoder cache holds every kept token) denoises a
+Each round our model (its encoder cache holds every kept token) denoises a
 k-token canvas continuing the context for a few steps and proposes its tokens; the
 target (an mlx-lm model with its own cache) scores [last kept token + the k drafts] in one
 forward; the longest prefix it agrees with is kept, plus one token of its own; the
@@ -26,12 +26,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from ..models.config import check_seed
-from .loop import (Commit, Draft, Event, SpeculativeSummary, check_reserve, collect, generation_config,
-                      prompt_ids, text_decoder)
+from .api import make_denoiser, on_device
+from .events import Commit, Draft, Event, SpeculativeSummary
 from .fast import FastOptions
-from .api import make_denoiser
-from ..chat.backends import MLXBackend
+from .loop import collect, text_decoder
+from .prompt import prompt_ids
+from .settings import Settings, check_reserve, defaults, resolve
 
 # -- the target's cache ----------------------------------------------------------------
 
@@ -113,19 +113,19 @@ def target_context(model) -> Optional[int]:
     return limit
 
 
-# -- the drafter ------------------------------------------------------------------------
+# -- the proposals ----------------------------------------------------------------------
 
 
-class BlockDrafter:
+class Proposer:
     """Our model proposing blocks: a k-token canvas after what its cache holds, denoised
     for up to `gen.max_denoising_steps` steps by the usual denoiser (reference or fast
     mode; the decoder runs any canvas length)."""
 
-    def __init__(self, model, gen, *, mode: str = "fast", fast: Optional[FastOptions] = None, cache=None):
-        if fast is not None and fast.active_set:
+    def __init__(self, model, settings: Settings, cache=None):
+        if settings.fast is not None and settings.fast.active_set:
             raise ValueError("speculative drafting reads every position's logits: use fast options "
                              "without active_set")
-        self.denoiser = make_denoiser(model, gen, cache=cache, mode=mode, fast=fast)
+        self.denoiser = make_denoiser(model, settings, cache=cache)
         self.denoiser.keep_logits = True
         self.forwards = 0
 
@@ -133,7 +133,7 @@ class BlockDrafter:
         self.denoiser.encode(ids)
 
     def accept(self, ids: Sequence[int]) -> None:
-        """The kept tokens join the drafter's context (one encoder forward)."""
+        """The kept tokens join our model's context (one encoder forward)."""
         self.encode(ids)
         self.forwards += 1
 
@@ -216,15 +216,6 @@ def _vocab(tokenizer) -> dict:
     return getattr(tokenizer, "_tokenizer", tokenizer).get_vocab()
 
 
-def _check_settings(k: int, temperature: float, max_new_tokens: int) -> None:
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k (draft tokens per round) must be an integer >= 1 (got {k!r})")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0 (got {temperature!r}); 0 is greedy")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-        raise ValueError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
-
-
 def _check_contexts(n_prompt: int, reserve: int, drafter_limit: int, target_limit: Optional[int]) -> None:
     """The prompt plus every token a run may generate (and one block beyond the last
     kept token, which both models read) must fit both models' contexts."""
@@ -237,7 +228,7 @@ def _check_contexts(n_prompt: int, reserve: int, drafter_limit: int, target_limi
 def speculative_stream_generate(
     target,
     target_tokenizer,
-    drafter,
+    model,
     tokenizer,
     prompt,
     *,
@@ -254,40 +245,53 @@ def speculative_stream_generate(
     target_cache: Optional[list] = None,
     **generation_kwargs,
 ) -> Iterator[Event]:
-    """Generates the target's output (an mlx-lm model, `mlx_lm.load`) with our model
+    """Generates the target's output (an mlx-lm model, `mlx_lm.load`) with `model` (ours)
     drafting blocks of `k` tokens in up to `draft_steps` denoising steps each (with
     `adaptive_k`, blocks of 1 to `k` tokens, sized by `next_block_size`).
 
     `temperature` 0 is the target's greedy output; above 0, samples from the target's
     softmax(logits / temperature). Yields `Draft` per denoising step, `Commit` per round
     (the tokens kept) and a final `SpeculativeSummary`. `prompt`: text (encoded as is) or
-    token ids. `mode`/`fast` and `generation_kwargs` configure the drafter's denoiser
+    token ids. `mode`/`fast` and `generation_kwargs` configure our model's denoiser
     (as `stream_generate`'s). Stops at the target tokenizer's EOS or `max_new_tokens`.
-    `max_context` caps both models' contexts. `cache` (the drafter's `EncoderCache`) and
+    `max_context` caps both models' contexts. `cache` (our model's `EncoderCache`) and
     `target_cache` (`make_target_cache`), given together, hold the same context: then
     `prompt` is only the tokens that follow it; both are left past the context, holding
     generated tokens (a chat trims them back).
     """
     check_tokenizers(target_tokenizer, tokenizer)
-    _check_settings(k, temperature, max_new_tokens)
-    gen = generation_config(drafter, max_denoising_steps=draft_steps, max_new_tokens=max_new_tokens,
-                            **generation_kwargs)
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k (draft tokens per round) must be an integer >= 1 (got {k!r})")
+    settings = resolve(defaults(model), max_denoising_steps=draft_steps, max_new_tokens=max_new_tokens,
+                       mode=mode, fast=fast, seed=seed, target_temperature=temperature, **generation_kwargs)
+    yield from speculate(target, target_tokenizer, model, tokenizer, prompt, settings, k=k, adaptive_k=adaptive_k,
+                         max_context=max_context, cache=cache, target_cache=target_cache)
+
+
+def speculate(target, target_tokenizer, model, tokenizer, prompt, settings: Settings, *, k: int,
+              adaptive_k: bool = False, max_context: Optional[int] = None, cache=None,
+              target_cache: Optional[list] = None) -> Iterator[Event]:
+    """`speculative_stream_generate` with its settings resolved (the chat backend's call):
+    `settings.gen` is our model's (its max_denoising_steps: the steps per proposal),
+    `settings.target_temperature` the target's (None: greedy)."""
     ids = prompt_ids(target_tokenizer, prompt)
     if not ids:
         raise ValueError("the prompt is empty: the target needs at least one token to continue")
     if (cache is None) != (target_cache is None):
-        raise ValueError("pass both caches (the drafter's and the target's, holding the same context) or neither")
-    blocks = BlockDrafter(drafter, gen, mode=mode, fast=fast, cache=cache)
+        raise ValueError("pass both caches (our model's and the target's, holding the same context) or neither")
+    proposer = Proposer(model, settings, cache=cache)
     tgt = Target(target, cache=target_cache)
-    limits = [blocks.denoiser.max_context, tgt.max_context]
+    limits = [proposer.denoiser.max_context, tgt.max_context]
     if max_context is not None:
         limits = [min(x, max_context) if x is not None else max_context for x in limits]
-    _check_contexts(blocks.denoiser.cached_tokens + len(ids), max_new_tokens + k, *limits)
-    if check_seed(seed) is not None:
-        mx.random.seed(seed)
+    max_new_tokens = settings.gen.max_new_tokens
+    _check_contexts(proposer.denoiser.cached_tokens + len(ids), max_new_tokens + k, *limits)
+    if settings.seed is not None:
+        mx.random.seed(settings.seed)
     eos = set(int(e) for e in getattr(target_tokenizer, "eos_token_ids", None) or [])
-    yield from _rounds(tgt, blocks, ids, k, float(temperature), max_new_tokens, eos,
-                       text_decoder(target_tokenizer), adaptive_k)
+    with on_device(model):
+        yield from _rounds(tgt, proposer, ids, k, float(settings.target_temperature or 0.0), max_new_tokens,
+                           eos, text_decoder(target_tokenizer), adaptive_k)
 
 
 def next_block_size(size: int, kept: int, proposed: int, k: int) -> int:
@@ -301,7 +305,7 @@ def next_block_size(size: int, kept: int, proposed: int, k: int) -> int:
     return max(1, size - 1)
 
 
-def _rounds(tgt: Target, blocks: BlockDrafter, ids: List[int], k: int, temperature: float,
+def _rounds(tgt: Target, blocks: Proposer, ids: List[int], k: int, temperature: float,
             max_new_tokens: int, eos: set, decode, adaptive_k: bool = False) -> Iterator[Event]:
     tic = time.perf_counter()
     blocks.encode(ids)
@@ -370,96 +374,8 @@ def _summary(generated, text, n_prompt, steps, prompt_time, gen_time, finish, k,
     )
 
 
-def speculative_generate(target, target_tokenizer, drafter, tokenizer, prompt, *, verbose: bool = False,
+def speculative_generate(target, target_tokenizer, model, tokenizer, prompt, *, verbose: bool = False,
                          **kwargs) -> str:
     """`speculative_stream_generate`'s text."""
-    return collect(speculative_stream_generate(target, target_tokenizer, drafter, tokenizer, prompt, **kwargs),
+    return collect(speculative_stream_generate(target, target_tokenizer, model, tokenizer, prompt, **kwargs),
                    verbose)
-
-
-# -- chat -------------------------------------------------------------------------------------
-
-
-class SpeculativeCache:
-    """What a chat keeps per conversation: the drafter's and the target's caches, holding
-    the same tokens."""
-
-    def __init__(self, drafter, target: list):
-        self.drafter = drafter
-        self.target = target
-
-    @property
-    def offset(self) -> int:
-        return self.drafter.offset
-
-
-class SpeculativeBackend(MLXBackend):
-    """The chat backend (session.py) of speculative decoding: the drafter's cache goes
-    back to a turn's start by trimming, as `MLXBackend`'s; the target's sliding-window
-    layers cannot trim a whole turn, so each turn keeps their state at its start (no
-    copy: their updates make new arrays) and restores it."""
-
-    def __init__(self, model, target, target_tokenizer, *, k: int, draft_steps: int, temperature: float = 0.0,
-                 adaptive_k: bool = False):
-        super().__init__(model)
-        self.target, self.target_tokenizer = target, target_tokenizer
-        self.k, self.draft_steps, self.temperature = k, draft_steps, temperature
-        self.adaptive_k = adaptive_k
-        self.max_context = min(self.max_context, target_context(target) or self.max_context)
-        self._drafter_snapshot = False
-
-    def new_cache(self, max_new_tokens: int) -> SpeculativeCache:
-        return SpeculativeCache(super().new_cache(max_new_tokens), make_target_cache(self.target))
-
-    def encode(self, cache: SpeculativeCache, ids: Sequence[int], images=None) -> None:
-        if images is not None:
-            raise ValueError("images are not supported with a target model: the target verifies "
-                             "text only; start the chat without --target to ask about an image")
-        super().encode(cache.drafter, ids)
-        Target(self.target, cache=cache.target).prefill(ids)
-
-    def needs_snapshot(self, turn_tokens: int) -> bool:
-        # The drafter encodes every kept token: up to a canvas more than a diffusion turn.
-        self._drafter_snapshot = super().needs_snapshot(turn_tokens + self.canvas_length)
-        return True
-
-    def snapshot(self, cache: SpeculativeCache):
-        drafter = super().snapshot(cache.drafter) if self._drafter_snapshot else None
-        return drafter, [c.state for c in cache.target]
-
-    def rollback(self, cache: SpeculativeCache, length: int, snap):
-        drafter_snap = None if snap is None or snap[1][0] is None else (snap[0], snap[1][0])
-        if super().rollback(cache.drafter, length, drafter_snap) is None:
-            return None
-        have = cache.target[0].offset if cache.target else length
-        if have > length and snap is not None and snap[0] == length:
-            for c, state in zip(cache.target, snap[1][1]):
-                c.state = state
-        elif have != length:
-            return None
-        return cache
-
-    def fork(self, cache: SpeculativeCache) -> SpeculativeCache:
-        target = make_target_cache(self.target)
-        for c, src in zip(target, cache.target):
-            c.state = src.state
-        return SpeculativeCache(super().fork(cache.drafter), target)
-
-    def stream_generate(self, tokenizer, prompt, cache: SpeculativeCache, noise, seed, gen_kwargs,
-                        images=None):
-        if images:
-            raise ValueError("images are not supported with a target model: the target verifies "
-                             "text only; start the chat without --target to ask about an image")
-        if noise is not None:
-            raise ValueError("speculative decoding draws its own randomness: pass a seed, not a noise source")
-        kw = dict(gen_kwargs)
-        kw.setdefault("mode", "reference")  # the session names the mode only when not reference
-        kw.pop("max_denoising_steps", None)  # the drafter's steps are draft_steps
-        max_new = kw.pop("max_new_tokens", generation_config(self.model).max_new_tokens)
-        return speculative_stream_generate(
-            self.target, self.target_tokenizer, self.model, tokenizer, prompt, k=self.k, adaptive_k=self.adaptive_k,
-            draft_steps=self.draft_steps, temperature=self.temperature, max_new_tokens=max_new, seed=seed,
-            cache=cache.drafter, target_cache=cache.target, **kw)
-
-    def cache_bytes(self, cache: SpeculativeCache) -> int:
-        return cache.drafter.nbytes + sum(c.nbytes for c in cache.target)

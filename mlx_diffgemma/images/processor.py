@@ -1,12 +1,6 @@
-"""Images in: loading, preprocessing and prompt expansion, as transformers' Gemma 4
-processor does them (no MLX here; NumPy and Pillow only).
+"""Images into encoder inputs, as transformers' Gemma 4 processor does it (NumPy, and
+Pillow through load.py; no MLX).
 
-- `load_image`: a path, a data URL, raw bytes or a PIL image -> a fully decoded RGB
-  image, or one clear line saying what is wrong (missing file, not an image, truncated,
-  too many pixels). EXIF orientation is applied (as transformers' `load_image` does);
-  transparency is composited onto white and any other mode converted to RGB (as the
-  Gemma 4 image processor's `convert_to_rgb` does); of an animated or multi-frame file
-  the first frame is used (what the reference sees of it).
 - `preprocess`: resize keeping the aspect ratio to the largest size whose 16-pixel
   patches, pooled 3 x 3, fit the soft-token budget (bicubic, Pillow), rescale to [0, 1],
   patchify, pad to the budget: `pixel_values` [images, max_patches, 3 * 16 * 16] float32
@@ -19,149 +13,20 @@ processor does them (no MLX here; NumPy and Pillow only).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import io
-import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-# Decoding a larger image is refused before its pixels are read: 64 megapixels is about
-# 8000 x 8000 (192 MB as RGB), far above what the tower sees (at most 1120 soft tokens,
-# about 2.6 megapixels after the resize).
-MAX_IMAGE_PIXELS = 64_000_000
+from ..models.config import read_json_object
+from ..models.tokenizer import encode_text, image_blocks, render
+from .load import MAX_IMAGE_PIXELS, ImageError, ImageSource, load_image
 
 # The soft-token budgets the Gemma 4 image processor accepts.
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
-
-PIL_MISSING = "images need Pillow: pip install 'mlx-diffgemma[images]' (or pip install pillow)"
-
-ImageSource = Any  # str | Path | bytes | PIL.Image.Image
-
-
-class ImageError(ValueError):
-    """A bad image or image option, in one line naming the problem and the fix."""
-
-
-def _pil():
-    try:
-        from PIL import Image, ImageFile, ImageOps
-    except ImportError:
-        raise ImageError(PIL_MISSING) from None
-    return Image, ImageFile, ImageOps
-
-
-# -- loading -------------------------------------------------------------------------------
-
-
-def describe(source: Any) -> str:
-    """How messages and transcripts name an image source."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"the image data ({len(source)} bytes)"
-    if isinstance(source, str) and source.startswith("data:"):
-        return "the image data URL"
-    if isinstance(source, (str, Path)):
-        return str(source)
-    if isinstance(source, ImageInputs):
-        return "an image"
-    size = getattr(source, "size", None)
-    return f"a {size[0]} x {size[1]} image" if isinstance(size, tuple) and len(size) == 2 else "an image"
-
-
-def _data_url_bytes(url: str) -> bytes:
-    """The bytes of a `data:[<media type>][;base64],<data>` URL (base64 only)."""
-    head, sep, data = url.partition(",")
-    if not sep:
-        raise ImageError("the image data URL has no ',' before its data; "
-                         "send data:image/png;base64,<base64 bytes>")
-    if not head.endswith(";base64"):
-        raise ImageError("the image data URL is not base64-encoded; "
-                         "send data:image/png;base64,<base64 bytes>")
-    try:
-        return base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError("the image data URL's base64 data is invalid; encode the file "
-                         "with base64 again") from None
-
-
-def _open(source: ImageSource):
-    """A PIL image (not yet decoded) from any accepted source."""
-    Image, _, _ = _pil()
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source)))
-    if isinstance(source, str) and source.startswith("data:"):
-        return Image.open(io.BytesIO(_data_url_bytes(source)))
-    if not isinstance(source, (str, Path)):
-        raise ImageError(f"an image must be a path, a data URL, bytes or a PIL image "
-                         f"(got {type(source).__name__})")
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ImageError(f"image file not found: {path}; check the path")
-    if not path.is_file():
-        raise ImageError(f"{path} is not a file; give the path of an image file")
-    return Image.open(path)
-
-
-def _check_pixels(im, what: str, max_pixels: int) -> None:
-    w, h = im.size
-    if w < 1 or h < 1:
-        raise ImageError(f"{what} is empty ({w} x {h} pixels); give a non-empty image")
-    if w * h > max_pixels:
-        raise ImageError(f"{what} is {w} x {h} = {w * h:,} pixels, over the limit of "
-                         f"{max_pixels:,}; downscale it first")
-
-
-def _to_rgb(im):
-    """RGB, as the reference's `convert_to_rgb`: transparency composited onto white."""
-    Image, _, _ = _pil()
-    if "A" in im.getbands() or im.info.get("transparency") is not None:
-        im = im.convert("RGBA")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im).convert("RGB")
-    return im.convert("RGB")
-
-
-def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS):
-    """`source` (path, data URL, bytes or PIL image) as a fully decoded RGB PIL image;
-    `ImageError` with one line saying what is wrong otherwise."""
-    Image, ImageFile, ImageOps = _pil()
-    what = describe(source)
-    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
-    try:
-        with warnings.catch_warnings():
-            # Pillow's own decompression-bomb guard warns, then raises; either is ours.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # A truncated file must fail here, not decode as a half-grey image.
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            im = _open(source)
-            _check_pixels(im, what, max_pixels)
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)  # the first frame: what the reference processor sees
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{what} has too many pixels to decode safely; downscale it first") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"{what} is not an image Pillow can read; give a PNG, JPEG, WebP, "
-                         "GIF or BMP file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's decode errors
-        detail = " ".join(str(e).split()) or type(e).__name__
-        raise ImageError(f"{what} is truncated or damaged ({detail}); re-save or "
-                         "re-download the image") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
-
 
 # -- preprocessing -----------------------------------------------------------------------------
 
@@ -335,13 +200,6 @@ class Prompt:
         return {"input_ids": np.asarray([self.ids], dtype=np.int64), **self.images.encoder_kwargs()}
 
 
-def image_blocks(is_image: np.ndarray) -> List[Tuple[int, int]]:
-    """[start, end) of each contiguous run of True in a 1-D mask (the image tokens of a
-    prompt: the processor's expansion and the encoder's bidirectional blocks)."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(is_image, dtype=np.int8), [0]])))
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
-
-
 def _token_id(tokenizer, token: str) -> Optional[int]:
     # mlx-lm's TokenizerWrapper hands these calls to the transformers tokenizer inside.
     try:
@@ -351,13 +209,8 @@ def _token_id(tokenizer, token: str) -> Optional[int]:
     return i if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None) else None
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise ImageError(f"cannot read {path} ({e}); re-download or re-convert the model") from None
+def _read(path: Path) -> Dict[str, Any]:
+    return read_json_object(path, "an object", ImageError) if path.exists() else {}
 
 
 class Processor:
@@ -381,11 +234,11 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], tokenizer, **kwargs) -> "Processor":
         path = Path(path)
-        config = _read_json(path / "config.json")
+        config = _read(path / "config.json")
         if not isinstance(config.get("vision_config"), dict):
             raise ImageError(f"{path} has no vision tower (config.json has no vision_config); "
                              "use a multimodal DiffusionGemma checkpoint for images")
-        pc = _read_json(path / "processor_config.json")
+        pc = _read(path / "processor_config.json")
         ip = pc.get("image_processor", pc if "max_soft_tokens" in pc else {})
         settings = dict(ip)
         if "max_soft_tokens" not in settings and config.get("vision_soft_tokens_per_image"):
@@ -454,8 +307,6 @@ class Processor:
     def __call__(self, text: Union[str, Sequence[int]], images: Sequence[ImageSource] = ()) -> Prompt:
         """`text` (encoded as is, no chat template, no BOS added) or ids, with `images`."""
         if isinstance(text, str):
-            from ..models.tokenizer import encode_text
-
             ids = encode_text(self.tokenizer, text)
         else:
             ids = [int(i) for i in np.asarray(text).reshape(-1).tolist()]
@@ -498,8 +349,6 @@ def render_with_images(tokenizer, messages: Sequence[Dict[str, Any]], token: str
     """(the messages as rendered, the text) for messages whose image parts are
     `{"type": "image"}`: as content parts where the chat template places them, else with
     the placeholder `token` written into the text (a template that reads strings only)."""
-    from ..models.tokenizer import render
-
     text = render(tokenizer, messages, add_generation_prompt, **kwargs)
     if not n_images or text.count(token) == n_images:
         return list(messages), text
@@ -590,46 +439,3 @@ def user_message(text: str, images: Sequence[Any] = (), names: Sequence[Optional
 
 def is_messages(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
-
-
-def prepare_prompt(model, tokenizer, prompt: Any, images: Optional[Sequence[ImageSource]] = None,
-                   chat: bool = False) -> Tuple[Any, Optional[ImageInputs]]:
-    """A generation prompt with its images: (prompt or expanded ids, the images' arrays or
-    None). `prompt` is text or ids (one image placeholder per image in `images`), or
-    chat messages (rendered with the chat template; image content parts carry the
-    images). Without images, text and ids come back as they are. `chat=True` makes text
-    one user message (the images before it), rendered with the chat template."""
-    if chat:
-        if not isinstance(prompt, str):
-            raise ValueError("chat=True takes the prompt as text (one user message); pass chat "
-                             "messages as they are, or token ids without chat=True")
-        prompt, images = [user_message(prompt, images or ())], None
-    if is_messages(prompt):
-        from ..models.tokenizer import encode_text, ensure_chat_template, render
-
-        ensure_chat_template(tokenizer, getattr(model, "model_path", None))
-        if images:
-            raise ImageError("give the images of chat messages as their image content parts, "
-                             "not as images=")
-        msgs, sources = split_image_parts(prompt)
-        if not sources:
-            return encode_text(tokenizer, render(tokenizer, msgs, True)), None
-        p = processor_for(model, tokenizer).apply_chat_template(prompt)
-        return p.ids, p.images
-    if not images:
-        return prompt, None
-    p = processor_for(model, tokenizer)(prompt, images)
-    return p.ids, p.images
-
-
-def torch_image_kwargs(model, ids, images) -> Dict[str, Any]:
-    """transformers' encoder arguments for `images` (ImageInputs) inside `ids`: the
-    arrays, and the token types that give each image its bidirectional block."""
-    if images is None:
-        return {}
-    import torch
-
-    dev = ids.device
-    return {"pixel_values": torch.as_tensor(images.pixel_values, device=dev),
-            "image_position_ids": torch.as_tensor(images.image_position_ids, device=dev),
-            "mm_token_type_ids": (ids == model.config.image_token_id).long()}

@@ -231,19 +231,10 @@ def header_bytes(entries: Sequence[Tuple[str, str, Tuple[int, ...]]], metadata=N
     return struct.pack("<Q", len(raw)) + raw, offsets, off
 
 
-def read_json(path: Path, what: str = "an object") -> Dict[str, Any]:
-    """A JSON object from `path`; ConversionError naming the file when it is unreadable,
-    not JSON, or not an object."""
-    try:
-        return read_json_object(path, what)
-    except ConfigError as e:
-        raise ConversionError(str(e)) from None
-
-
 def read_index(path: Path) -> Dict[str, str]:
     """The `weight_map` of a model.safetensors.index.json: tensor name -> shard file name,
     every shard a plain file name in the same directory."""
-    weight_map = read_json(path, "a safetensors index").get("weight_map")
+    weight_map = read_json_object(path, "a safetensors index", ConversionError).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ConversionError(
             f"{path}: field weight_map must map tensor names to shard files (found "

@@ -393,22 +393,23 @@ def _global_overrides_from_per_layer(per_layer, layer_types, text) -> Dict[str, 
     return out
 
 
-def read_json_object(path: Path, what: str = "an object") -> Dict[str, Any]:
+def read_json_object(path: Path, what: str = "an object", error: type = ConfigError) -> Dict[str, Any]:
     """A JSON file that must hold an object (`what` says which kind, for the message);
-    anything else is a ConfigError naming the file."""
+    anything else is an `error` (the caller's kind: a config, a checkpoint, image
+    settings) naming the file."""
     fix = "re-download or re-convert the model"
     try:
         data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as e:
-        raise ConfigError(f"cannot read {path} ({e.strerror or e})") from None
+        raise error(f"cannot read {path} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}") from None
+        raise error(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
+        raise error(f"{path} is not valid JSON ({e}); {fix}") from None
     except RecursionError:
-        raise ConfigError(f"{path} nests too deeply to be {what}; {fix}") from None
+        raise error(f"{path} nests too deeply to be {what}; {fix}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not {what}; {fix}")
+        raise error(f"{path} holds a JSON {type(data).__name__}, not {what}; {fix}")
     return data
 
 
@@ -423,33 +424,6 @@ def load_config(model_path: Union[str, Path]) -> Dict[str, Any]:
 
 # -- generation ---------------------------------------------------------------------
 
-# The released generation_config.json values, used where a checkpoint gives none.
-RELEASED_GENERATION = {
-    "max_new_tokens": 256,
-    "max_denoising_steps": 48,
-    "entropy_bound": 0.1,
-    "t_min": 0.4,
-    "t_max": 0.8,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-    "eos_token_id": [1, 106, 50],
-    "pad_token_id": 0,
-}
-
-# Seeds are unsigned 64-bit: what mx.random.seed and torch's manual_seed both take
-# (NumPy's SeedSequence takes any integer >= 0).
-SEED_MAX = 2**64 - 1
-
-
-def check_seed(seed: Any) -> Optional[int]:
-    """`seed` when it is None or an integer in [0, 2**64-1], else a ValueError."""
-    if seed is None:
-        return None
-    if not is_int(seed) or not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"seed must be an integer from 0 to 2**64-1 = {SEED_MAX} (got {seed!r})")
-    return seed
-
-
 class GenerationConfigError(ValueError):
     """An invalid generation parameter; `field` names it (so a caller can name the file
     the value came from)."""
@@ -459,9 +433,10 @@ class GenerationConfigError(ValueError):
         self.field = field
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
-    """The drafter's parameters, under the reference's own names."""
+    """The drafter's parameters, under the reference's own names; the defaults are the
+    released generation_config.json's (used where a checkpoint gives none)."""
 
     max_new_tokens: int = 256
     max_denoising_steps: int = 48
@@ -475,7 +450,7 @@ class GenerationConfig:
 
     def __post_init__(self):
         if is_int(self.eos_token_id):
-            self.eos_token_id = [self.eos_token_id]
+            object.__setattr__(self, "eos_token_id", [self.eos_token_id])
         self.validate()
 
     def validate(self) -> None:
@@ -517,10 +492,9 @@ class GenerationConfig:
     def from_model_dir(cls, model_path: Union[str, Path, None], **overrides) -> "GenerationConfig":
         """Checkpoint defaults (generation_config.json, else config.json) with per-call
         overrides. A bad checkpoint value is a ConfigError naming its file."""
-        values, origin = dict(RELEASED_GENERATION), {}
+        values, origin = {}, {}
         if model_path is not None:
-            found, origin = _checkpoint_generation_values(Path(model_path))
-            values.update(found)
+            values, origin = _checkpoint_generation_values(Path(model_path))
         try:
             defaults = cls(**values)
         except GenerationConfigError as e:
@@ -548,7 +522,7 @@ def _checkpoint_generation_values(model_path: Path) -> Tuple[Dict[str, Any], Dic
         if path.exists():
             sources.append((path, read_json_object(path, what)))
     for path, src in sources:
-        for k in RELEASED_GENERATION:
+        for k in (f.name for f in fields(GenerationConfig)):
             if k == "eos_token_id":
                 continue
             if src.get(k) is not None:

@@ -41,18 +41,6 @@ def launched_group():
     return group if group.size() > 1 else None
 
 
-# The chat backend wrapper of rank 0 of a command-line run (mirror.py sets it), through
-# which `backends.make_backend` leads the other ranks; None elsewhere.
-lead = {"backend": None}
-
-
-def leading(backend):
-    """`backend` (an MLXBackend of a split model) as rank 0 of a command-line run uses
-    it; as it is in a program whose every rank makes the same calls itself."""
-    wrap = lead["backend"]
-    return backend if wrap is None else wrap(backend)
-
-
 def peer_timeout() -> float:
     value = os.environ.get(PEER_TIMEOUT_ENV)
     try:
@@ -251,44 +239,3 @@ def watch(what: str) -> Iterator[None]:
         yield
     finally:
         _watchdog.disarm()
-
-
-# -- the denoising loop, checked ---------------------------------------------------------
-
-
-class CheckedDenoiser:
-    """A split model's denoiser (reference or fast mode) whose every rank checks, each
-    step, that all ranks decided the same: the next canvas, its argmax, the accepted
-    positions and the stop. It also checks that they encode the same tokens. A cheap
-    collective of a few KB per step; the steps themselves run under the watchdog."""
-
-    def __init__(self, inner, group):
-        object.__setattr__(self, "_inner", inner)
-        object.__setattr__(self, "_group", group)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._inner, name, value)
-
-    def encode(self, token_ids: Sequence[int]) -> None:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        with watch(f"encoding {len(ids)} tokens"):
-            agree(self._group, [len(ids), checksum(ids)], "the tokens to encode")
-            self._inner.encode(token_ids)
-
-    def step(self, canvas, canvas_index: int, step: int):
-        with watch(f"denoising canvas {canvas_index} (step counter {step})"):
-            out = self._inner.step(canvas, canvas_index, step)
-            nxt, argmax, accepted, stop = out
-            values = np.concatenate([np.array(nxt).reshape(-1), np.array(argmax).reshape(-1),
-                                     np.array(accepted).reshape(-1).astype(np.int64), [int(stop)]])
-            agree(self._group, values, f"canvas {canvas_index}, step counter {step}")
-        return out
-
-
-def checked(denoiser, model):
-    """`denoiser` checked across ranks when `model` is split, else as it is."""
-    group = getattr(model, "group", None)
-    return denoiser if group is None else CheckedDenoiser(denoiser, group)

@@ -18,6 +18,7 @@ from .config import ConfigError, GenerationConfig, ModelArgs, load_config
 from .checkpoint import ConversionError, WeightsError, check_tokenizer_files, first_line, scan_checkpoint
 from .model import Model
 from .paths import resolve_model_path
+from .tokenizer import load_tokenizer
 from .weights import hf_to_mlx_name, is_vision_tensor
 
 def _scan(model_path: Path):
@@ -246,22 +247,6 @@ def load_model(model_path: Union[str, Path], lazy: bool = False, group=None) -> 
         mx.eval([v for k, v in tree_flatten(model.parameters()) if not is_vision_tensor(k)])
     model.eval()
     return model, config
-
-
-def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
-    """mlx-lm's TokenizerWrapper (streaming detokenizer included), or None when the
-    directory carries no tokenizer."""
-    model_path = Path(model_path)
-    if not any((model_path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
-
-    check_tokenizer_files(model_path)
-    try:
-        return load_mlx_tokenizer(model_path, eos_token_ids=eos_token_ids)
-    except Exception as e:  # transformers' errors vary by file and version
-        raise ConfigError(f"cannot load the tokenizer in {model_path} ({first_line(e)}); "
-                          "re-download or re-convert the model") from e
 
 
 def check_sidecars(path: Path) -> List[str]:

@@ -1,5 +1,6 @@
-"""Chat templates: rendering a conversation to text and text to token ids (no MLX).
-Used by the chat session (session.py) and the image processor (images.py)."""
+"""The tokenizer and its chat template: loading it, rendering a conversation to text,
+text to token ids, a cheap lower bound on a text's tokens, and where a prompt's images
+sit. No MLX at import (mlx-lm's tokenizer wrapper is loaded when a tokenizer is)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import math
 import re
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .checkpoint import check_tokenizer_files, first_line
+from .config import ConfigError
 
 # Used only when a tokenizer ships no chat template at all (the released model has one).
 GEMMA4_FALLBACK_TEMPLATE = (
@@ -25,6 +31,22 @@ GEMMA4_FALLBACK_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|turn>model\\n<|channel>thought\\n<channel|>' }}{% endif %}"
 )
+
+
+def load_tokenizer(model_path: Union[str, Path], eos_token_ids=None):
+    """mlx-lm's TokenizerWrapper (streaming detokenizer included), or None when the
+    directory carries no tokenizer."""
+    model_path = Path(model_path)
+    if not any((model_path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+
+    check_tokenizer_files(model_path)
+    try:
+        return load_mlx_tokenizer(model_path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # transformers' errors vary by file and version
+        raise ConfigError(f"cannot load the tokenizer in {model_path} ({first_line(e)}); "
+                          "re-download or re-convert the model") from e
 
 
 def _hf_tokenizer(tokenizer):
@@ -165,3 +187,10 @@ def min_tokens(tokenizer, text: str) -> int:
     if not chars:
         return 0
     return math.ceil(len(text) / chars)
+
+
+def image_blocks(is_image: np.ndarray) -> List[Tuple[int, int]]:
+    """[start, end) of each contiguous run of True in a 1-D mask (the image tokens of a
+    prompt: the processor's expansion and the encoder's bidirectional blocks)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(is_image, dtype=np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]

@@ -1,8 +1,8 @@
-"""The serving engine behind `mlx-diffgemma serve` (server.py is its HTTP side): one
+"""The serving engine behind `mlx-diffgemma serve` (http.py is its HTTP side): one
 `ChatSession` and its `PromptCache`, and the queue in front of them. Requests become
-`Job`s, run one at a time on one worker thread (MLX arrays stay on the thread that
-built them), and stream their canvases to a `Sink` (server.py's SSE stream, or the
-collector of a plain reply).
+`Job`s (requests.py), run one at a time on one worker thread (MLX arrays stay on the
+thread that built them), and stream their canvases to a `Sink` (http.py's SSE stream, or
+the collector of a plain reply).
 """
 
 from __future__ import annotations
@@ -10,35 +10,20 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
-from . import openai as api
-from .openai import APIError, bad
-from ..generation.loop import Commit, Draft, Summary, generation_config
-from ..images.processor import ImageError, load_message_images
+from ..chat.backends import make_backend
+from ..chat.options import chat_max_new_tokens
+from ..chat.session import ChatSession, Interrupted, Prefill
+from ..generation.events import Commit, Draft, Summary
+from .openai import APIError
 from .prompt_cache import PromptCache
 from .replies import ReplyParser, find_stop
-from ..chat.session import ChatSession, Interrupted, Prefill, PromptSplit, split_prompt
-from ..models.tokenizer import min_tokens
+from .requests import Job, Requests
 
 
 # -- one generation -----------------------------------------------------------------------
-
-
-class Job:
-    """A validated request: its prompt split, options and how to answer it."""
-
-    def __init__(self, kind: str, split: PromptSplit, opts: api.Options, model: str,
-                 tools: Optional[List[Dict[str, Any]]] = None):
-        self.kind = kind  # "chat" or "completion"
-        self.split = split
-        self.opts = opts
-        self.model = model
-        self.tools = tools
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
 
 
 class Output:
@@ -60,8 +45,8 @@ class Output:
 
     def add(self, tokens: List[int]) -> None:
         self.ids += tokens
-        if len(self.ids) > self.job.opts.max_tokens:
-            self.ids = self.ids[: self.job.opts.max_tokens]
+        if len(self.ids) > self.job.opts.settings.gen.max_new_tokens:
+            self.ids = self.ids[: self.job.opts.settings.gen.max_new_tokens]
             self.finish = "length"
         parsed = self.parser.parse(self.ids)
         content = parsed.content
@@ -138,18 +123,20 @@ class Engine:
 
     def __init__(self, load, model_id: str, *, max_tokens: Optional[int] = None,
                  max_context: Optional[int] = None, cache_entries: int = 4,
-                 cache_bytes: int = 8 << 30, aliases=(), mode: str = "reference",
+                 cache_bytes: int = 8 << 30, aliases=(), settings: Optional[Mapping[str, Any]] = None,
                  image_dirs=(), target=None):
         """`load()` -> (model, tokenizer) runs on the worker thread: MLX binds arrays to
-        the thread that builds them, so the model is built where it runs. `image_dirs`:
+        the thread that builds them, so the model is built where it runs. `settings`: the
+        server's defaults under `resolve`'s names (the mode, with a target its temperature
+        and our model's steps); `max_tokens` a reply's (default: as chat). `image_dirs`:
         the directories whose files `image_url` parts may name (none: data URLs only).
-        `target(model, tokenizer)` -> a speculative backend (server.target_loader): the
+        `target(model, tokenizer)` -> a speculative backend (http.target_loader): the
         replies are then an autoregressive target's, drafted by the model, and a request's
         `temperature` is the target's (0: greedy)."""
         self.target = target
         self.model_id = model_id
         self.image_dirs = [Path(d).expanduser().resolve() for d in image_dirs]
-        self.names = {model_id, *aliases}
+        self.names = [model_id, *aliases]
         self.created = int(time.time())
         self.prompt_cache = PromptCache(cache_entries, cache_bytes)
         # waiting: queued, not started yet; running: generating now (at most one)
@@ -158,25 +145,21 @@ class Engine:
         self.stopping: Optional[str] = None  # why the server is shutting down, once it is
         self.tasks: "queue.Queue[Optional[_Task]]" = queue.Queue()
         ready = _Task(None, None)
-        settings = dict(max_tokens=max_tokens, max_context=max_context, mode=mode)
-        self.worker = threading.Thread(target=self._work, args=(load, settings, ready),
+        setup = dict(max_tokens=max_tokens, max_context=max_context, settings=dict(settings or {}))
+        self.worker = threading.Thread(target=self._work, args=(load, setup, ready),
                                        name="generation", daemon=True)
         self.worker.start()
         ready.done.wait()
         if ready.error is not None:
             raise ready.error
 
-    def _setup(self, load, max_tokens, max_context, mode) -> None:
+    def _setup(self, load, max_tokens, max_context, settings) -> None:
         model, tokenizer = load()
-        if max_tokens is None:
-            from ..chat.commands import _chat_max_new_tokens
-
-            max_tokens = _chat_max_new_tokens(model)
-        backend = self.target(model, tokenizer) if self.target is not None else None
-        self.session = ChatSession(model, tokenizer, gen_kwargs={"max_new_tokens": max_tokens},
-                                   max_context=max_context, model_name=self.model_id,
-                                   keep_history=False, mode=mode, backend=backend)
-        self.target_temperature = getattr(backend, "temperature", None)
+        backend = self.target(model, tokenizer) if self.target is not None else make_backend(model)
+        settings["max_new_tokens"] = max_tokens or chat_max_new_tokens(model, backend)
+        self.session = ChatSession(model, tokenizer, max_context=max_context, model_name=self.model_id,
+                                   keep_history=False, backend=backend, **settings)
+        self.requests = Requests(self.session, self.names, self.image_dirs, self.target is not None)
         self.tokenizer = tokenizer
 
     def noise_for(self, seed: Optional[int]):
@@ -193,75 +176,6 @@ class Engine:
                 "owned_by": "mlx-diffgemma", "context_length": self.context_length,
                 "max_model_len": self.context_length,
                 "canvas_length": self.session.backend.canvas_length}
-
-    def check_model(self, body: Dict[str, Any]) -> str:
-        name = body.get("model")
-        if name is None:
-            return self.model_id
-        if name not in self.names:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                           f"{self.model_id!r}", "model", "model_not_found")
-        return name
-
-    # -- requests -> jobs ----------------------------------------------------------------
-
-    def _options(self, body: Dict[str, Any]) -> api.Options:
-        return api.options(body, self.session.gen, target=self.target is not None)
-
-    def _check_context(self, n_tokens: int, opts: api.Options, param: str, at_least: bool = False) -> None:
-        """A 400 `context_length_exceeded` for a prompt of `n_tokens` (`at_least`: a lower
-        bound taken before tokenizing) whose reply could outrun the context."""
-        try:
-            gen = generation_config(self.session.model, **dict(self.session.gen_kwargs, **opts.gen_kwargs))
-            self.session.check_context(n_tokens, gen, "shorten the prompt or lower max_tokens", at_least)
-        except ValueError as e:
-            raise bad(str(e), param, "context_length_exceeded") from None
-
-    def chat_job(self, body: Dict[str, Any]) -> Job:
-        model = self.check_model(body)
-        opts = self._options(body)
-        messages, tools = api.chat_messages(body, self.image_dirs), api.chat_tools(body)
-        try:
-            if any(isinstance(m.get("content"), list) for m in messages):
-                messages = load_message_images(messages)  # each file's own problem first
-        except ImageError as e:
-            raise bad(str(e), "messages", "invalid_image") from None
-        try:
-            split = split_prompt(self.tokenizer, messages, tools=tools, processor=self._processor(messages),
-                                 fits=lambda n: self._check_context(n, opts, "messages", at_least=True))
-        except ImageError as e:
-            raise bad(str(e), "messages", "invalid_image") from None
-        except ValueError as e:
-            raise bad(str(e), "messages") from None
-        self._check_context(len(split.ids), opts, "messages")
-        return Job("chat", split, opts, model, tools)
-
-    def _processor(self, messages):
-        """The image processor when the messages hold images (ImageError when the model
-        takes none); the images are loaded on the request's thread, before it queues."""
-        if not any(isinstance(m.get("content"), list) for m in messages):
-            return None
-        return self.session.processor
-
-    def completion_job(self, body: Dict[str, Any]) -> Job:
-        model = self.check_model(body)
-        opts = self._options(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            self._check_context(min_tokens(self.tokenizer, prompt), opts, "prompt", at_least=True)
-            ids = [int(t) for t in self.tokenizer.encode(prompt)]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            vocab = getattr(self.session.model, "vocab_size", None)
-            ids = list(prompt)
-            if vocab and not all(0 <= t < vocab for t in ids):
-                raise bad("prompt token ids are out of the vocabulary", "prompt")
-        else:
-            raise bad("prompt must be a non-empty string (or a list of token ids)", "prompt")
-        split = PromptSplit(ids, len(ids))  # a raw prompt is all stable: the cache keeps it
-        self._check_context(len(ids), opts, "prompt")
-        return Job("completion", split, opts, model)
 
     # -- running --------------------------------------------------------------------------
 
@@ -345,12 +259,8 @@ class Engine:
     def _generate(self, job: Job, sink: Sink) -> Optional[Output]:
         out = Output(job, ReplyParser(self.tokenizer, job.tools))
         opts = job.opts
-        if self.target is not None:  # one worker thread: the backend is this request's
-            t = opts.target_temperature
-            self.session.backend.temperature = self.target_temperature if t is None else t
-        events = self.session.complete(
-            job.split, lambda: out.done or self.stopping is not None or sink.poll(),
-            gen_kwargs=opts.gen_kwargs, seed=opts.seed, noise=self.noise_for(opts.seed), mode=opts.mode)
+        events = self.session.complete(job.split, lambda: out.done or self.stopping is not None or sink.poll(),
+                                       opts.settings, self.noise_for(opts.settings.seed))
         try:
             for ev in events:
                 if isinstance(ev, Prefill):

@@ -10,8 +10,9 @@ per connection waits its turn on a lock (FIFO enough at these rates), and a stre
 plain write loop. No extra dependency to install or keep in step.
 
 One `ChatSession` does the work (template split, cache cut, chunked prefill, drafter,
-rollback) in engine.py's `Engine`; the `PromptCache` swaps conversations' cache states in and out of it between
-requests. A streaming client that goes away is noticed at the next write or socket poll
+rollback) in engine.py's `Engine`; the `PromptCache` swaps conversations' cache states
+in and out of it between requests; requests.py turns bodies into jobs and openai.py
+shapes the answers. A streaming client that goes away is noticed at the next write or socket poll
 (between prefill chunks and denoising steps); its generation is stopped, the cache rolled
 back to its stable boundary, and the next request runs.
 """
@@ -33,10 +34,13 @@ from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional
 
-from . import openai as api
-from .openai import APIError, bad
-from ..generation.loop import Draft
-from .engine import Engine, Job, Output, Sink
+from ..chat.options import add_model_args, add_target_args, flag_changes, flag_type, load_for, setting_type
+from ..generation.events import Draft
+from ..generation.settings import parse_number
+from ..models.paths import resolve_model_path
+from .engine import Engine, Output, Sink
+from .openai import APIError, bad, chunk, delta_choice, full_response, parse_json
+from .requests import Job
 
 KEEPALIVE_S = 10.0  # an SSE comment at least this often while a stream waits or prefills
 MAX_BODY_BYTES = 16 << 20
@@ -45,48 +49,6 @@ SHUTDOWN_S = 30.0  # on SIGTERM, how long running requests get to be told (a ste
 
 def log(message: str) -> None:
     print(f"mlx-diffgemma serve: {message}", file=sys.stderr, flush=True)
-
-
-# -- responses -------------------------------------------------------------------------------
-
-
-def chunk(job: Job, choice: Optional[Dict[str, Any]], **extra) -> Dict[str, Any]:
-    obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-    out = {"id": job.id, "object": obj, "created": job.created, "model": job.model,
-           "choices": [] if choice is None else [choice]}
-    out.update(extra)
-    return out
-
-
-def delta_choice(job: Job, content: str = "", reasoning: str = "", finish=None,
-                 tool_calls=None, role: bool = False) -> Dict[str, Any]:
-    if job.kind == "completion":
-        return {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
-    delta: Dict[str, Any] = {"role": "assistant"} if role else {}
-    if content or role:
-        delta["content"] = content
-    if reasoning:
-        delta["reasoning_content"] = reasoning
-    if tool_calls:
-        delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(tool_calls)]
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-
-def full_response(job: Job, out: Output) -> Dict[str, Any]:
-    if job.kind == "completion":
-        choice = {"index": 0, "text": out.content, "logprobs": None, "finish_reason": out.finish_reason}
-        obj = "text_completion"
-    else:
-        message: Dict[str, Any] = {"role": "assistant",
-                                   "content": out.content if out.content or not out.tool_calls else None}
-        if out.reasoning:
-            message["reasoning_content"] = out.reasoning
-        if out.tool_calls:
-            message["tool_calls"] = out.tool_calls
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish_reason}
-        obj = "chat.completion"
-    return {"id": job.id, "object": obj, "created": job.created, "model": job.model,
-            "choices": [choice], "usage": out.usage()}
 
 
 class SSEStream(Sink):
@@ -136,7 +98,7 @@ class SSEStream(Sink):
 
     def draft(self, out: Output, ev: Draft) -> None:
         text = out.parser.clean(out.parser.tokenizer.decode(ev.tokens, skip_special_tokens=True))
-        steps = self.handler.engine.session.denoising_steps(out.job.opts.gen_kwargs)
+        steps = self.job.opts.settings.gen.max_denoising_steps
         self.send(chunk(self.job, None, draft={
             "canvas_index": ev.canvas_index, "step": steps - ev.step + 1,
             "text": out.sent_content + text, "canvas_text": text}))
@@ -264,12 +226,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
-        routes = {"/v1/chat/completions": self.engine.chat_job,
-                  "/v1/completions": self.engine.completion_job}
+        routes = {"/v1/chat/completions": self.engine.requests.chat,
+                  "/v1/completions": self.engine.requests.completion}
         if path not in routes:
             raise APIError(404, f"no such endpoint: POST {path}", None, "not_found")
         self._authorized()
-        job = routes[path](api.parse_json(self._read_body()))
+        job = routes[path](parse_json(self._read_body()))
         if job.opts.stream:
             return self._stream(job)
         out = self.engine.run(job, Sink(self))
@@ -340,32 +302,30 @@ class Server(ThreadingHTTPServer):
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..models.paths import DEFAULT_MODEL
-    from ..chat.commands import _flag_type, _positive_int, _setting_type, add_target_args
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory, Hugging Face id or packaged model name (default {DEFAULT_MODEL})")
-    p.add_argument("--backend", choices=("mlx", "torch"), default="mlx", help="mlx (default) or the torch reference path")
-    p.add_argument("--mode", choices=api.MODES, default=None, help="generation mode of requests that name none (default reference, fast with --target; fast: fast.py, MLX only)")
+    add_model_args(p, "generation mode of requests that name none (default reference, fast with --target; "
+                   "fast: fast.py, MLX only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_flag_type(_port, "port"), default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=flag_type(_port, "port"), default=8080,
+                   help="port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request but /health")
     p.add_argument("--model-id", default=None, help="the model name clients use (default: the --model value)")
-    p.add_argument("--max-tokens", type=_setting_type("max_new_tokens", int), default=None, help="default max_tokens of a reply (default: as chat)")
-    p.add_argument("--max-context", type=_flag_type(_positive_int, "max_context"), default=None, help="context limit in tokens (default: the model's)")
-    p.add_argument("--prompt-cache-size", type=int, default=4, help="conversations kept in the prompt cache (default 4; 0 disables it)")
-    p.add_argument("--prompt-cache-gb", type=float, default=8.0, help="bytes the prompt cache may hold, in GB (default 8)")
-    p.add_argument("--image-dir", action="append", default=[], metavar="DIR", type=_flag_type(_directory, "image_dir"),
+    p.add_argument("--max-tokens", type=setting_type("max_new_tokens", int), default=None,
+                   help="default max_tokens of a reply (default: as chat)")
+    p.add_argument("--prompt-cache-size", type=int, default=4,
+                   help="conversations kept in the prompt cache (default 4; 0 disables it)")
+    p.add_argument("--prompt-cache-gb", type=float, default=8.0,
+                   help="bytes the prompt cache may hold, in GB (default 8)")
+    p.add_argument("--image-dir", action="append", default=[], metavar="DIR", type=flag_type(_directory, "image_dir"),
                    help="a directory whose image files requests may name in image_url parts (file:// URL "
                    "or absolute path; repeatable; default none: images come as data URLs only)")
-    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20), help="largest request body accepted, in MiB (default 16)")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20),
+                   help="largest request body accepted, in MiB (default 16)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every request to stderr")
     add_target_args(p)
     return p
 
 
 def _port(text: str) -> int:
-    from ..chat.session import parse_number
-
     port = parse_number("the port", int, text)
     if not 0 <= port <= 65535:
         raise ValueError(f"must be a port number from 0 to 65535 (got {text!r})")
@@ -382,15 +342,12 @@ def _directory(text: str) -> str:
 
 
 def build_engine(args) -> Engine:
-    from ..models.paths import resolve_model_path
-    from ..chat.commands import load_for, resolve_mode
-
     path = resolve_model_path(args.model, prefer="hf" if args.backend == "torch" else "mlx")
     return Engine(lambda: load_for(str(path), args.backend)[:2], args.model_id or args.model,
                   max_tokens=args.max_tokens, max_context=args.max_context,
                   cache_entries=args.prompt_cache_size,
                   cache_bytes=int(args.prompt_cache_gb * 1e9),
-                  aliases=(args.model, str(path), path.name), mode=resolve_mode(args),
+                  aliases=(args.model, str(path), path.name), settings=flag_changes(args),
                   image_dirs=args.image_dir, target=target_loader(args))
 
 
@@ -401,7 +358,7 @@ def target_loader(args):
         return None
 
     def load(model, tokenizer):
-        from ..chat.commands import target_backend
+        from ..chat.options import target_backend
 
         return target_backend(args, model, tokenizer)
 

@@ -1,5 +1,6 @@
-"""OpenAI request bodies -> what a generation needs, with every client mistake turned into
-an `APIError` (OpenAI's error shape, a 4xx status). No HTTP and no model calls here.
+"""OpenAI's dialect: request bodies -> what a generation needs (its `Settings`, the
+messages and tools), with every client mistake turned into an `APIError` (OpenAI's
+error shape, a 4xx status); and the response shapes. No HTTP and no model calls here.
 
 Sampling knobs: this sampler has no nucleus (top_p) and no single temperature; each
 denoising step samples at a temperature on a linear schedule from `t_max` (first step)
@@ -9,7 +10,9 @@ checkpoint's own (0.8 -> 0.4 for the release), T=0.5 halves both ends, and so on
 `top_p` must be 1, `n` 1, penalties 0; anything else is refused, never ignored. The
 diffusion knobs (`max_denoising_steps`, `entropy_bound`, `stability_threshold`,
 `confidence_threshold`, `t_min`, `t_max`) are accepted as extra fields, as are
-`stream_drafts`, `ignore_eos` and `mode` ("reference" or "fast").
+`stream_drafts`, `ignore_eos` and `mode` ("reference" or "fast"). With a target model
+(speculative drafting), `temperature` is the target's (0 to 2; 0: greedy) and
+`max_denoising_steps` our model's steps per proposal.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import unquote
 
-from ..models.config import SEED_MAX, GenerationConfig
-from ..generation.loop import MODES
+from ..generation.settings import SEED_MAX, Settings, SettingsError, resolve
+from ..models.config import GenerationConfigError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 GEN_EXTRAS = {
@@ -128,8 +131,6 @@ def flag(body: Dict[str, Any], key: str) -> bool:
 
 def check_unsupported(body: Dict[str, Any]) -> None:
     """OpenAI fields this sampler cannot honour: refused unless at their neutral value."""
-    if body.get("mode") is not None and body.get("mode") not in MODES:
-        raise bad(f"mode must be one of {', '.join(MODES)} (got {body.get('mode')!r})", "mode")
     for key, neutral in (("top_p", 1), ("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0)):
         if body.get(key) is not None and body.get(key) != neutral:
             raise bad(f"{key}={body.get(key)!r} is not supported: the block-diffusion sampler "
@@ -156,68 +157,63 @@ def stop_strings(body: Dict[str, Any]) -> List[str]:
     return stops
 
 
-def generation_overrides(body: Dict[str, Any], defaults: GenerationConfig) -> Dict[str, Any]:
-    """GenerationConfig overrides from a request: the diffusion knobs, max_tokens and
-    the temperature scaling; validated together (ValueError -> 400)."""
-    out: Dict[str, Any] = {}
+def request_settings(body: Dict[str, Any], base: Settings, target: bool = False,
+                     backend: str = "mlx") -> Settings:
+    """The request's Settings: `base` (the server's) with the diffusion knobs, max_tokens,
+    the seed, the mode and the temperature; checked together by `resolve`. Without a
+    target `temperature` T scales the denoising schedule (t_min and t_max, the request's
+    own or the server's, times T); with one it is the target's sampling temperature.
+    `backend`: the server's ("mlx" or "torch": fast mode runs on MLX only)."""
+    changes: Dict[str, Any] = {}
     for key, kind in GEN_EXTRAS.items():
         value = number(body, key, kind)
         if value is not None:
-            out[key] = value
+            changes[key] = value
     for key in ("max_completion_tokens", "max_tokens"):
         value = number(body, key, int, lo=1)
         if value is not None:
-            out["max_new_tokens"] = value
+            changes["max_new_tokens"] = value
             break
-    temperature = number(body, "temperature", float, lo=0, hi=2, lo_open=True)
     if flag(body, "ignore_eos"):
-        out["eos_token_id"] = None
+        changes["eos_token_id"] = None
+    seed = number(body, "seed", int, lo=0, hi=SEED_MAX)
+    if seed is not None:
+        changes["seed"] = seed
+    if body.get("mode") is not None:
+        changes["mode"] = body["mode"]
+    temperature = number(body, "temperature", float, lo=0, hi=2, lo_open=not target)
+    if temperature is not None and target:
+        changes["target_temperature"] = temperature
+    elif temperature is not None:
+        for key in ("t_min", "t_max"):
+            changes[key] = changes.get(key, getattr(base.gen, key)) * temperature
     try:
-        gen = defaults.with_overrides(**out)
-        if temperature is not None:
-            out["t_min"], out["t_max"] = gen.t_min * temperature, gen.t_max * temperature
-            gen = defaults.with_overrides(**out)
-    except ValueError as e:
-        raise bad(str(e), "temperature" if temperature is not None else None) from None
-    return out
-
-
-def seed_of(body: Dict[str, Any]) -> Optional[int]:
-    return number(body, "seed", int, lo=0, hi=SEED_MAX)
+        return resolve(base, backend=backend, **changes)
+    except (SettingsError, GenerationConfigError) as e:
+        scaled = temperature is not None and e.field in ("t_min", "t_max")
+        raise bad(str(e), "temperature" if scaled else e.field) from None
 
 
 @dataclass
 class Options:
     """What every generation request carries besides its prompt."""
 
-    gen_kwargs: Dict[str, Any]
-    max_tokens: int
-    seed: Optional[int]
+    settings: Settings
     stop: List[str]
     stream: bool
     include_usage: bool
     stream_drafts: bool
-    mode: Optional[str] = None  # None: the server's
-    target_temperature: Optional[float] = None  # with a target model: its temperature
 
 
-def options(body: Dict[str, Any], defaults: GenerationConfig, target: bool = False) -> Options:
-    """A request's options. With a `target` model, `temperature` is the target's sampling
-    temperature (0 to 2; 0: greedy), not a scale of the denoising schedule."""
+def options(body: Dict[str, Any], base: Settings, target: bool = False, backend: str = "mlx") -> Options:
+    """A request's options (`request_settings` says what `target` and `backend` change)."""
     check_unsupported(body)
-    target_temperature = None
-    if target:
-        target_temperature = number(body, "temperature", float, lo=0, hi=2)
-        body = {k: v for k, v in body.items() if k != "temperature"}
-    gen_kwargs = generation_overrides(body, defaults)
-    max_tokens = gen_kwargs.get("max_new_tokens", defaults.max_new_tokens)
-    stream = flag(body, "stream")
+    settings = request_settings(body, base, target, backend)
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise bad("stream_options must be an object", "stream_options")
-    include_usage = flag(so or {}, "include_usage")
-    return Options(gen_kwargs, max_tokens, seed_of(body), stop_strings(body), stream,
-                   include_usage, flag(body, "stream_drafts"), body.get("mode"), target_temperature)
+    return Options(settings, stop_strings(body), flag(body, "stream"), flag(so or {}, "include_usage"),
+                   flag(body, "stream_drafts"))
 
 
 # -- messages and tools ------------------------------------------------------------------
@@ -333,3 +329,45 @@ def chat_tools(body: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
         raise bad("tools must be a list of {\"type\": \"function\", \"function\": {\"name\", ...}}",
                   "tools")
     return tools or None
+
+
+# -- responses (a `requests.Job` and the `engine.Output` of its reply) ----------------------
+
+
+def chunk(job, choice: Optional[Dict[str, Any]], **extra) -> Dict[str, Any]:
+    obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+    out = {"id": job.id, "object": obj, "created": job.created, "model": job.model,
+           "choices": [] if choice is None else [choice]}
+    out.update(extra)
+    return out
+
+
+def delta_choice(job, content: str = "", reasoning: str = "", finish=None,
+                 tool_calls=None, role: bool = False) -> Dict[str, Any]:
+    if job.kind == "completion":
+        return {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
+    delta: Dict[str, Any] = {"role": "assistant"} if role else {}
+    if content or role:
+        delta["content"] = content
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if tool_calls:
+        delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(tool_calls)]
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def full_response(job, out) -> Dict[str, Any]:
+    if job.kind == "completion":
+        choice = {"index": 0, "text": out.content, "logprobs": None, "finish_reason": out.finish_reason}
+        obj = "text_completion"
+    else:
+        message: Dict[str, Any] = {"role": "assistant",
+                                   "content": out.content if out.content or not out.tool_calls else None}
+        if out.reasoning:
+            message["reasoning_content"] = out.reasoning
+        if out.tool_calls:
+            message["tool_calls"] = out.tool_calls
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": out.finish_reason}
+        obj = "chat.completion"
+    return {"id": job.id, "object": obj, "created": job.created, "model": job.model,
+            "choices": [choice], "usage": out.usage()}

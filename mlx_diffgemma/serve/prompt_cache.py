@@ -2,7 +2,7 @@
 requests so that a client resending its growing conversation has only the new tokens
 encoded.
 
-It holds `session.CacheState`s (cache, exact token ids, snapshot), least recently used
+It holds `turn_cache.CacheState`s (cache, exact token ids, snapshot), least recently used
 first, bounded in entries and in bytes. For a request it installs into the session the
 entry sharing the longest prefix with the request's stable tokens; the session then
 does what it does in chat (`ChatSession.complete`: cut back to the common prefix, encode
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-from ..chat.session import CacheState, ChatSession, _common_prefix_len
+from ..chat.prompt import common_prefix_len
+from ..chat.session import ChatSession
+from ..chat.turn_cache import CacheState
 
 
 class PromptCache:
@@ -40,7 +42,7 @@ class PromptCache:
         `stable_ids`; returns how many of its tokens that state holds."""
         best, shared = None, 0
         for entry in self.entries:  # later entries are more recent and win ties
-            n = _common_prefix_len(entry.ids, stable_ids)
+            n = common_prefix_len(entry.ids, stable_ids)
             if n and n >= shared:
                 best, shared = entry, n
         if best is None:
@@ -64,7 +66,7 @@ class PromptCache:
             return
         # An entry holding a prefix of this one's tokens offers nothing this one does not.
         self.entries = [e for e in self.entries
-                        if _common_prefix_len(e.ids, state.ids) < len(e.ids)]
+                        if common_prefix_len(e.ids, state.ids) < len(e.ids)]
         self.entries.append(state)
         while len(self.entries) > self.max_entries:
             self.entries.pop(0)

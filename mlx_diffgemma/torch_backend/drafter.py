@@ -6,7 +6,7 @@ without MLX installed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -18,12 +18,14 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from ..models.checkpoint import WeightsError, check_tokenizer_files
-from ..models.config import GenerationConfig, ModelArgs, check_seed, load_config
-from ..generation.loop import Event, collect, generation_config, stream
-from ..images.processor import prepare_prompt, torch_image_kwargs
-from ..models.paths import resolve_model_path
+from ..generation.events import Event
+from ..generation.loop import collect, stream
 from ..generation.noise import NoiseSource
+from ..generation.prompt import prepare_prompt
+from ..generation.settings import Settings, defaults, resolve
+from ..models.checkpoint import WeightsError, check_tokenizer_files
+from ..models.config import GenerationConfig, ModelArgs, load_config
+from ..models.paths import resolve_model_path
 
 
 def _default_device() -> str:
@@ -208,16 +210,33 @@ def stream_generate(
     **generation_kwargs,
 ) -> Iterator[Event]:
     """As `mlx_diffgemma.stream_generate`, on torch (images through transformers' tower)."""
-    gen = generation_config(model, **generation_kwargs)
+    settings = resolve(defaults(model), backend="torch", seed=seed, **generation_kwargs)
+    yield from run(model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise, chat=chat)
+
+
+def run(model, tokenizer, prompt, settings: Settings, *, images=None, cache=None,
+        noise: Optional[NoiseSource] = None, chat: bool = False) -> Iterator[Event]:
+    """`stream_generate` with its settings resolved: what the chat backend calls."""
     prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
     generator = None
-    if check_seed(seed) is not None:
+    if settings.seed is not None:
         device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
-    denoiser = TorchDenoiser(model, gen, cache=cache, noise=noise, generator=generator)
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+    denoiser = TorchDenoiser(model, settings.gen, cache=cache, noise=noise, generator=generator)
     denoiser.images = image_inputs
     yield from stream(denoiser, tokenizer, prompt)
 
 
 def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
     return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
+
+
+def torch_image_kwargs(model, ids, images) -> Dict[str, Any]:
+    """transformers' encoder arguments for `images` (ImageInputs) inside `ids`: the
+    arrays, and the token types that give each image its bidirectional block."""
+    if images is None:
+        return {}
+    dev = ids.device
+    return {"pixel_values": torch.as_tensor(images.pixel_values, device=dev),
+            "image_position_ids": torch.as_tensor(images.image_position_ids, device=dev),
+            "mm_token_type_ids": (ids == model.config.image_token_id).long()}
