@@ -278,6 +278,22 @@ def test_growing_conversation_reuses_the_cache_and_gives_the_cold_reply(local_se
     assert health["prompt_cache"]["entries"] == 1  # each turn's state replaced the last
 
 
+def test_a_request_builds_its_generation_config_once(local_server, monkeypatch):
+    """The body is resolved into Settings at the edge; the engine, the session, the loop
+    and the draft stream take it as it is."""
+    from mlx_diffgemma.models.config import GenerationConfig
+
+    built = []
+    check = GenerationConfig.__post_init__
+    monkeypatch.setattr(GenerationConfig, "__post_init__", lambda self: (built.append(self), check(self)))
+    c = _client(local_server.url, api_key="sekret")
+    stream = c.chat.completions.create(model="toy-sudoku", messages=_ask(PUZZLE), max_tokens=24, seed=3,
+                                       temperature=0.9, stream=True, extra_body={"stream_drafts": True})
+    chunks = list(stream)
+    assert len(chunks) > 3 and len(built) == 1
+    assert (built[0].max_new_tokens, built[0].t_max) == (24, pytest.approx(0.8 * 0.9))
+
+
 # -- tool calls and thinking (the toy cannot call tools: parsed on rendered text) --------------
 
 TOOL_TEMPLATE = (
