@@ -44,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
-
 from bench_fast import MODES  # noqa: E402
-from mlx_diffgemma.models.config import read_json_object  # noqa: E402
-from mlx_diffgemma.generation.fast import sample_top_k, top_k_probabilities  # noqa: E402
-from mlx_diffgemma.models.model import sparse_soft_embedding  # noqa: E402
+
 from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model  # noqa: E402
+from mlx_diffgemma.generation.fast import sample_top_k, top_k_probabilities  # noqa: E402
+from mlx_diffgemma.models.config import read_json_object  # noqa: E402
+from mlx_diffgemma.models.model import sparse_soft_embedding  # noqa: E402
 
 TOP_K = 64
 

@@ -31,13 +31,13 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mlx_diffgemma as md  # noqa: E402
+import mlx_diffgemma.generation.sampler as S  # noqa: E402
 import mlx_diffgemma.models.lanes as L  # noqa: E402
 import mlx_diffgemma.models.model as M  # noqa: E402
-import mlx_diffgemma.generation.sampler as S  # noqa: E402
-from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.generation.events import Draft  # noqa: E402
 from mlx_diffgemma.bench.bench import bench_generation  # noqa: E402
 from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model  # noqa: E402
+from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
+from mlx_diffgemma.generation.events import Draft  # noqa: E402
 
 
 def patch(obj, name, value):

@@ -42,8 +42,8 @@ def save_synthetic(preset: str, out: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_diffgemma.models.config import GenerationConfig
     from mlx_diffgemma.bench.synthetic import hf_config, preset_args, quantization_of, synthetic_model
+    from mlx_diffgemma.models.config import GenerationConfig
 
     args = preset_args(preset)
     model = synthetic_model(args, recipe="mixed-4", dtype=mx.float32)
@@ -62,11 +62,11 @@ def run_rank(model_dir: str, out: str, steps: int, prompt_tokens: int, lanes=Non
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from mlx_diffgemma.models.distributed import launched_group
-    from mlx_diffgemma.generation.settings import defaults, resolve
     from mlx_diffgemma.generation.api import make_denoiser
-    from mlx_diffgemma.models.loader import load
     from mlx_diffgemma.generation.noise import SeededNoise
+    from mlx_diffgemma.generation.settings import defaults, resolve
+    from mlx_diffgemma.models.distributed import launched_group
+    from mlx_diffgemma.models.loader import load
 
     group = launched_group()
     t = time.perf_counter()
@@ -181,7 +181,8 @@ def print_measure(r: dict) -> None:
     mb = 1e6
     print(f"synthetic {r['preset']} (mixed-4, float32 scales), prompt {r['prompt_tokens']} tokens, "
           f"median of {r['steps_timed']} self-conditioned steps")
-    print("| | lanes per rank | load (s) | prefill (s) | step (s) | weights held (MB) | peak, load (MB) | peak, steps (MB) |")
+    print("| | lanes per rank | load (s) | prefill (s) | step (s) | weights held (MB) | peak, load (MB) "
+          "| peak, steps (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     rows = [("one process", one), ("one process, one lane", one_lane)]
     rows += [(f"two one-lane processes at once, #{i}", x) for i, x in enumerate(r["two_one_lane_processes_at_once"])]
@@ -300,8 +301,8 @@ def head_split(config: dict, mac: dict, link: dict, ranks: int = 2) -> dict:
 
 
 def cost_model(json_out=None) -> dict:
-    from mlx_diffgemma.models.sizes import estimate
     from mlx_diffgemma.bench.synthetic import hf_config, preset_args
+    from mlx_diffgemma.models.sizes import estimate
 
     config = hf_config(preset_args("real"))
     print("links: " + "; ".join(f"{k}: {v['latency'] * 1e6:g} us a ring step, {v['bandwidth'] / 1e9:g} GB/s"

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_diffgemma as md  # noqa: E402
-from mlx_diffgemma.models.config import ModelArgs  # noqa: E402
 from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
+from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, Work  # noqa: E402
 from mlx_diffgemma.generation.loop import stream  # noqa: E402
 from mlx_diffgemma.generation.settings import defaults, resolve  # noqa: E402
-from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, Work  # noqa: E402
+from mlx_diffgemma.models.config import ModelArgs  # noqa: E402
 
 
 def rule_rows(d: FastOptions) -> Dict[str, FastOptions]:
@@ -208,10 +208,9 @@ def toy_cases(toy: str, hf_dir: Path, split: str, empty_seeds: int, limit: Optio
               apart: bool = True):
     """The cases of a toy's test set (`split`, then with `apart` the groups kept apart,
     the empty grid under `empty_seeds` seeds) and the task's checker `check(puzzle, answer)`."""
-    from transformers import AutoTokenizer
-
     import toy_testsets
     import train_toy
+    from transformers import AutoTokenizer
 
     path = toy_testsets.path_of(toy)
     if not path.is_file():
@@ -283,8 +282,8 @@ def real_shape_projection(r: Dict[str, Any], canvas: int, real: ModelArgs) -> fl
 
 def print_main(rows: Dict[str, Dict[str, Any]]) -> None:
     ref = rows["reference"]
-    print(f"| mode | solved | steps / canvas | positions / step | tok/s (indicative) | work / token "
-          f"| x less | 26B-A4B x less | x tok/s |")
+    print("| mode | solved | steps / canvas | positions / step | tok/s (indicative) | work / token "
+          "| x less | 26B-A4B x less | x tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         tps = r["tokens_per_second_indicative"] / ref["tokens_per_second_indicative"]

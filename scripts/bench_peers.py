@@ -25,9 +25,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_diffgemma.bench.bench import DenoiserRunner
-from mlx_diffgemma.models.config import GenerationConfig
 from mlx_diffgemma.bench.synthetic import quantization_of
-
+from mlx_diffgemma.models.config import GenerationConfig
 
 # -- mlx-vlm -------------------------------------------------------------------------
 
@@ -286,7 +285,8 @@ def build_torch_model(model, config: Dict[str, Any], device: str = "cpu"):
     tm.tie_weights()  # which no_init_weights leaves undone: encoder = decoder tensors
     state = {}
     for k, v in dequantized_weights(model, mx.float32).items():
-        name = k[: -len(".weight")] if k.endswith((".gate_up_proj.weight", ".down_proj.weight")) and ".experts." in k else k
+        fused = k.endswith((".gate_up_proj.weight", ".down_proj.weight")) and ".experts." in k
+        name = k[: -len(".weight")] if fused else k
         state[name] = torch.from_numpy(np.array(v))
     missing, unexpected = tm.load_state_dict(state, strict=False)
     if unexpected:
@@ -349,7 +349,9 @@ class TorchRunner(DenoiserRunner):
         torch = self.torch
         with torch.no_grad():
             cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-            t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=self.device)
+            def t(a):
+                return torch.as_tensor(np.asarray(a), dtype=torch.long, device=self.device)
+
             self.model.model.encoder(input_ids=t(ids), past_key_values=cache)
             out = self.model(decoder_input_ids=t(canvas), past_key_values=cache).logits
         return out.float().cpu().numpy()

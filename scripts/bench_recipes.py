@@ -43,7 +43,8 @@ def memory(args) -> None:
     from mlx_diffgemma.bench.bench import memory_arithmetic
     from mlx_diffgemma.models.sizes import estimate
 
-    print("| recipe | experts | file GB | text weights GB | KV 4K GB | KV 32K GB | step GB (4K) | total 4K GB | total 32K GB |")
+    print("| recipe | experts | file GB | text weights GB | KV 4K GB | KV 32K GB | step GB (4K) | total 4K GB "
+          "| total 32K GB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in QUANTIZED + ("bf16",):
         e = estimate(REAL_CONFIG, r)

@@ -158,7 +158,8 @@ def report(name, r, base, items, tokenizer) -> str:
     acc = r["tokens"] / r.get("rounds", r["tokens"])
     df = r.get("drafter_forwards", 0) / r["tokens"]
     return (f"| {name} | {acc:.2f} | {r['target_forwards'] / r['tokens']:.3f} | {df:.2f} | "
-            f"{r['tokens'] / r['seconds']:.0f} | {r['tokens'] / r['seconds'] / (base['tokens'] / base['seconds']):.2f}x | "
+            f"{r['tokens'] / r['seconds']:.0f} | "
+            f"{r['tokens'] / r['seconds'] / (base['tokens'] / base['seconds']):.2f}x | "
             f"{solved(tokenizer, items, r['outputs']):.3f} | {same}/{len(items)} |")
 
 
@@ -246,7 +247,8 @@ def main(argv=None) -> int:
     prompts = [toy.prompt_ids(dtok._tokenizer, it["puzzle"]) for it in items]
     run_target_alone(target, prompts[:2])  # warm-up
     base = run_target_alone(target, prompts)
-    lines = ["| run | acceptance (tok/round) | target fwd/token | drafter fwd/token | tok/s | vs target | solved | same as target |",
+    lines = ["| run | acceptance (tok/round) | target fwd/token | drafter fwd/token | tok/s | vs target | solved "
+             "| same as target |",
              "|---|---|---|---|---|---|---|---|",
              report("target alone (mlx-lm greedy)", base, base, items, dtok)]
     for k in [int(x) for x in args.k.split(",")]:

@@ -37,9 +37,9 @@ def real_vision_model(dtype: str, layers: int = 27, seed: int = 0):
     tower, whose weights are drawn here: linear weights N(0, 1/fan_in), norms around 1,
     the position table N(0, 0.5**2)."""
     import mlx.core as mx
+    from estimate_sizes import REAL_CONFIG
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from estimate_sizes import REAL_CONFIG
     from mlx_diffgemma.models.config import ModelArgs
     from mlx_diffgemma.models.model import Model
     from mlx_diffgemma.models.weights import is_vision_tensor
@@ -114,12 +114,13 @@ def main(argv=None) -> int:
     import math
 
     import mlx.core as mx
-
     from estimate_sizes import REAL_CONFIG
+
     from mlx_diffgemma.models.sizes import vision_shapes
 
     model, nbytes = real_vision_model(args.dtype, args.layers)
-    full = sum(math.prod(s) for s in vision_shapes(REAL_CONFIG).values()) * mx.zeros((), getattr(mx, args.dtype)).itemsize
+    itemsize = mx.zeros((), getattr(mx, args.dtype)).itemsize
+    full = sum(math.prod(s) for s in vision_shapes(REAL_CONFIG).values()) * itemsize
     print(f"device {mx.default_device()}, {args.dtype}, {args.layers} of 27 layers run; tower + "
           f"embedder weights {full / 1e9:.2f} GB at 27 layers ({nbytes / 1e9:.2f} GB here), read "
           "on the first image", flush=True)

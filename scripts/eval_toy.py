@@ -191,7 +191,8 @@ def evaluate_task(solve: Solve, tokenizer, puzzles: list[dict], canvas: int, max
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Held-out solve rate of a toy model (Sudoku or Narayana's sequence mod 10).")
+    ap = argparse.ArgumentParser(
+        description="Held-out solve rate of a toy model (Sudoku or Narayana's sequence mod 10).")
     ap.add_argument("--model", required=True, help="checkpoint dir (HF format + heldout.json)")
     ap.add_argument("--n", type=int, default=200, help="number of held-out puzzles (max: all)")
     ap.add_argument("--backend", action="append", choices=sorted(BACKENDS), help="repeatable; default all")

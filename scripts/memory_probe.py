@@ -29,9 +29,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
 from mlx_diffgemma.bench.bench import bench_generation  # noqa: E402
 from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model, weight_bytes  # noqa: E402
+from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
 
 
 def main():

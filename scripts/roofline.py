@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fast import position_flops  # noqa: E402
+
+from mlx_diffgemma.bench.synthetic import hf_config, preset_args  # noqa: E402
 from mlx_diffgemma.models.config import ModelArgs  # noqa: E402
 from mlx_diffgemma.models.sizes import estimate  # noqa: E402
-from mlx_diffgemma.bench.synthetic import hf_config, preset_args  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,14 @@ def tables(recipe: str, context: int, sizes: List[int], active: int, refresh: Li
     print("| n | TFLOP | GB (experts touched / layer) | " + " | ".join(c.name.split(" (")[0] for c in CHIPS) + " |")
     print("|---|---|---|" + "---|" * len(CHIPS))
     for n in sizes:
-        fl, by = sum(step_flops(args, n, context, False).values()), sum(step_bytes(args, kinds, n, context, False).values())
+        fl = sum(step_flops(args, n, context, False).values())
+        by = sum(step_bytes(args, kinds, n, context, False).values())
         cells = []
         for chip in CHIPS:
             t = step_time(chip, fl, by)
             cells.append(f"{t['ms']:.0f} {t['bound'][0].upper()}")
-        print(f"| {n} | {fl / 1e12:.3f} | {by / 1e9:.1f} ({experts_touched(args, n):.0f}) | " + " | ".join(cells) + " |")
+        head = f"| {n} | {fl / 1e12:.3f} | {by / 1e9:.1f} ({experts_touched(args, n):.0f}) | "
+        print(head + " | ".join(cells) + " |")
     print(f"\nrefresh interval with an active set of {active} positions: mean step ms "
           f"(R active-set steps, then one step over all {C}); x = full fast step / mean")
     print("| refresh_every R | " + " | ".join(c.name.split(" (")[0] for c in CHIPS) + " |")

@@ -29,11 +29,12 @@ from typing import Any, Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlx_diffgemma as md  # noqa: E402
 from bench_fast import run_mode, summarize, toy_cases  # noqa: E402
+
+import mlx_diffgemma as md  # noqa: E402
+from mlx_diffgemma.bench.synthetic import preset_args  # noqa: E402
 from mlx_diffgemma.generation.fast import FastOptions  # noqa: E402
 from mlx_diffgemma.models.paths import packaged_model  # noqa: E402
-from mlx_diffgemma.bench.synthetic import preset_args  # noqa: E402
 
 TOYS = ("toy-sudoku-open", "toy-sudoku")
 BASE = FastOptions().irrevocable()

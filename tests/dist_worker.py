@@ -29,12 +29,12 @@ sys.path.insert(0, str(HERE.parent / "scripts"))
 from teacher_forcing import recording, replay, top2_gap  # noqa: E402
 
 from mlx_diffgemma import load  # noqa: E402
-from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.generation.loop import run_to_summary  # noqa: E402
-from mlx_diffgemma.generation.settings import defaults, resolve  # noqa: E402
-from mlx_diffgemma.generation.fast import FastOptions  # noqa: E402
 from mlx_diffgemma.generation.api import make_denoiser, stream_generate  # noqa: E402
+from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
+from mlx_diffgemma.generation.fast import FastOptions  # noqa: E402
+from mlx_diffgemma.generation.loop import run_to_summary  # noqa: E402
 from mlx_diffgemma.generation.noise import SeededNoise  # noqa: E402
+from mlx_diffgemma.generation.settings import defaults, resolve  # noqa: E402
 from mlx_diffgemma.models.model import Model  # noqa: E402
 
 # (noise seed, prompt length, canvases, generation settings)
@@ -173,11 +173,11 @@ CLI = {"generate": ("hello there", 3), "chat": (["hello", "again please"], 3),
 
 
 def _cli_expected(group, path):
-    from mlx_diffgemma.serve.engine import Engine, Sink
+    from mlx_diffgemma.chat.session import ChatSession
     from mlx_diffgemma.generation.api import generate
     from mlx_diffgemma.generation.prompt import prepare_prompt
-    from mlx_diffgemma.chat.session import ChatSession
     from mlx_diffgemma.images.processor import user_message
+    from mlx_diffgemma.serve.engine import Engine, Sink
 
     model, tok = load(path, group=group)
     kw = {"max_new_tokens": CLI["max_new_tokens"], "max_denoising_steps": CLI["steps"]}

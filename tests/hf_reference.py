@@ -32,7 +32,6 @@ from unittest import mock
 import numpy as np
 import torch
 
-
 # --------------------------------------------------------------------------- records
 
 

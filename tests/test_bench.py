@@ -161,9 +161,9 @@ def test_lanes_keep_the_step_peak_of_one_lane(monkeypatch):
     """On lanes `decode` evaluates its logits before the sampler runs: in one graph with
     the sampler the concurrent lanes kept one more [canvas x vocab] array alive."""
     import mlx_diffgemma.models.lanes as lanes_mod
-    from mlx_diffgemma.generation.denoiser import MLXDenoiser
     from mlx_diffgemma.bench.bench import bench_generation
     from mlx_diffgemma.bench.synthetic import preset_args, synthetic_model
+    from mlx_diffgemma.generation.denoiser import MLXDenoiser
 
     monkeypatch.setattr(lanes_mod, "MIN_LANE_TOKENS", 16)
     args = preset_args("tiny", vocab_size=16384)

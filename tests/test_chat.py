@@ -21,23 +21,23 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from teacher_forcing import recording, replay
+from terminals import Pexpect as _Pexpect
+from terminals import Tmux as _Tmux
+from terminals import wait as _wait
 
 import mlx_diffgemma as md
-from mlx_diffgemma.chat import backends
-from mlx_diffgemma.chat import repl
-from mlx_diffgemma.models import paths
-from mlx_diffgemma.chat.session import ChatSession, Interrupted, Prefill
+from mlx_diffgemma.chat import backends, repl
 from mlx_diffgemma.chat.prompt import split_prompt
-from mlx_diffgemma.models.config import GenerationConfig
+from mlx_diffgemma.chat.session import ChatSession, Interrupted, Prefill
 from mlx_diffgemma.generation.denoiser import MLXDenoiser
 from mlx_diffgemma.generation.events import Commit, Summary
-from teacher_forcing import recording, replay
-from terminals import Pexpect as _Pexpect, Tmux as _Tmux, wait as _wait
+from mlx_diffgemma.models import paths
+from mlx_diffgemma.models.config import GenerationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 THOUGHT = "<|channel>thought\n<channel|>"  # the Gemma 4 empty thought channel

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mlx_diffgemma.models.checkpoint import INDEX_FILE, ConversionError, header_bytes, read_header
-from mlx_diffgemma.convert.commands import ConversionInterrupted, convert
-from mlx_diffgemma.models.model import expected_shapes
-from mlx_diffgemma.convert.quantize import quantize
-from mlx_diffgemma.models.sizes import estimate
-from mlx_diffgemma.convert.verify import VerifyError, compare_logits, verify
 from teacher_forcing import assert_argmax_where_certain
+
+from mlx_diffgemma.convert.commands import ConversionInterrupted, convert
+from mlx_diffgemma.convert.quantize import quantize
+from mlx_diffgemma.convert.verify import VerifyError, compare_logits, verify
+from mlx_diffgemma.models.checkpoint import INDEX_FILE, ConversionError, header_bytes, read_header
+from mlx_diffgemma.models.model import expected_shapes
+from mlx_diffgemma.models.sizes import estimate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -536,7 +536,7 @@ def test_existing_output_dir(hf, tmp_path):
 
 
 def test_interrupt_and_disk_full_leave_nothing(hf, tmp_path, monkeypatch):
-    import mlx_diffgemma.convert.commands as conv
+    import mlx_diffgemma.convert.write as conv
 
     real = conv._stream_job
     calls = {"n": 0}

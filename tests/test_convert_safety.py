@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-import mlx_diffgemma.convert.commands as conv
-from mlx_diffgemma.models.checkpoint import INDEX_FILE, ConversionError, WeightsError, read_header
+import mlx_diffgemma.convert.write as conv
 from mlx_diffgemma.convert.commands import ConversionInterrupted, convert
-from mlx_diffgemma.models.loader import load
-from mlx_diffgemma.convert.verify import VerifyError, verify
 from mlx_diffgemma.convert.quantize import quantize
+from mlx_diffgemma.convert.verify import VerifyError, verify
+from mlx_diffgemma.models.checkpoint import INDEX_FILE, ConversionError, WeightsError, read_header
+from mlx_diffgemma.models.loader import load
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, verbose=False)
@@ -241,7 +241,7 @@ def test_sigterm_to_the_command_line(hf, tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        import mlx_diffgemma.convert.commands as conv
+        import mlx_diffgemma.convert.write as conv
         real, n = conv._pwrite_all, [0]
         def write(fd, data, offset):
             n[0] += 1
@@ -617,8 +617,10 @@ def _replace(path, text):
 
 HOSTILE = {
     "config is a list": (_replace("config.json", "[]"), r"config.json holds a JSON list, not a model config"),
-    "config nests deeply": (_replace("config.json", "[" * 100_000), r"config.json (nests too deeply|is not valid JSON)"),
-    "text_config is a list": (_set("config.json", "text_config", []), r"config.json: text_config is missing or not an object"),
+    "config nests deeply": (_replace("config.json", "[" * 100_000),
+                            r"config.json (nests too deeply|is not valid JSON)"),
+    "text_config is a list": (_set("config.json", "text_config", []),
+                              r"config.json: text_config is missing or not an object"),
     "hidden_size is text": (_set("config.json", "text_config", "hidden_size", "big"),
                             r"config.json: text_config.hidden_size must be a positive integer \(got 'big'\)"),
     "weight_map is a list": (_set(INDEX_FILE, "weight_map", []), r"field weight_map must map tensor names"),

@@ -17,15 +17,15 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx_diffgemma as md
 from hf_reference import hooked_generate
-from mlx_diffgemma import torch_backend as tb
-from mlx_diffgemma.models.config import GenerationConfig
-from mlx_diffgemma.generation.denoiser import MLXDenoiser
-from mlx_diffgemma.generation.events import Summary
 from teacher_forcing import from_reference, recording, replay
 from tiny_checkpoints import DRAFTER_RUNS, random_prompt
+
+import mlx_diffgemma as md
+from mlx_diffgemma import torch_backend as tb
+from mlx_diffgemma.generation.denoiser import MLXDenoiser
+from mlx_diffgemma.generation.events import Summary
+from mlx_diffgemma.models.config import GenerationConfig
 
 ATOL = 1e-3  # raw logits (~20); two float32 implementations land near 1e-4
 

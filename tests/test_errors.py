@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma.chat import repl
+from mlx_diffgemma.chat import repl, turn_cache
 from mlx_diffgemma.chat import session as session_mod
-from mlx_diffgemma.chat import turn_cache
 from mlx_diffgemma.chat.session import ChatSession
 from mlx_diffgemma.generation.settings import parse_temp
 from mlx_diffgemma.models.config import ConfigError

@@ -11,12 +11,12 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny_checkpoints import DRAFTER_RUNS, random_prompt
 
 import mlx_diffgemma as md
-from tiny_checkpoints import DRAFTER_RUNS, random_prompt
+from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, sparse_soft_embedding_bound
 from mlx_diffgemma.generation.loop import stream
 from mlx_diffgemma.generation.settings import defaults, resolve
-from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, sparse_soft_embedding_bound
 from mlx_diffgemma.models.model import rope_at, sparse_soft_embedding
 
 RUNS = [DRAFTER_RUNS[i] for i in (0, 3, 4)]  # a plain run and both data-dependent stops

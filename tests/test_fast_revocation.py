@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import mlx_diffgemma as md
-from mlx_diffgemma.models.config import GenerationConfig
-from mlx_diffgemma.generation.loop import stream
 from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions
 from mlx_diffgemma.generation.freezing import Freezing
+from mlx_diffgemma.generation.loop import stream
+from mlx_diffgemma.models.config import GenerationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -217,6 +217,7 @@ def test_defaults_hold_their_accuracy_on_held_out_puzzles_and_need_revocation():
     its strata, noise seeds as the benchmark's; BENCHMARKS.md has the whole split): the
     defaults solve nearly all (106 when measured), freezing for good loses several (97)."""
     from bench_fast import run_mode, toy_cases
+
     from mlx_diffgemma.models.paths import packaged_model
 
     toy = "toy-sudoku-open"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import mlx_diffgemma as md
+from mlx_diffgemma.chat.prompt import split_prompt
+from mlx_diffgemma.chat.session import ChatSession
 from mlx_diffgemma.generation.events import Commit, Summary
 from mlx_diffgemma.generation.loop import run_to_summary
-from mlx_diffgemma.chat.session import ChatSession
-from mlx_diffgemma.chat.prompt import split_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 PUZZLE, SOLUTION = "1.3.34..2.4.4.1.", "1234342121434312"

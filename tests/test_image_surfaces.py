@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from tiny_checkpoints import VISION_TOKENS, reference_processor
 
 import mlx_diffgemma as md
 from mlx_diffgemma.chat import session as session_mod
 from mlx_diffgemma.chat import turn_cache
+from mlx_diffgemma.chat.session import ChatSession, Prefill
 from mlx_diffgemma.generation.events import Summary
 from mlx_diffgemma.generation.loop import run_to_summary
 from mlx_diffgemma.images.load import ImageError
-from mlx_diffgemma.chat.session import ChatSession, Prefill
-from tiny_checkpoints import VISION_TOKENS, reference_processor
 
 GEN = dict(max_new_tokens=16, max_denoising_steps=3)
 IMG = VISION_TOKENS["<|image|>"]
@@ -236,7 +236,8 @@ def test_generate_command_with_images(vdir, image_file, capsys):
     want = md.generate(model, tok, msgs, seed=4, **GEN)
     assert text == want + "\n"
     assert main(args[:-6] + ["--image", "/no/such.png"]) == 2
-    assert "mlx-diffgemma generate: error: image file not found: /no/such.png; check the path" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mlx-diffgemma generate: error: image file not found: /no/such.png; check the path" in err
     raw = ["generate", "--model", str(vdir), "--raw", "--prompt", "no placeholder", "--image", str(image_file)]
     assert main(raw) == 2
     assert "the prompt has 0 image placeholder(s)" in capsys.readouterr().err

@@ -1,6 +1,8 @@
-"""The package's shape: no module imports one that imports it back (directly or through
-others), the drafter loop and the torch path stay free of MLX, and no function grows past
-the size a reader takes in at once."""
+"""The package's shape: one folder per layer, imports pointing one way (models <- images
+<- generation <- chat <- serve <- cli; convert beside, reading models only), no module
+importing one that imports it back, the drafter loop and the torch path free of MLX,
+the server clear of the command line's REPL, and no file or function past the size a
+reader takes in at once."""
 
 from __future__ import annotations
 
@@ -9,6 +11,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_diffgemma"
 MAX_FUNCTION_LINES = 80
+MAX_FILE_LINES = 700
+# layer -> its rank: a module imports only from layers of a lower rank (or its own).
+LAYERS = {"models": 0, "images": 1, "generation": 2, "torch_backend": 3, "bench": 3, "chat": 4, "serve": 5,
+          "cli": 6, "__main__": 6}
+# Layers outside the stack, and the only layers they may import.
+BESIDE = {"convert": {"models"}}
+# The command line's own modules (the REPL, rich's console): the server never reaches them.
+CLI_MODULES = {"mlx_diffgemma.cli", "mlx_diffgemma.chat.commands", "mlx_diffgemma.chat.repl"}
 
 
 def _modules():
@@ -105,3 +115,40 @@ def test_functions_are_short():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name} ({n} lines)")
     assert not long, "functions over {} lines: {}".format(MAX_FUNCTION_LINES, ", ".join(long))
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_layers_import_one_way():
+    wrong = []
+    for m, deps in _graph().items():
+        if m == "mlx_diffgemma":  # the package's lazy public names
+            continue
+        for d in deps - {"mlx_diffgemma"}:
+            a, b = _layer(m), _layer(d)
+            if a == b:
+                continue
+            allowed = BESIDE[a] if a in BESIDE else {x for x, r in LAYERS.items() if r < LAYERS[a]}
+            if b not in allowed:
+                wrong.append(f"{m} -> {d}")
+    assert set(LAYERS) | set(BESIDE) >= {_layer(m) for m in _graph() if m != "mlx_diffgemma"}
+    assert not wrong, "imports against the layers: " + ", ".join(sorted(wrong))
+
+
+def test_serve_never_imports_the_cli():
+    graph = _graph()
+    seen, todo = set(), [m for m in graph if m.startswith("mlx_diffgemma.serve")]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph.get(m, ())
+    assert not seen & CLI_MODULES, f"the server reaches {sorted(seen & CLI_MODULES)}"
+
+
+def test_files_are_short():
+    long = [f"{name} ({n} lines)" for name, path in _modules()
+            if (n := len(path.read_text().splitlines())) > MAX_FILE_LINES]
+    assert not long, "files over {} lines: {}".format(MAX_FILE_LINES, ", ".join(long))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mlx_diffgemma import load
-from mlx_diffgemma.models.config import ConfigError, ModelArgs
 from mlx_diffgemma.models.checkpoint import WeightsError
+from mlx_diffgemma.models.config import ConfigError, ModelArgs
 
 
 def _copy(src, dst):

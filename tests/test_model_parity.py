@@ -3,9 +3,9 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from hf_reference import reference_decoder_logits, reference_encoder_cache
 from teacher_forcing import assert_argmax_where_certain
+
 from mlx_diffgemma import load
 
 # Two correct float32 implementations land near 1e-4 on logits of magnitude ~20.
@@ -180,8 +180,9 @@ def test_lanes_are_bit_identical_and_match_transformers(ckpt_factory):
     decoder logits bit-identical to one lane, for 2 and 3 lanes of >= 32 tokens, with the
     context past the sliding window, with and without self-conditioning; one lane and
     three held to transformers."""
-    import mlx_diffgemma.models.lanes as lanes_mod
     from tiny_checkpoints import load_reference
+
+    import mlx_diffgemma.models.lanes as lanes_mod
 
     path = ckpt_factory("lanes")
     model, _ = load(path)

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mlx_diffgemma.convert.commands import convert
-from mlx_diffgemma.models.model import expected_shapes
-from mlx_diffgemma.convert.quantize import quantize
-from mlx_diffgemma.models.recipes import RecipeError, check_quantization_record, make_recipe, module_quantization
-from mlx_diffgemma.models.sizes import estimate
-from mlx_diffgemma.convert.verify import VerifyError, compare_logits, verify
 from teacher_forcing import assert_argmax_where_certain
 from test_convert import _args, _inputs, _kind, _our_logits, _tensors, _vlm_logits, assert_same_tensors
+
+from mlx_diffgemma.convert.commands import convert
+from mlx_diffgemma.convert.quantize import quantize
+from mlx_diffgemma.convert.verify import VerifyError, compare_logits, verify
+from mlx_diffgemma.models.model import expected_shapes
+from mlx_diffgemma.models.recipes import RecipeError, check_quantization_record, make_recipe, module_quantization
+from mlx_diffgemma.models.sizes import estimate
 
 REPO = Path(__file__).resolve().parents[1]
 

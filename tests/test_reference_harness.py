@@ -9,15 +9,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-
-from hf_reference import (
-    hooked_generate,
-    reference_decoder_logits,
-    reference_encoder_cache,
-)
-from mlx_diffgemma.generation.noise import SeededNoise
+from hf_reference import hooked_generate, reference_decoder_logits, reference_encoder_cache
 from teacher_forcing import certain_acceptance, entropy
 from tiny_checkpoints import SHAPES, SPECIAL_TOKENS, load_reference
+
+from mlx_diffgemma.generation.noise import SeededNoise
 
 N = 12  # denoising steps for most runs (the released 48 only where it matters)
 

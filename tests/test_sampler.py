@@ -6,13 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffgemma.models.config import GenerationConfig
 from mlx_diffgemma.generation.loop import pad_after_eos
-from mlx_diffgemma.generation.sampler import (
-    entropy_bound_accept,
-    stable_and_confident,
-    token_entropy,
-)
+from mlx_diffgemma.generation.sampler import entropy_bound_accept, stable_and_confident, token_entropy
+from mlx_diffgemma.models.config import GenerationConfig
 
 
 def test_token_entropy_matches_closed_form():

@@ -25,7 +25,8 @@ import pytest
 
 openai = pytest.importorskip("openai")
 import requests  # noqa: E402
-from servers import start_server as _start, stop_server  # noqa: E402
+from servers import start_server as _start  # noqa: E402
+from servers import stop_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
@@ -249,11 +250,11 @@ def test_api_key_is_required_when_set(local_server):
 
 def test_growing_conversation_reuses_the_cache_and_gives_the_cold_reply(local_server, monkeypatch):
     import mlx.core as mx
+    from teacher_forcing import recording, replay
 
     import mlx_diffgemma as md
-    from mlx_diffgemma.generation.denoiser import MLXDenoiser
     from mlx_diffgemma.chat.prompt import split_prompt
-    from teacher_forcing import recording, replay
+    from mlx_diffgemma.generation.denoiser import MLXDenoiser
 
     c = _client(local_server.url, api_key="sekret")
     model, tok = md.load("toy-sudoku")
@@ -347,10 +348,10 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 
 def test_tool_calls_rendered_by_the_template_parse_into_openai_tool_calls(tool_tokenizer):
+    from mlx_diffgemma.chat.prompt import split_prompt
+    from mlx_diffgemma.models.tokenizer import encode_text, render
     from mlx_diffgemma.serve.openai import chat_messages
     from mlx_diffgemma.serve.replies import ReplyParser
-    from mlx_diffgemma.models.tokenizer import encode_text, render
-    from mlx_diffgemma.chat.prompt import split_prompt
 
     tok = tool_tokenizer
     assert tok.tool_parser is not None  # mlx-lm inferred Gemma 4's parser from the template

@@ -12,7 +12,6 @@ sampler beside it) and after.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import signal
 import threading

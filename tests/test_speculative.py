@@ -324,7 +324,8 @@ def test_tokenizer_mismatch(tmp_path, pair_tiny, ckpt_mixed, ckpt_tiny):
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     (swapped / "tokenizer.json").write_text(json.dumps(tj))
     _, swapped_tok = load(swapped)
-    with pytest.raises(ValueError, match=rf"\(128 vs 128 tokens; id {a_id} is 'a' in the target's, 'b' in the drafter's\)"):
+    differs = rf"\(128 vs 128 tokens; id {a_id} is 'a' in the target's, 'b' in the drafter's\)"
+    with pytest.raises(ValueError, match=differs):
         next(speculative_stream_generate(target, ttok, drafter, swapped_tok, [5, 6]))
 
 
@@ -383,9 +384,9 @@ def test_chat_turns_are_the_targets_greedy_replies(pair_tiny):
     """Three turns through ChatSession with the speculative backend: each reply is mlx-lm's
     greedy continuation of the rendered conversation (up to a near-tie), and both caches
     go back to the conversation's stable boundary after every turn, with no re-encode."""
-    from mlx_diffgemma.chat.session import ChatSession
-    from mlx_diffgemma.chat.prompt import split_prompt
     from mlx_diffgemma.chat.backends import SpeculativeBackend
+    from mlx_diffgemma.chat.prompt import split_prompt
+    from mlx_diffgemma.chat.session import ChatSession
 
     target, ttok, drafter, dtok = pair_tiny
     backend = SpeculativeBackend(drafter, target, ttok, k=4)
@@ -416,9 +417,9 @@ def test_serve_with_a_target_replies_with_the_targets_greedy_output(monkeypatch)
 
     import requests
 
+    from mlx_diffgemma.chat.prompt import split_prompt
     from mlx_diffgemma.models.paths import ASSETS_DIR
     from mlx_diffgemma.serve.http import Server, add_serve_args, build_engine
-    from mlx_diffgemma.chat.prompt import split_prompt
 
     root = ASSETS_DIR.parents[1]
     args = add_serve_args(argparse.ArgumentParser()).parse_args(

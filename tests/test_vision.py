@@ -12,19 +12,19 @@ image token per soft token, <image|>.
 import mlx.core as mx
 import numpy as np
 import pytest
+from hf_reference import hooked_generate, image_kwargs, reference_decoder_logits, reference_encoder_cache
+from teacher_forcing import assert_argmax_where_certain, from_reference, replay
+from tiny_checkpoints import VISION_TOKENS, load_reference
 
 import mlx_diffgemma as md
-from hf_reference import hooked_generate, image_kwargs, reference_decoder_logits, reference_encoder_cache
-from mlx_diffgemma.models.config import GenerationConfig, ModelArgs
 from mlx_diffgemma.generation.denoiser import MLXDenoiser
 from mlx_diffgemma.generation.events import Summary
 from mlx_diffgemma.generation.loop import draft
-from mlx_diffgemma.models.model import Model
 from mlx_diffgemma.images.processor import ImageInputs
+from mlx_diffgemma.models.config import GenerationConfig, ModelArgs
+from mlx_diffgemma.models.model import Model
 from mlx_diffgemma.models.tokenizer import image_blocks
 from mlx_diffgemma.models.vision import chunk_bounds, soft_token_counts
-from teacher_forcing import assert_argmax_where_certain, from_reference, replay
-from tiny_checkpoints import VISION_TOKENS, load_reference
 
 ATOL = 1e-3  # raw logits (~20)
 BOI, IMG, EOI = (VISION_TOKENS[t] for t in ("<|image>", "<|image|>", "<image|>"))
@@ -234,8 +234,9 @@ def test_chunked_prefill_with_images_matches_whole(chunk, vision):
 
 
 def test_image_input_errors(vision, ckpt_factory, tmp_path):
-    from safetensors.numpy import load_file, save_file
     import shutil
+
+    from safetensors.numpy import load_file, save_file
 
     _, model, _ = vision
     pv, pos, counts = _process(["wide"])
@@ -260,7 +261,8 @@ def test_image_input_errors(vision, ckpt_factory, tmp_path):
               str(text_only / "model.safetensors"), metadata={"format": "pt"})
     bare, _ = md.load(text_only)
     assert not bare.has_vision
-    with pytest.raises(ValueError, match="has no vision tower .* use a DiffusionGemma directory that includes the tower"):
+    no_tower = "has no vision tower .* use a DiffusionGemma directory that includes the tower"
+    with pytest.raises(ValueError, match=no_tower):
         bare.encode(ids, bare.make_cache(), pixel_values=pv, image_position_ids=pos)
 
 

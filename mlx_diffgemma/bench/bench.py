@@ -48,7 +48,6 @@ from ..generation.loop import run_to_summary
 from ..generation.settings import Settings, reserved_tokens
 from ..models.config import GenerationConfig
 
-
 # -- machine ---------------------------------------------------------------------------
 
 

@@ -37,12 +37,14 @@ def add_generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_generation_args(p)
     p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template (default)")
+    mode.add_argument("--chat", dest="chat", action="store_true", default=True,
+                      help="apply the chat template (default)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="encode the prompt as is")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to go with the prompt (repeatable; before the text with the chat "
                    "template; with --raw the prompt marks where each goes with <|image|>)")
-    p.add_argument("--verbose", "-v", action="store_true", help="live drafts and a summary on stderr (drafts only on a terminal)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="live drafts and a summary on stderr (drafts only on a terminal)")
     return p
 
 

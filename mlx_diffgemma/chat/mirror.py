@@ -323,9 +323,9 @@ def _follower(args, group) -> int:
     from functools import lru_cache
 
     from ..models.loader import load
-    from ..models.tokenizer import load_tokenizer
     from ..models.paths import resolve_model_path
     from ..models.sharding import ShardingError
+    from ..models.tokenizer import load_tokenizer
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a blocked collective cannot see Python's
     sys.stdout = open(os.devnull, "w")  # rank 0 owns the terminal

@@ -18,7 +18,6 @@ from ..generation.events import Commit, Draft, SpeculativeSummary, Summary
 from ..models.tokenizer import check_text
 from .session import ChatSession, Prefill
 
-
 # -- rendering --------------------------------------------------------------------------
 
 
@@ -282,7 +281,8 @@ def _stream_reply(session: ChatSession, console, text: str, flag,
                 prefill = ev
                 if ev.note:
                     live.live.console.print(Text(f"({ev.note})", style="yellow"))
-                live.lines = (Text(f"encoded {ev.encoded} new prompt tokens ({ev.reused} cached) in {ev.time:.3f} s", style="dim"),)
+                text = f"encoded {ev.encoded} new prompt tokens ({ev.reused} cached) in {ev.time:.3f} s"
+                live.lines = (Text(text, style="dim"),)
                 live.show((tail(),))
             elif isinstance(ev, Draft):
                 live.draft(ev, (tail(),))

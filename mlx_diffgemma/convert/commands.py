@@ -11,573 +11,32 @@ uint8 `.scales` and no biases), shards of at most 5 GiB named
 with the generation parameters merged in and the per-module `quantization` record, and
 the tokenizer files, `chat_template.jinja` and `generation_config.json` copied.
 
-Memory: mlx-lm's / mlx-vlm's `save_model`/`save_weights` build the whole model and hand
-every shard to `mx.save_safetensors` at once (up to 5 GiB of arrays alive), which does not
-fit a 48 GB checkpoint on a 24 GB machine. Here every output tensor's size is known from
-the source shapes and the recipe before anything is written, so each shard's safetensors
-header is written first and the tensors are then streamed into their slots: a tensor is
-read from its source shard a block of rows at a time (rows are independent for both
-casting and affine quantization, whose groups run along the last axis), quantized, and
-written at its offset. Peak memory is one block (64 MiB of float32 by default) plus the
-interpreter, whatever the size of the largest tensor.
-
-Atomic: everything is written into `<out>.tmp-<pid>` beside the output and renamed at the
-end; any failure (bad input, Ctrl-C, SIGTERM/SIGHUP, disk full) removes it and raises one
-error saying why, and a later run removes the `.tmp-<pid>` of a run that was killed
-(SIGKILL). With --force the final swap (previous output to `<out>.old-<pid>`, new one in,
-old one removed) is not cut by Ctrl-C or SIGTERM: the signal waits for its end and the
-message says the new output is in place; a swap cut by SIGKILL is undone (the previous
-output moved back) or finished (the old one removed) by the next run, which says so.
-Publishing never removes what was not checked at the start: a directory that
-appeared at the output meanwhile is left alone (the finished output is kept beside it),
-`--force` replaces only the directory found at the start, and an output that is, holds
-or lies inside the source is refused. A symlinked output is written at the link's target.
-
-Checked inputs: every safetensors header as the reference library checks it (contiguous,
-non-overlapping tensors covering the data exactly), float tensors labelled as floats,
-config.json / the index / the quantization record field by field; a broken tokenizer,
-chat template or generation config is copied with a warning (`verify` reports it).
+plan.py decides every output tensor, write.py writes them, publish.py swaps the result
+in; this module runs the three and holds the command line.
 """
+
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import errno
 import json
 import math
 import os
 import shutil
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
-
-from ..models.checkpoint import (
-    FLOAT_DTYPES,
-    INDEX_FILE,
-    ST_DTYPES,
-    ConversionError,
-    ShardFiles,
-    TensorRef,
-    header_bytes,
-    scan_checkpoint,
-)
-from ..models.config import ConfigError, load_config, read_json_object
+from ..models.checkpoint import INDEX_FILE, ConversionError, scan_checkpoint
 from ..models.loader import check_sidecars
-from ..models.model import expected_shapes
-from ..models.paths import hub_snapshot
-from .publish import (
-    Published,
-    _Terminated,
-    check_no_overlap,
-    output_target,
-    publish,
-    recover_swaps,
-    remove_stale_tmp,
-    terminate_as_interrupt,
-)
-from ..models.recipes import (
-    DTYPE_NAMES,
-    MODES,
-    RECIPES,
-    Quant,
-    Recipe,
-    RecipeError,
-    check_quantization_record,
-    make_recipe,
-    module_quantization,
-    quantization_record,
-)
-from ..models.sharding import tensor_array
-from ..models.weights import QUANT_SUFFIXES, hf_to_mlx_name, is_vision_tensor
+from ..models.recipes import DTYPE_NAMES, RECIPES, RecipeError, make_recipe, quantization_record
+from ..models.weights import is_vision_tensor
+from . import write
+from .plan import MAX_SHARD_SIZE, plan_jobs, plan_shards, read_config, resolve_source
+from .publish import check_no_overlap, output_target, publish, recover_swaps, remove_stale_tmp
+from .write import ConversionInterrupted, human_bytes
 
-MAX_SHARD_SIZE = 5 << 30  # bytes, as mlx-lm / mlx-vlm (MAX_FILE_SIZE_GB = 5)
-CHUNK_BYTES = 64 << 20  # float32 bytes per processed block of rows
 SHARD_FORMAT = "model-{:05d}-of-{:05d}.safetensors"
-# Files copied next to the weights (the tokenizer, chat template, generation and
-# processor configs); config.json and the index are written, never copied.
-SIDECAR_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "LICENSE*")
-# Keys of generation_config.json that mlx-vlm copies to the top of config.json.
-GENERATION_TOP_LEVEL_KEYS = ("eos_token_id", "temperature", "top_p", "top_k", "do_sample")
-
-
-_NAME_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-
-
-class ConversionInterrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP during a conversion; the partial output has been removed
-    (or, for one that came during the final swap, the new output is in place: the message
-    says which). `exit_code` is the shell's for that signal (130 for Ctrl-C, 143 for SIGTERM)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.exit_code = 128 + int(signum)
-
-
-def _mx_dtype(st: str):
-    import mlx.core as mx
-
-    return {
-        "BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32,
-        "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "I32": mx.int32,
-        "U64": mx.uint64, "I64": mx.int64, "BOOL": mx.bool_,
-    }[st]
-
-
-# -- the source checkpoint -------------------------------------------------------------------
-
-
-def resolve_source(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
-    """A local directory, or a Hugging Face hub id fetched (or found in the local cache:
-    HF_HUB_OFFLINE=1 uses the cache only) with `huggingface_hub.snapshot_download`."""
-    p = Path(path_or_repo).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ConversionError(f"{p} is a file; pass the model directory")
-        return p
-    text = str(path_or_repo)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith("/"):
-        raise ConversionError(f"model directory {p} does not exist (nor is it a hub id like org/name)")
-    try:
-        return hub_snapshot(text, revision=revision)
-    except Exception as e:
-        raise ConversionError(
-            f"cannot fetch {text!r} from the Hugging Face hub or find it in the local cache "
-            f"({type(e).__name__}: {e}); check the id, your network or HF_HUB_OFFLINE, or "
-            "pass a local directory"
-        ) from e
-
-
-def read_config(src: Path) -> Dict[str, Any]:
-    try:
-        return load_config(src)
-    except (ConfigError, FileNotFoundError) as e:
-        raise ConversionError(str(e)) from None
-
-
-def model_args(config: Dict[str, Any], path: Path):
-    """(ModelArgs, expected text shapes) of a config.json, or ConversionError naming the
-    file: the config parser and the module tree reject hostile values with whatever
-    Python raises, so every failure is turned into one line here."""
-    from ..models.config import ModelArgs
-
-    try:
-        args = ModelArgs.from_dict(config, source=str(path))
-        return args, expected_shapes(args)
-    except ConfigError as e:  # names the file and the field
-        raise ConversionError(str(e)) from e
-    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
-        raise ConversionError(f"{path} has a field of the wrong kind or range ({type(e).__name__}: {e})") from e
-
-
-# -- planning ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One output tensor (or quantized triplet) and where its data comes from."""
-
-    name: str  # output name; '<module>.weight' for quantized matrices
-    shape: Tuple[int, ...]  # logical (unquantized) shape
-    src: TensorRef  # the float source, or the packed weight of a quantized source
-    src_scales: Optional[TensorRef] = None
-    src_biases: Optional[TensorRef] = None
-    src_quant: Optional[Quant] = None  # (bits, group, mode) of a quantized source
-    out_dtype: str = "F32"  # floats out: the tensor itself, or the (affine) scales/biases
-    quant: Optional[Quant] = None  # (bits, group, mode) to quantize to
-    outputs: List[Tuple[str, str, Tuple[int, ...]]] = field(default_factory=list)
-
-    @property
-    def cols(self) -> int:
-        return self.shape[-1] if self.shape else 1
-
-    @property
-    def rows(self) -> int:
-        return math.prod(self.shape) // self.cols if self.cols else 0
-
-    @property
-    def params(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def src_bytes(self) -> int:
-        return sum(r.nbytes for r in (self.src, self.src_scales, self.src_biases) if r is not None)
-
-    @property
-    def out_bytes(self) -> int:
-        return sum(math.prod(s) * ST_DTYPES[d][0] for _, d, s in self.outputs)
-
-    @property
-    def module(self) -> str:
-        return self.name[: -len(".weight")] if self.name.endswith(".weight") else self.name
-
-    def plan_outputs(self) -> None:
-        if self.quant is None:
-            self.outputs = [(self.name, self.out_dtype, self.shape)]
-            return
-        bits, group, mode = self.quant
-        lead, c = self.shape[:-1], self.cols
-        self.outputs = [
-            (f"{self.module}.weight", "U32", lead + (c * bits // 32,)),
-            (f"{self.module}.scales", self.out_dtype if mode == "affine" else "U8", lead + (c // group,)),
-        ]
-        if mode == "affine":  # the other modes keep no biases
-            self.outputs.append((f"{self.module}.biases", self.out_dtype, lead + (c // group,)))
-
-
-def _source_mode(base, s: TensorRef, b: Optional[TensorRef], bits: int, group: int, src_record) -> str:
-    """The mode of a quantized source module: affine keeps float scales and biases; the
-    others uint8 scales alone, each with one (bits, group) (mlx-lm's infer_quant_config),
-    and the record must say the same."""
-    if s.dtype != "U8":
-        if b is None:
-            raise ConversionError(f"{base} has float scales but no biases: an affine module needs both")
-        mode = "affine"
-    else:
-        found = [m for m, fixed in MODES.items() if fixed == (bits, group)]
-        if not found or b is not None:
-            raise ConversionError(f"{base}: uint8 scales with {bits} bits, group {group}"
-                                  f"{' and biases' if b is not None else ''} fit no quantization mode")
-        mode = found[0]
-    qp = module_quantization(src_record, base)
-    if qp is not None and qp[2] != mode:
-        raise ConversionError(f"{base} is stored as {mode} but config.json's record says {qp[2]}")
-    return mode
-
-
-def _infer_source_quant(base, w: TensorRef, s: TensorRef, expected, src_record):
-    """(bits, group, logical shape) of a quantized source module from its shapes, checked
-    against the config's record where the config does not fix the input dimension."""
-    if w.dtype != "U32":
-        raise ConversionError(f"{base}.weight is {w.dtype}, expected packed uint32 next to {base}.scales")
-    if not w.shape or not s.shape or not w.shape[-1] or not s.shape[-1]:
-        raise ConversionError(f"{base}: packed shape {list(w.shape)} / scales {list(s.shape)} are empty")
-    words, ngroups = w.shape[-1], s.shape[-1]
-    if expected is not None:
-        cols = expected[-1]
-        bits = words * 32 // cols if cols else 0
-        if bits * cols != words * 32 or cols % ngroups:
-            raise ConversionError(
-                f"{base}: packed shape {list(w.shape)} / scales {list(s.shape)} do not fit the "
-                f"config's {list(expected)}"
-            )
-        return bits, cols // ngroups, tuple(expected)
-    qp = module_quantization(src_record, base)
-    if qp is None:
-        raise ConversionError(f"{base} is quantized but config.json has no quantization record")
-    bits = qp[0]
-    cols = words * 32 // bits
-    return bits, cols // ngroups, tuple(w.shape[:-1]) + (cols,)
-
-
-def source_record(config: Dict[str, Any], where: str) -> Optional[Dict[str, Any]]:
-    """The quantization record of a config.json, checked (ConversionError naming `where`
-    and the field when it is malformed)."""
-    key = "quantization" if config.get("quantization") else "quantization_config"
-    record = config.get(key) or None
-    try:
-        check_quantization_record(record, f"{where}: {key}")
-    except RecipeError as e:
-        raise ConversionError(f"{e}; fix or re-download the config") from e
-    return record
-
-
-def _require_float(ref: TensorRef) -> None:
-    if ref.dtype not in FLOAT_DTYPES:
-        raise ConversionError(
-            f"{ref.file}: tensor {ref.key} is labelled {ref.dtype} but the model expects a float "
-            f"({'/'.join(FLOAT_DTYPES)}); the file is damaged: download or convert it again"
-        )
-
-
-def plan_jobs(
-    tensors: Dict[str, TensorRef],
-    config: Dict[str, Any],
-    recipe: Recipe,
-    warn: Callable[[str], None] = lambda m: None,
-    config_path: Path = Path("config.json"),
-) -> Tuple[List[Job], Dict[str, Tuple[int, int]]]:
-    """Maps source tensors to output jobs (renamed, checked against the config's shapes,
-    quantization decided per module). Returns the jobs and {module: (bits, group, mode)} of
-    those quantized."""
-    _, expected = model_args(config, config_path)
-    src_record = source_record(config, str(config_path))
-
-    renamed: Dict[str, TensorRef] = {}
-    for key, ref in tensors.items():
-        name = hf_to_mlx_name(key, keep_vision=True)
-        if name is None:
-            continue
-        if name in renamed:
-            raise ConversionError(f"tensors {renamed[name].key} and {key} both map to {name}")
-        renamed[name] = ref
-
-    floats_seen = [r.dtype for n, r in renamed.items() if r.dtype in FLOAT_DTYPES and not n.endswith(QUANT_SUFFIXES)]
-    # the float dtype of a module whose scales are uint8 (mxfp4/nvfp4/mxfp8) when dequantized
-    model_float = max(set(floats_seen), key=floats_seen.count) if floats_seen else "F32"
-    jobs: List[Job] = []
-    for name in sorted(renamed):
-        if name.endswith(QUANT_SUFFIXES):
-            base = name.rsplit(".", 1)[0]
-            if f"{base}.weight" not in renamed:
-                raise ConversionError(f"{name} has no {base}.weight beside it")
-            continue
-        ref = renamed[name]
-        base = name[: -len(".weight")] if name.endswith(".weight") else None
-        job = Job(name=name, shape=ref.shape, src=ref)
-        if base is not None and f"{base}.scales" in renamed:
-            s = renamed[f"{base}.scales"]
-            b = renamed.get(f"{base}.biases")
-            bits, group, shape = _infer_source_quant(base, ref, s, expected.get(name), src_record)
-            mode = _source_mode(base, s, b, bits, group, src_record)
-            job.shape, job.src_scales, job.src_biases, job.src_quant = shape, s, b, (bits, group, mode)
-            floats = (s, b) if mode == "affine" else ()  # uint8 scales: checked by _source_mode
-        else:
-            floats = (ref,)
-        for f in floats:  # every tensor of the model is float but the packed weights (and uint8 scales)
-            _require_float(f)
-        src_float = floats[0].dtype if floats else model_float
-        job.out_dtype = _NAME_TO_ST[recipe.dtype] if recipe.dtype else src_float
-        if not is_vision_tensor(name):
-            job.quant = recipe.quant_for(name, job.shape)
-        job.plan_outputs()
-        jobs.append(job)
-
-    _check_against_config(jobs, expected)
-
-    quantized: Dict[str, Quant] = {}
-    skipped = []
-    for j in jobs:
-        if j.quant is not None:
-            quantized[j.module] = j.quant
-        elif recipe.quantized and recipe.params_for(j.name, j.shape[:-1] + (recipe.group_size,)):
-            skipped.append(j.module)
-    if skipped:
-        warn(
-            f"{len(skipped)} module(s) left unquantized: input dimension not a multiple of "
-            f"group size {recipe.group_size} (e.g. {skipped[0]})"
-        )
-    return jobs, quantized
-
-
-def _check_against_config(jobs: List[Job], expected: Dict[str, Tuple[int, ...]]) -> None:
-    """Every tensor the config implies is there with its shape, and nothing else but the
-    vision tower."""
-    seen = {j.name for j in jobs}
-    missing = [n for n in expected if n not in seen]
-    if missing:
-        raise ConversionError(
-            f"the checkpoint lacks {len(missing)} tensor(s) its config.json requires "
-            f"(e.g. {', '.join(missing[:4])}); the weights and config do not belong together"
-        )
-    by_name = {j.name: j for j in jobs}
-    wrong = [
-        f"{n} {list(by_name[n].shape)} (config implies {list(s)})"
-        for n, s in expected.items()
-        if tuple(by_name[n].shape) != tuple(s)
-    ]
-    if wrong:
-        raise ConversionError(
-            f"{len(wrong)} tensor(s) do not have the shape config.json implies: {'; '.join(wrong[:4])}"
-        )
-    unexpected = [j.name for j in jobs if j.name not in expected and not is_vision_tensor(j.name)]
-    if unexpected:
-        raise ConversionError(
-            f"the checkpoint has {len(unexpected)} tensor(s) a DiffusionGemma model does not use "
-            f"(e.g. {', '.join(unexpected[:4])}); is config.json the right one?"
-        )
-
-
-def plan_shards(jobs: Sequence[Job], max_shard_size: int = MAX_SHARD_SIZE) -> List[List[Job]]:
-    """Greedy shards of at most `max_shard_size` bytes, in name order, a module's tensors
-    kept together; a module larger than the limit gets a shard of its own (mlx-lm's
-    make_shards rule, applied to planned sizes instead of live arrays)."""
-    shards: List[List[Job]] = []
-    size = 0
-    for j in jobs:
-        if not shards or size + j.out_bytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(j)
-        size += j.out_bytes
-    return shards
-
-
-# -- streaming the data ------------------------------------------------------------------------
-
-
-def _to_bytes(arr) -> memoryview:
-    import mlx.core as mx
-
-    if arr.dtype == mx.bfloat16:
-        arr = arr.view(mx.uint16)
-    return memoryview(np.ascontiguousarray(np.asarray(arr))).cast("B")
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
-
-
-def _stream_job(job: Job, files: ShardFiles, fd: int, offsets: Dict[str, int], on_bytes=None) -> None:
-    import mlx.core as mx
-
-    cols = job.cols
-    rows = job.rows
-    if rows == 0 or cols == 0:
-        return
-    step = max(1, CHUNK_BYTES // (4 * cols))
-    raw_copy = job.quant is None and job.src_quant is None and job.out_dtype == job.src.dtype
-    out_item = {name: ST_DTYPES[dt][0] * (math.prod(shape) // rows) for name, dt, shape in job.outputs}
-    if job.quant is not None and job.src_quant == job.quant and all(
-        ref.dtype == dt for (_, dt, _), ref in zip(job.outputs[1:], (job.src_scales, job.src_biases))
-    ):
-        # Already quantized exactly so: copy the packed weight, scales and biases as they are
-        # (dequantize + quantize would be lossy for no reason).
-        bits, group, _ = job.quant
-        for (name, _, _), ref, width in zip(
-            job.outputs,
-            (job.src, job.src_scales, job.src_biases),
-            (cols * bits // 32, cols // group, cols // group),
-        ):
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                data = files.read(ref, r0, r1, width)
-                _pwrite_all(fd, memoryview(data).cast("B"), offsets[name] + r0 * out_item[name])
-                if on_bytes:
-                    on_bytes(data.nbytes)
-        return
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        if raw_copy:
-            data = files.read(job.src, r0, r1, cols)
-            _pwrite_all(fd, memoryview(data).cast("B"), offsets[job.name] + r0 * out_item[job.name])
-            if on_bytes:
-                on_bytes(data.nbytes)
-            continue
-        if job.src_quant is not None:
-            bits, group, mode = job.src_quant
-            w = tensor_array(files.read(job.src, r0, r1, cols * bits // 32), job.src.dtype)
-            s = tensor_array(files.read(job.src_scales, r0, r1, cols // group), job.src_scales.dtype)
-            b = None
-            if job.src_biases is not None:
-                b = tensor_array(files.read(job.src_biases, r0, r1, cols // group), job.src_biases.dtype)
-            x = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode)
-            nread = w.nbytes + s.nbytes + (b.nbytes if b is not None else 0)
-        else:
-            x = tensor_array(files.read(job.src, r0, r1, cols), job.src.dtype)
-            nread = x.nbytes
-        x = x.astype(_mx_dtype(job.out_dtype))
-        if job.quant is None:
-            parts = [x]
-        else:
-            bits, group, mode = job.quant
-            parts = list(mx.quantize(x, group_size=group, bits=bits, mode=mode))
-        mx.eval(parts)
-        for (name, _, _), part in zip(job.outputs, parts):
-            _pwrite_all(fd, _to_bytes(part), offsets[name] + r0 * out_item[name])
-        del parts, x
-        if on_bytes:
-            on_bytes(nread)
-    mx.clear_cache()
-
-
-# -- config and side files -----------------------------------------------------------------------
-
-
-def build_config(
-    config: Dict[str, Any],
-    src: Path,
-    recipe: Recipe,
-    record: Optional[dict],
-) -> Dict[str, Any]:
-    """config.json of the output: the source's, with the full-attention dims spelled out
-    (mlx-vlm reads `global_head_dim`/`num_global_key_value_heads`, not transformers'
-    `per_layer_config`), generation_config.json merged in as mlx-vlm does, the old
-    quantization record replaced by the new one, keys sorted (mlx-vlm's save_config)."""
-    from ..models.config import ModelArgs
-
-    cfg = copy.deepcopy(config)
-    cfg.pop("quantization", None)
-    cfg.pop("quantization_config", None)
-    cfg.pop("_name_or_path", None)
-    cfg.pop("torch_dtype", None)
-    args = ModelArgs.from_dict(config)
-    tc = cfg["text_config"]
-    tc.setdefault("global_head_dim", args.global_head_dim)
-    tc.setdefault("num_global_key_value_heads", args.num_global_key_value_heads)
-    tc.setdefault("layer_types", list(args.layer_types))
-    if recipe.dtype:
-        cfg["dtype"] = recipe.dtype
-        if "dtype" in tc:
-            tc["dtype"] = recipe.dtype
-    gen_path = src / "generation_config.json"
-    if gen_path.is_file():
-        try:
-            gen = read_json_object(gen_path, "an object", ConversionError)
-        except ConversionError:  # copied as it is; check_sidecars warns about it
-            gen = None
-        if gen:
-            cfg["generation_config"] = gen
-            for k in GENERATION_TOP_LEVEL_KEYS:
-                if k in gen:
-                    cfg[k] = gen[k]
-    if record is not None:
-        cfg["quantization"] = record
-        cfg["quantization_config"] = copy.deepcopy(record)
-    return dict(sorted(cfg.items()))
-
-
-def copy_sidecars(src: Path, dst: Path) -> List[str]:
-    copied = []
-    for pattern in SIDECAR_PATTERNS:
-        for f in sorted(src.glob(pattern)):
-            if f.name in ("config.json", INDEX_FILE) or not f.is_file():
-                continue
-            shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
-    return copied
-
-
-# -- convert ---------------------------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n}"  # pragma: no cover
-
-
-def _progress(enabled: bool, console):
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[tensor]}", style="dim"),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def convert(
@@ -629,23 +88,23 @@ def convert(
     for w in warnings[shown:]:
         say(f"[yellow]warning:[/yellow] {w}")
     record = quantization_record(r, quantized)
-    new_config = build_config(config, src, r, record)
+    new_config = write.build_config(config, src, r, record)
     shards = plan_shards(jobs, max_shard_size)
     total_out = sum(j.out_bytes for j in jobs)
     total_in = sum(j.src_bytes for j in jobs)
 
     tmp = target.tmp
-    with _partial_output(tmp, out, total_out):
-        _check_disk(tmp.parent, total_out)
+    with write.partial_output(tmp, out, total_out):
+        write.check_disk(tmp.parent, total_out)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         say(f"Converting [bold]{src}[/bold] -> [bold]{out}[/bold]: {r.describe()}")
         names = [SHARD_FORMAT.format(i + 1, len(shards)) for i in range(len(shards))]
-        _write_shards(tmp, names, shards, total_in, progress, console)
-        index = {"metadata": {"total_size": total_out}, "weight_map": _weight_map(names, shards)}
+        write.write_shards(tmp, names, shards, total_in, progress, console)
+        index = {"metadata": {"total_size": total_out}, "weight_map": write.weight_map(names, shards)}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=4))
-        copied = copy_sidecars(src, tmp)
+        copied = write.copy_sidecars(src, tmp)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=4))
         publish(tmp, target)
 
@@ -670,97 +129,6 @@ def _output(hf_path, mlx_path, force: bool, output_flag: str, say) -> Tuple[Path
     for w in warnings:
         say(f"[yellow]warning:[/yellow] {w}")
     return out, output_target(out, force), warnings
-
-
-def _check_disk(where: Path, need: int) -> None:
-    where.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(where).free
-    if free < need + (64 << 20):
-        raise ConversionError(
-            f"not enough disk space in {where}: the output needs {human_bytes(need)}, "
-            f"{human_bytes(free)} free"
-        )
-
-
-@contextlib.contextmanager
-def _partial_output(tmp: Path, out: Path, total_out: int):
-    """Whatever breaks the block (an error, Ctrl-C, SIGTERM/SIGHUP, a full disk) removes
-    the partial output `tmp` and becomes one ConversionError (or ConversionInterrupted)
-    saying why."""
-    signals = contextlib.ExitStack()
-    signals.enter_context(terminate_as_interrupt())
-    try:
-        yield
-    except Published as e:  # the signal waited for the swap: the conversion is done
-        how = "interrupted" if e.signum == signal.SIGINT else f"terminated by {e.args[0]}"
-        was = "; the previous output was removed" if e.replaced else ""
-        raise ConversionInterrupted(
-            f"conversion {how} as it finished: {out} holds the new output{was}", signum=e.signum) from e
-    except KeyboardInterrupt as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        how = f"terminated by {e.args[0]}" if isinstance(e, _Terminated) else "interrupted"
-        raise ConversionInterrupted(
-            f"conversion {how}; removed the partial output {tmp.name}, {out} untouched",
-            signum=getattr(e, "signum", signal.SIGINT),
-        ) from e
-    except ConversionError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise ConversionError(
-                f"disk full while writing {out} (the output needs {human_bytes(total_out)}); removed the "
-                "partial output, free some space and run again"
-            ) from e
-        raise ConversionError(f"conversion failed writing {out}: {e}; removed the partial output") from e
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConversionError(
-            f"conversion failed ({type(e).__name__}: {e}); removed the partial output"
-        ) from e
-    finally:
-        signals.close()
-
-
-def _write_shards(tmp: Path, names: List[str], shards: List[List[Job]], total_in: int,
-                  progress: bool, console) -> None:
-    """Every shard: its header first, then each job streamed into its slots."""
-    files = ShardFiles()
-    n_jobs = sum(len(shard) for shard in shards)
-    done = 0
-    try:
-        with _progress(progress, console) as bar:
-            task = bar.add_task("converting", total=total_in, tensor="")
-            for fname, shard in zip(names, shards):
-                # natural alignment: 8-, 4-, 2-, 1-byte dtypes in that order
-                entries = sorted(
-                    (o for j in shard for o in j.outputs),
-                    key=lambda e: (-ST_DTYPES[e[1]][0], e[0]),
-                )
-                head, offsets, data_len = header_bytes(entries)
-                fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
-                try:
-                    _pwrite_all(fd, memoryview(head), 0)
-                    if hasattr(os, "posix_fallocate") and data_len:
-                        os.posix_fallocate(fd, 0, len(head) + data_len)  # disk full fails here
-                    else:
-                        os.ftruncate(fd, len(head) + data_len)
-                    base = {name: len(head) + off for name, off in offsets.items()}
-                    for j in shard:
-                        done += 1
-                        bar.update(task, description=f"tensor {done}/{n_jobs}", tensor=j.name)
-                        _stream_job(j, files, fd, base, on_bytes=lambda n: bar.advance(task, n))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    finally:
-        files.close()
-
-
-def _weight_map(names: List[str], shards: List[List[Job]]) -> Dict[str, str]:
-    return dict(sorted((name, fname) for fname, shard in zip(names, shards)
-                       for j in shard for name, _, _ in j.outputs))
 
 
 def _summary(jobs, quantized, r, out, src, names, dest: Path, copied, warnings) -> Dict[str, Any]:
@@ -803,7 +171,8 @@ def _print_summary(console, s: Dict[str, Any]) -> None:
     t.add_row("directory", s["path"])
     t.add_row("size on disk", f"{human_bytes(s['disk_bytes'])} in {len(s['files'])} shard(s)")
     t.add_row("bits per weight", f"{s['bits_per_weight']:.3f} (text model {s['text_bits_per_weight']:.3f})")
-    t.add_row("parameters", f"{_count(s['params'])} ({', '.join(f'{k}: {_count(v)}' for k, v in s['params_by_format'].items())})")
+    by_format = ", ".join(f"{k}: {_count(v)}" for k, v in s["params_by_format"].items())
+    t.add_row("parameters", f"{_count(s['params'])} ({by_format})")
     t.add_row("tensors", f"{s['tensors']} ({s['quantized_modules']} quantized modules)")
     t.add_row("time", f"{s['seconds']:.1f} s")
     for w in s["warnings"]:  # repeated here: the progress bar has scrolled them away
@@ -915,3 +284,4 @@ def main_convert(args: argparse.Namespace) -> int:
         revision=args.revision,
         **output_options(args),
     )
+

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from .commands import add_output_args, convert, output_options, run_cli
 from ..models.recipes import DEFAULT_RECIPE, RECIPES
-
+from .commands import add_output_args, convert, output_options, run_cli
 
 # -- the `quantize` command ----------------------------------------------------------------
 

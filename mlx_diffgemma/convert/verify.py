@@ -10,10 +10,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..models.checkpoint import FLOAT_DTYPES, ConversionError, TensorRef, scan_checkpoint
-from .commands import fraction, human_bytes, model_args, positive_int, read_config, run_cli, source_record
 from ..models.loader import check_sidecars
 from ..models.recipes import module_quantization
 from ..models.weights import QUANT_SUFFIXES, hf_to_mlx_name, is_vision_tensor
+from .commands import fraction, positive_int, run_cli
+from .plan import model_args, read_config, source_record
+from .write import human_bytes
 
 
 class VerifyError(ValueError):
@@ -165,7 +167,7 @@ def _dtype_of(tensors: Dict[str, TensorRef]) -> Optional[str]:
 
 def _load_runtime(path):
     try:
-        from .. import load  # type: ignore[attr-defined]
+        from ..models.loader import load
     except ImportError:
         from ..models.loader import load
     model, _ = load(path)

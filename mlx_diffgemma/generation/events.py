@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Union
 
+
 @dataclass
 class Draft:
     """One denoising step of one canvas (batch row 0)."""

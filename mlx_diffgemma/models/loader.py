@@ -14,12 +14,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import infer_quant_config
 
+from .checkpoint import ConversionError, WeightsError, first_line, scan_checkpoint
 from .config import ConfigError, GenerationConfig, ModelArgs, load_config
-from .checkpoint import ConversionError, WeightsError, check_tokenizer_files, first_line, scan_checkpoint
 from .model import Model
 from .paths import resolve_model_path
 from .tokenizer import load_tokenizer
 from .weights import hf_to_mlx_name, is_vision_tensor
+
 
 def _scan(model_path: Path):
     try:

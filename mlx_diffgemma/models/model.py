@@ -23,14 +23,7 @@ from .lanes import Lane, join_lanes, lane_masks, make_lanes, on_lanes, run_layer
 from .layers import DecoderLayer, SelfConditioning, embedding_matmul, sparse_soft_embedding
 from .sharding import shard_model
 from .tokenizer import image_blocks
-from .vision import (
-    MultimodalEmbedder,
-    VisionModel,
-    as_image_arrays,
-    block_ids,
-    chunk_bounds,
-    real_patches,
-)
+from .vision import MultimodalEmbedder, VisionModel, as_image_arrays, block_ids, chunk_bounds, real_patches
 from .weights import CLIP_SUFFIXES, hf_to_mlx_name, is_vision_tensor
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-
 # -- module kinds ------------------------------------------------------------------------
 
 EMBEDDING = "embedding"

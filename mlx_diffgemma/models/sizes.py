@@ -8,7 +8,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from .recipes import DEFAULT_RECIPE, make_recipe, module_kind, normalize_dtype
 
-
 # -- size estimates -------------------------------------------------------------------------
 
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}

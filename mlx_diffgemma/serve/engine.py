@@ -23,7 +23,6 @@ from .prompt_cache import PromptCache
 from .replies import ReplyParser, find_stop
 from .requests import Job, Requests
 
-
 # -- one generation -----------------------------------------------------------------------
 
 

@@ -30,8 +30,8 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..chat.options import add_model_args, add_target_args, flag_changes, flag_type, load_for, setting_type

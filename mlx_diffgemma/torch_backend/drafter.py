@@ -10,7 +10,6 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
