@@ -21,21 +21,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from teacher_forcing import recording, replay, top2_gap
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "scripts"))
-
-from teacher_forcing import recording, replay, top2_gap  # noqa: E402
-
-from mlx_diffgemma import load  # noqa: E402
-from mlx_diffgemma.generation.api import make_denoiser, stream_generate  # noqa: E402
-from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.generation.fast import FastOptions  # noqa: E402
-from mlx_diffgemma.generation.loop import run_to_summary  # noqa: E402
-from mlx_diffgemma.generation.noise import SeededNoise  # noqa: E402
-from mlx_diffgemma.generation.settings import defaults, resolve  # noqa: E402
-from mlx_diffgemma.models.model import Model  # noqa: E402
+from mlx_diffgemma import load
+from mlx_diffgemma.generation.api import make_denoiser, stream_generate
+from mlx_diffgemma.generation.denoiser import MLXDenoiser
+from mlx_diffgemma.generation.fast import FastOptions
+from mlx_diffgemma.generation.loop import run_to_summary
+from mlx_diffgemma.generation.noise import SeededNoise
+from mlx_diffgemma.generation.settings import defaults, resolve
+from mlx_diffgemma.models.model import Model
 
 # (noise seed, prompt length, canvases, generation settings)
 RUNS = [

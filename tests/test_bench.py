@@ -4,17 +4,13 @@ BENCHMARKS.md relies on. No timing assertions (shared CI machines)."""
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from bench import main  # scripts/bench.py
 
 from mlx_diffgemma.cli import main as cli_main
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench import main  # noqa: E402  (scripts/bench.py)
 
 HAVE_VLM = importlib.util.find_spec("mlx_vlm") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None

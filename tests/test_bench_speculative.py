@@ -4,13 +4,8 @@ cost model's arithmetic at the real shapes."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_speculative as bench  # noqa: E402
+import pytest
 
 
 def _first_difference(a, b):

@@ -209,7 +209,6 @@ def test_estimate_matches_the_bytes_written(hf, tmp_path):
 
 
 def test_real_model_estimate():
-    sys.path.insert(0, str(REPO / "scripts"))
     from estimate_sizes import REAL_CONFIG
 
     e = estimate(REAL_CONFIG, "mixed-4")
@@ -403,8 +402,7 @@ def test_peak_memory_bounded_by_largest_tensor(hf, tmp_path):
     # it spawns, so its RUSAGE_CHILDREN is the conversion's own peak.
     work = textwrap.dedent(
         f"""
-        import json, resource, sys
-        sys.path.insert(0, {str(REPO)!r})
+        import json, resource
         from mlx_diffgemma.convert.commands import convert
         # A small conversion first: the libraries it imports (MLX, the tokenizer check's
         # transformers) are in the base, so the difference is the streaming alone.
@@ -425,7 +423,8 @@ def test_peak_memory_bounded_by_largest_tensor(hf, tmp_path):
         print(json.dumps(out))
         """
     )
-    res = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout.strip().splitlines()[-1])
     peak, base = _maxrss_bytes(r["peak"]), _maxrss_bytes(r["base"])

@@ -32,12 +32,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from dist_worker import CLI
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 TOY_OPEN = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku-open" / "mlx"
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import CLI  # noqa: E402
 
 
 def _launcher():
@@ -66,7 +65,7 @@ def _free(port: int) -> bool:
 
 
 def _env(**extra):
-    path = os.pathsep.join([str(REPO), str(WORKER.parent), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(REPO), str(WORKER.parent), str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path)
     env.update(extra)
     return env

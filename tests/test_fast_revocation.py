@@ -6,7 +6,6 @@ good measurably loses puzzles."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +21,6 @@ from mlx_diffgemma.generation.loop import stream
 from mlx_diffgemma.models.config import GenerationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 OFF = FastOptions().irrevocable()
 NO_EOS = np.zeros(0, dtype=np.int64)

@@ -159,7 +159,6 @@ def test_verify_catches_biases_in_mxfp4(converted, tmp_path):
 
 
 def test_real_sizes_and_the_16gb_budget():
-    sys.path.insert(0, str(REPO / "scripts"))
     from estimate_sizes import REAL_CONFIG
 
     from mlx_diffgemma.models.loader import runtime_bytes

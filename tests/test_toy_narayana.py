@@ -18,7 +18,6 @@ import mlx_diffgemma as md
 from mlx_diffgemma.generation.loop import run_to_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 import eval_toy  # noqa: E402
 from train_toy import get_task, narayana_terms, normalize_seeds  # noqa: E402
 

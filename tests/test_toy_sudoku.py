@@ -19,7 +19,6 @@ from mlx_diffgemma.generation.loop import run_to_summary
 from mlx_diffgemma.models.paths import ASSETS_DIR, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 import eval_toy  # noqa: E402
 from train_toy import prompt_ids, solves  # noqa: E402
 

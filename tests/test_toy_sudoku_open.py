@@ -11,7 +11,6 @@ code, same floats)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,7 +20,6 @@ import mlx_diffgemma as md
 from mlx_diffgemma.models.paths import ASSETS_DIR, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 import eval_toy  # noqa: E402
 from train_toy import get_task  # noqa: E402
 

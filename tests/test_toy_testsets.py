@@ -5,13 +5,11 @@ none of them seen in training, stratified as the benchmarks report them."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 import toy_testsets  # noqa: E402
 import train_toy  # noqa: E402
 
