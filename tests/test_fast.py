@@ -17,7 +17,7 @@ import mlx_diffgemma as md
 from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, sparse_soft_embedding_bound
 from mlx_diffgemma.generation.loop import stream
 from mlx_diffgemma.generation.settings import defaults, resolve
-from mlx_diffgemma.models.model import rope_at, sparse_soft_embedding
+from mlx_diffgemma.models.layers import rope_at, sparse_soft_embedding
 
 RUNS = [DRAFTER_RUNS[i] for i in (0, 3, 4)]  # a plain run and both data-dependent stops
 
@@ -191,9 +191,9 @@ def test_generate_and_chat_run_fast_mode_end_to_end(capsys):
     out = io.StringIO()
     con = Console(file=out, width=200)
     repl._command(s, con, "/set mode=reference")
-    assert s.mode == "reference" and "mode=reference" in out.getvalue()
+    assert s.settings.mode == "reference" and "mode=reference" in out.getvalue()
     repl._command(s, con, "/set mode=warp")
-    assert s.mode == "reference" and "mode must be one of reference, fast" in out.getvalue()
+    assert s.settings.mode == "reference" and "mode must be one of reference, fast" in out.getvalue()
     assert cli.main(["generate", "--model", "toy-sudoku", "-p", PUZZLE, "--mode", "fast",
                      "--backend", "torch"]) == 2
     assert "MLX backend only" in capsys.readouterr().err
