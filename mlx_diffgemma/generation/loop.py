@@ -46,6 +46,121 @@ class Denoiser(Protocol):
     def peak_memory_gb(self) -> float: ...
 
 
+class Drafting:
+    """One sequence's block diffusion as a resumable state machine: the loop of `draft`
+    with the denoiser's forward left to the caller, so that a scheduler can run several
+    sequences' steps together (generation/batch.py). The driver asks, in turn:
+
+    - `pending_encode()`: ids to encode first (the prompt, then each committed canvas
+      before the next one starts); `encode()` runs them through the denoiser;
+    - `needs_start`: a canvas to start (`start()` draws it: `canvas`);
+    - otherwise it runs one denoising step of `canvas` at (`canvas_index`, `step`) and
+      hands its result to `stepped`, which returns the step's events (a Draft, and at the
+      canvas's end its Commit, and at the run's end the Summary; then `done`).
+    """
+
+    def __init__(self, denoiser: Denoiser, prompt_ids: Sequence[int], gen: GenerationConfig,
+                 decode_text=None):
+        self.denoiser, self.gen, self.decode_text = denoiser, gen, decode_text
+        self.prompt_ids = prompt_ids
+        self.canvases = math.ceil(gen.max_new_tokens / denoiser.canvas_length)
+        self.done = False
+        self.canvas: Any = None  # the canvas being denoised; None before its start
+        self.canvas_index = 0
+        self.step = gen.max_denoising_steps  # the reference's counter, N..1
+        self.generated: List[int] = []
+        self.steps_per_canvas: List[int] = []
+        self.text = ""
+        self._steps = 0  # steps of the current canvas
+        self._pending: Optional[Sequence[int]] = prompt_ids if len(prompt_ids) else None
+        self._prompt_done = self._pending is None
+        self.prompt_time = 0.0
+        self._tic = time.perf_counter()
+
+    def pending_encode(self) -> Optional[Sequence[int]]:
+        return self._pending
+
+    def encode(self) -> None:
+        """Encodes the pending ids (the prompt's encode is timed as `prompt_time`)."""
+        ids, self._pending = self._pending, None
+        tic = time.perf_counter()
+        self.denoiser.encode(ids)
+        if not self._prompt_done:
+            self._prompt_done = True
+            self.prompt_time = time.perf_counter() - tic
+            self._tic = time.perf_counter()
+
+    @property
+    def needs_start(self) -> bool:
+        return not self.done and self._pending is None and self.canvas is None
+
+    def start(self) -> None:
+        self.canvas = self.denoiser.start_canvas(self.canvas_index)
+        self.step = self.gen.max_denoising_steps
+        self._steps = 0
+
+    def stepped(self, canvas: Any, argmax: Any, accepted: Any, stop: bool) -> List[Event]:
+        """The events of the step just run on `canvas` (its next canvas, argmax, accepted
+        mask and stop flag); moves to the next step, canvas or the end."""
+        denoiser = self.denoiser
+        self._steps += 1
+        events: List[Event] = [Draft(self.canvas_index, self.step, denoiser.to_list(argmax),
+                                     [bool(a) for a in denoiser.to_list(accepted)])]
+        if not stop and self.step > 1:
+            self.canvas, self.step = canvas, self.step - 1
+            return events
+        events.extend(self._commit(denoiser.to_list(argmax)))
+        return events
+
+    def _commit(self, argmax: List[int]) -> List[Event]:
+        gen = self.gen
+        committed, finished = pad_after_eos(argmax, gen.eos_token_id, gen.pad_token_id)
+        self.steps_per_canvas.append(self._steps)
+        kept = _strip_eos_padding(committed, finished, gen.pad_token_id)
+        # The last canvas may run past max_new_tokens: the reply stops there, as the
+        # server's does (the canvas itself, and so every token before the cut, is the
+        # reference's; an EOS past the cut ends nothing: the reply ends by length).
+        room = gen.max_new_tokens - len(self.generated)
+        if len(kept) > room:
+            kept, finished = kept[:room], False
+        self.generated.extend(kept)
+        new_text = ""
+        if self.decode_text is not None:
+            full = self.decode_text(_text_tokens(self.generated, gen.eos_token_id))
+            new_text, self.text = full[len(self.text):], full
+        events: List[Event] = [Commit(self.canvas_index, kept, new_text, self._steps, finished)]
+        self.canvas = None
+        self.canvas_index += 1
+        if finished or self.canvas_index >= self.canvases:
+            events.append(self._summary("eos" if finished else "length"))
+            self.done = True
+        else:
+            # The committed canvas joins the context, as the reference encodes it.
+            self._pending = committed
+        return events
+
+    def _summary(self, finish: str) -> Summary:
+        gen_time = time.perf_counter() - self._tic
+        # As the reference counts it: non-pad generated tokens over decoder forwards.
+        valid = sum(1 for t in self.generated if t != self.gen.pad_token_id)
+        n_prompt, prompt_time = len(self.prompt_ids), self.prompt_time
+        return Summary(
+            tokens=self.generated,
+            text=self.text,
+            prompt_tokens=n_prompt,
+            canvases=len(self.steps_per_canvas),
+            steps_per_canvas=self.steps_per_canvas,
+            tokens_per_forward=valid / max(sum(self.steps_per_canvas), 1),
+            prompt_time=prompt_time,
+            prompt_tps=n_prompt / prompt_time if prompt_time > 0 else 0.0,
+            generation_time=gen_time,
+            generation_tps=valid / gen_time if gen_time > 0 else 0.0,
+            peak_memory_gb=self.denoiser.peak_memory_gb(),
+            finish_reason=finish,
+            valid_tokens=valid,
+        )
+
+
 def draft(
     denoiser: Denoiser,
     prompt_ids: Sequence[int],
@@ -53,77 +168,14 @@ def draft(
     decode_text=None,
 ) -> Iterator[Event]:
     """Runs block diffusion for one sequence; yields Draft, Commit and a final Summary."""
-    C = denoiser.canvas_length
-    tic = time.perf_counter()
-    if len(prompt_ids):
-        denoiser.encode(prompt_ids)
-    prompt_time = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    generated: List[int] = []
-    steps_per_canvas: List[int] = []
-    text = ""
-    finish = "length"
-    previous: Optional[List[int]] = None
-    for canvas_index in range(math.ceil(gen.max_new_tokens / C)):
-        if previous is not None:
-            # The committed canvas joins the context, as the reference encodes it.
-            denoiser.encode(previous)
-        canvas = denoiser.start_canvas(canvas_index)
-        steps = 0
-        argmax = None
-        for step in range(gen.max_denoising_steps, 0, -1):
-            canvas, argmax, accepted, stop = denoiser.step(canvas, canvas_index, step)
-            steps += 1
-            yield Draft(
-                canvas_index,
-                step,
-                denoiser.to_list(argmax),
-                [bool(a) for a in denoiser.to_list(accepted)],
-            )
-            if stop:
-                break
-        committed, finished = pad_after_eos(
-            denoiser.to_list(argmax), gen.eos_token_id, gen.pad_token_id
-        )
-        previous = committed
-        steps_per_canvas.append(steps)
-        kept = _strip_eos_padding(committed, finished, gen.pad_token_id)
-        # The last canvas may run past max_new_tokens: the reply stops there, as the
-        # server's does (the canvas itself, and so every token before the cut, is the
-        # reference's; an EOS past the cut ends nothing: the reply ends by length).
-        room = gen.max_new_tokens - len(generated)
-        if len(kept) > room:
-            kept, finished = kept[:room], False
-        generated.extend(kept)
-        new_text = ""
-        if decode_text is not None:
-            full = decode_text(_text_tokens(generated, gen.eos_token_id))
-            new_text, text = full[len(text) :], full
-        yield Commit(canvas_index, kept, new_text, steps, finished)
-        if finished:
-            finish = "eos"
-            break
-    gen_time = time.perf_counter() - tic
-
-    # As the reference counts it: non-pad generated tokens over decoder forwards.
-    valid = sum(1 for t in generated if t != gen.pad_token_id)
-    total_steps = sum(steps_per_canvas)
-    yield Summary(
-        tokens=generated,
-        text=text,
-        prompt_tokens=len(prompt_ids),
-        canvases=len(steps_per_canvas),
-        steps_per_canvas=steps_per_canvas,
-        tokens_per_forward=valid / max(total_steps, 1),
-        prompt_time=prompt_time,
-        prompt_tps=len(prompt_ids) / prompt_time if prompt_time > 0 else 0.0,
-        generation_time=gen_time,
-        generation_tps=valid / gen_time if gen_time > 0 else 0.0,
-        peak_memory_gb=denoiser.peak_memory_gb(),
-        finish_reason=finish,
-        valid_tokens=valid,
-    )
+    run = Drafting(denoiser, prompt_ids, gen, decode_text)
+    while not run.done:
+        if run.pending_encode() is not None:
+            run.encode()
+            continue
+        if run.needs_start:
+            run.start()
+        yield from run.stepped(*denoiser.step(run.canvas, run.canvas_index, run.step))
 
 
 def _strip_eos_padding(tokens: List[int], finished: bool, pad: int) -> List[int]:
