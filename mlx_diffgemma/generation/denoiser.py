@@ -66,12 +66,33 @@ class MLXDenoiser:
 
     def step(self, canvas: mx.array, canvas_index: int, step: int):
         logits = self.model.decode(canvas, self.cache, self._sc_logits)
-        if self.keep_logits:
-            self.last_logits = logits
-        processed = logits / self.gen.temperature(step)
+        processed = self.scaled(logits, step)
         # Hold no reference to the raw logits: `processed` can then take their buffer
         # ([canvas x vocab] float32, 268 MB at the real shapes) instead of a second one.
         del logits
+        return self.decide(processed, canvas, canvas_index, step)
+
+    # A step in two halves, for a caller that runs the decoder itself (generation/batch.py
+    # runs several sequences' canvases in one forward): the forward's input, then the
+    # decisions on its temperature-scaled logits. `step` is the two around `model.decode`.
+
+    # Whether a step's forward is the whole canvas's `model.decode` (fast mode's active
+    # set computes fewer positions and keeps keys and values of its own between steps).
+    batchable = True
+
+    def decoder_input(self, canvas: mx.array) -> mx.array:
+        """The decoder's input [1, C, hidden] for this step: embeddings with
+        self-conditioning from the previous step."""
+        return self.model.decoder_input(canvas, self._sc_logits)
+
+    def scaled(self, logits: mx.array, step: int) -> mx.array:
+        """The step's logits over its temperature (kept as `last_logits` when asked)."""
+        if self.keep_logits:
+            self.last_logits = logits
+        return logits / self.gen.temperature(step)
+
+    def decide(self, processed: mx.array, canvas: mx.array, canvas_index: int, step: int):
+        """-> (next_canvas, argmax_canvas, accepted_mask, stop) from `processed` [1, C, V]."""
         return self.sample(processed, canvas, canvas_index, step)
 
     def sample(self, processed: mx.array, canvas: mx.array, canvas_index: int, step: int):

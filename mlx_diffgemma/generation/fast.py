@@ -234,13 +234,30 @@ class FastDenoiser(MLXDenoiser):
 
     def step(self, canvas: mx.array, canvas_index: int, step: int):
         pos = self._positions()
-        self._since_full = 0 if len(pos) == self.canvas_length else self._since_full + 1
         idx = mx.array(pos.astype(np.int32))
         logits = self._logits(canvas, pos, idx)
-        if self.keep_logits:
-            self.last_logits = logits
-        processed = logits / self.gen.temperature(step)
+        processed = self.scaled(logits, step)
         del logits
+        return self.decide(processed, canvas, canvas_index, step, pos, idx)
+
+    @property
+    def batchable(self) -> bool:
+        # The active set computes a few positions against key and value buffers of its own.
+        return not self.options.active_set
+
+    def decoder_input(self, canvas: mx.array) -> mx.array:
+        sparse = bool(self.options.sc_top_k)
+        return self.model.decoder_input(canvas, None if sparse else self._sc_logits,
+                                        self._sc_sparse if sparse else None)
+
+    def decide(self, processed: mx.array, canvas: mx.array, canvas_index: int, step: int,
+               pos: Optional[np.ndarray] = None, idx: Optional[mx.array] = None):
+        """The step's decisions on the processed logits of the positions `pos` (default:
+        the whole canvas, as a batched forward computes it)."""
+        if pos is None:
+            pos = np.arange(self.canvas_length)
+            idx = mx.array(pos.astype(np.int32))
+        self._since_full = 0 if len(pos) == self.canvas_length else self._since_full + 1
         self._count(len(pos))
         return self._decide(processed, canvas, pos, idx, canvas_index, step)
 

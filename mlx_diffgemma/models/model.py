@@ -343,12 +343,7 @@ class Model(nn.Module):
         their ids). Returns float32 logits [1, A, V] (with `head=False`, the last layer's
         hidden states). With every position computed it is the full decoder's forward."""
         dec = self.model.decoder
-        h = self.embed(ids)
-        if sc_sparse is not None:
-            soft = sparse_soft_embedding(dec.embed_tokens, sc_sparse[0], sc_sparse[1], self.embed_scale)
-            h = dec.self_conditioning(h, soft)
-        else:
-            h = self.self_conditioned(h, sc_logits)
+        h = self.decoder_input(ids, sc_logits, sc_sparse)
         for i, (layer, c) in enumerate(zip(dec.layers, cache.layers)):
             h = layer.at_positions(h, idx, length, cache.offset, c, kv, i)
         return self.head(h) if head else h
@@ -360,6 +355,18 @@ class Model(nn.Module):
         h = self.model.decoder.embed_tokens(ids)
         # The reference multiplies by sqrt(hidden) cast to the weight dtype.
         return h * mx.array(self.embed_scale, dtype=h.dtype)
+
+    def decoder_input(self, ids: mx.array, sc_logits: Optional[mx.array] = None,
+                      sc_sparse: Optional[Tuple[mx.array, mx.array]] = None) -> mx.array:
+        """The first decoder layer's input for the canvas tokens `ids`: their embeddings
+        with self-conditioning from the previous step's logits (dense), or from their
+        top-K probabilities and ids `sc_sparse` (fast mode)."""
+        h = self.embed(ids)
+        if sc_sparse is None:
+            return self.self_conditioned(h, sc_logits)
+        dec = self.model.decoder
+        soft = sparse_soft_embedding(dec.embed_tokens, sc_sparse[0], sc_sparse[1], self.embed_scale)
+        return dec.self_conditioning(h, soft)
 
     def self_conditioned(self, h: mx.array, sc_logits: Optional[mx.array]) -> mx.array:
         """The decoder's input: embeddings `h` with the self-conditioning signal of the
