@@ -19,12 +19,13 @@ from .prompt import prepare_prompt
 from .settings import Settings, defaults, resolve
 
 
-def make_denoiser(model, settings: Settings, *, cache=None, noise=None) -> MLXDenoiser:
-    """The denoiser of `settings.mode`; for a split model (`Model.shard`), checked across
-    its ranks at every step (denoiser.CheckedDenoiser)."""
+def make_denoiser(model, settings: Settings, *, cache=None, noise=None, keys=None) -> MLXDenoiser:
+    """The denoiser of `settings.mode` (`keys`: its own noise.KeyStream); for a split model
+    (`Model.shard`), checked across its ranks at every step (denoiser.CheckedDenoiser)."""
     if settings.mode == "fast":
-        return checked(FastDenoiser(model, settings.gen, cache=cache, noise=noise, options=settings.fast), model)
-    return checked(MLXDenoiser(model, settings.gen, cache=cache, noise=noise), model)
+        return checked(FastDenoiser(model, settings.gen, cache=cache, noise=noise, options=settings.fast,
+                                    keys=keys), model)
+    return checked(MLXDenoiser(model, settings.gen, cache=cache, noise=noise, keys=keys), model)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import numpy as np
 from ..models.cache import EncoderCache
 from ..models.config import GenerationConfig
 from ..models.distributed import agree, checksum, watch
-from .noise import NoiseSource
+from .noise import KeyStream, NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
 
 
@@ -20,8 +20,9 @@ class MLXDenoiser:
     """The MLX model, its encoder cache and the sampler, one step at a time on device.
 
     Randomness comes from `noise` when given (NumPy arrays, see noise.py; the sample is
-    the Gumbel-max argmax(logits / t + g)), otherwise from `mx.random` (seeded by the
-    caller), whose categorical draw is the same Gumbel-max.
+    the Gumbel-max argmax(logits / t + g)), otherwise from `mx.random`, whose categorical
+    draw is the same Gumbel-max: with this sequence's `keys` (noise.KeyStream) when
+    given, else the thread's generator (seeded by the caller).
     """
 
     def __init__(
@@ -30,10 +31,12 @@ class MLXDenoiser:
         gen: GenerationConfig,
         cache: Optional[EncoderCache] = None,
         noise: Optional[NoiseSource] = None,
+        keys: Optional[KeyStream] = None,
     ):
         self.model = model
         self.gen = gen
         self.noise = noise
+        self.keys = keys
         self.cache = cache if cache is not None else model.make_cache()
         self.canvas_length = model.canvas_length
         self.vocab_size = model.vocab_size
@@ -58,7 +61,12 @@ class MLXDenoiser:
         shape = (1, self.canvas_length)
         if self.noise is not None:
             return mx.array(self.noise.init_canvas(canvas_index, shape, self.vocab_size).astype(np.int32))
-        return mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32)
+        return mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32, key=self.key())
+
+    def key(self) -> Optional[mx.array]:
+        """The key of the next `mx.random` draw: this sequence's own (`keys`), or None for
+        the thread's global generator."""
+        return None if self.keys is None else self.keys.next()
 
     # Speculative drafting (speculative.py) reads the last step's raw logits
     # (`last_logits`); off otherwise, so the scaled logits can take their buffer.
@@ -107,8 +115,8 @@ class MLXDenoiser:
                 self.noise.renoise(canvas_index, step, canvas.shape, self.vocab_size).astype(np.int32)
             )
         else:
-            sample = mx.random.categorical(processed, axis=-1).astype(mx.int32)
-            fresh = mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32)
+            sample = mx.random.categorical(processed, axis=-1, key=self.key()).astype(mx.int32)
+            fresh = mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32, key=self.key())
         entropy = token_entropy(processed)
         accepted = entropy_bound_accept(entropy, gen.entropy_bound)
         # Accepted positions take the sample; every other position is renoised.

@@ -53,7 +53,7 @@ import numpy as np
 from ..models.config import GenerationConfig
 from .denoiser import MLXDenoiser
 from .freezing import Freezing
-from .noise import NoiseSource
+from .noise import KeyStream, NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
 
 FREEZE_RULES = (None, "entropy", "confidence")
@@ -194,8 +194,9 @@ class FastDenoiser(MLXDenoiser):
     unchanged (`stream_generate(..., mode="fast")`)."""
 
     def __init__(self, model, gen: GenerationConfig, cache=None,
-                 noise: Optional[NoiseSource] = None, options: Optional[FastOptions] = None):
-        super().__init__(model, gen, cache=cache, noise=noise)
+                 noise: Optional[NoiseSource] = None, options: Optional[FastOptions] = None,
+                 keys: Optional[KeyStream] = None):
+        super().__init__(model, gen, cache=cache, noise=noise, keys=keys)
         self.options = options if options is not None else FastOptions()
         self.work = Work()
         eos = gen.eos_token_id or []
@@ -366,12 +367,12 @@ class FastDenoiser(MLXDenoiser):
             C, V = self.canvas_length, self.vocab_size
             g = mx.array(self.noise.gumbel(canvas_index, step, (1, C, V)))
             return g if shape[1] == C else g[:, idx]
-        return mx.random.gumbel(shape=shape)
+        return mx.random.gumbel(shape=shape, key=self.key())
 
     def _fresh(self, canvas: mx.array, canvas_index: int, step: int) -> mx.array:
         if self.noise is not None:
             return mx.array(self.noise.renoise(canvas_index, step, canvas.shape, self.vocab_size).astype(np.int32))
-        return mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32)
+        return mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32, key=self.key())
 
     def _keep_self_conditioning(self, processed: mx.array, idx: mx.array, full: bool) -> None:
         """What the next step's self-conditioning reads: the processed logits (cast to the

@@ -66,3 +66,21 @@ class SeededNoise:
         return self._rng(_GUMBEL, canvas_index, step).gumbel(size=tuple(shape)).astype(
             np.float32
         )
+
+
+class KeyStream:
+    """One sequence's own `mx.random` keys: `next()` splits the stream's key as the
+    global generator splits its own at each draw, so a denoiser drawing with these keys
+    (`key=`) gets, draw for draw, what `mx.random.seed(seed)` would give it, whatever
+    other sequences draw meanwhile (a batch's rows each hold one)."""
+
+    def __init__(self, seed: int):
+        import mlx.core as mx  # here, not at the top: the torch path imports this module
+
+        self._mx = mx
+        self._key = mx.random.key(check_seed(seed))
+
+    def next(self):
+        self._key, sub = self._mx.random.split(self._key)
+        return sub
+
