@@ -112,9 +112,13 @@ class Attention(nn.Module):
         return k, v
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any) -> mx.array:
+        return self.o_proj(self.mix(q, k, v, mask))
+
+    def mix(self, q: mx.array, k: mx.array, v: mx.array, mask: Any) -> mx.array:
+        """The attention core before `o_proj`: [batch, tokens, heads x head_dim]."""
         B, _, L, _ = q.shape
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 class Router(nn.Module):
@@ -216,7 +220,13 @@ class DecoderLayer(nn.Module):
     def finish(self, x, q, k, v, mask, layer_scalar) -> mx.array:
         """The layer after its keys and values are known: attention of the queries `q` of
         the tokens `x`, then the dense and routed feed-forward, all per token."""
-        r = x + self.attention(q, k, v, mask)
+        return self.finish_attended(x, self.self_attn.attend(q, k, v, mask), layer_scalar)
+
+    def finish_attended(self, x, attended, layer_scalar) -> mx.array:
+        """The layer after attention: `attended` is its `o_proj` output for the tokens
+        `x`; then the dense and routed feed-forward, all per token (models/batched.py
+        runs the attention per sequence and this on all of them at once)."""
+        r = x + self.attention_output(attended)
         out = r + self.post_feedforward_layernorm(self.feed_forward(r))
         return out * layer_scalar.astype(out.dtype)
 
@@ -240,9 +250,8 @@ class DecoderLayer(nn.Module):
         keys, values = attn.keys_values(kb, vb, cache=cache)
         return self.finish(x, q, keys, values, None, self.layer_scalar)
 
-    def attention(self, q, k, v, mask) -> mx.array:
-        """Attention of the queries `q` over `k`, `v`, with its output norm."""
-        out = self.self_attn.attend(q, k, v, mask)
+    def attention_output(self, out: mx.array) -> mx.array:
+        """The attention's `o_proj` output `out` summed over ranks and normed."""
         if self.group is not None:  # each rank's heads gave a partial o_proj output
             out = mx.distributed.all_sum(out, group=self.group)
         return self.post_attention_layernorm(out)
