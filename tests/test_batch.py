@@ -8,12 +8,16 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+import teacher_forcing as tf
 from teacher_forcing import assert_argmax_where_certain
 from tiny_checkpoints import random_prompt
 
 import mlx_diffgemma as md
 from mlx_diffgemma.generation.api import make_denoiser
-from mlx_diffgemma.generation.loop import stream
+from mlx_diffgemma.generation.batch import BatchDrafter
+from mlx_diffgemma.generation.denoiser import MLXDenoiser
+from mlx_diffgemma.generation.fast import FastDenoiser
+from mlx_diffgemma.generation.loop import Drafting, draft, stream
 from mlx_diffgemma.generation.noise import KeyStream
 from mlx_diffgemma.generation.settings import defaults, resolve
 from mlx_diffgemma.models.batched import cache_views, decode_rows
@@ -82,3 +86,125 @@ def test_rows_decode_as_each_alone(mixed, with_sc):
         assert_argmax_where_certain(got[b], ref[0], f"row {b}")
     # rows differ (each its own context): a row computed on another's cache would not pass
     assert np.abs(solo[1] - solo[2]).max() > 1e-2
+
+
+# -- rows drafted together --------------------------------------------------------------------
+
+
+def _row(model, prompt, noise=None, keys=None, **kw):
+    settings = _settings(model, **kw)
+    denoiser = make_denoiser(model, settings, noise=noise, keys=keys)
+    return Drafting(denoiser, prompt, settings.gen)
+
+
+def _drain(drafter: BatchDrafter, joining=()):
+    """Steps `drafter` until every row has left; `joining`: (tick, run) pairs inserted
+    before that tick. Returns {row id: events} and the ticks each row took."""
+    events, ticks, tick = {}, {}, 0
+    joining = list(joining)
+    while len(drafter) or joining:
+        for t, run in [j for j in joining if j[0] == tick]:
+            joining.remove((t, run))
+            events[drafter.insert(run)] = []
+        for uid, evs in drafter.step():
+            events[uid] += evs
+            ticks[uid] = tick
+        tick += 1
+    return events, ticks
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_a_batch_of_one_is_the_solo_drafter(mixed, mode):
+    """One row: the events of `draft` itself, token for token (the same calls)."""
+    model, _ = mixed
+    C = model.canvas_length
+    prompt = random_prompt(model.vocab_size, 9, 6)
+    kw = dict(max_new_tokens=2 * C, max_denoising_steps=10, mode=mode)
+    mx.random.seed(21)
+    solo = list(draft(make_denoiser(model, _settings(model, **kw)), prompt, _settings(model, **kw).gen))
+    drafter = BatchDrafter(model)
+    events, _ = _drain(drafter, [(0, _row(model, prompt, keys=KeyStream(21), **kw))])
+    (got,) = events.values()
+    assert [e.kind for e in got] == [e.kind for e in solo]
+    for a, b in zip(got, solo):
+        assert a.tokens == b.tokens
+    assert drafter.mean_batch == 1.0
+
+
+def _record_rows(monkeypatch):
+    """Records, per denoiser instance, every encode and every reference-mode decision
+    (teacher_forcing's records, taken at `decide`: a batched step runs no `step`)."""
+    logs = {}
+    encode, decide = MLXDenoiser.encode, MLXDenoiser.decide
+
+    def rec_encode(self, ids):
+        logs.setdefault(id(self), []).append(tf.Encode([int(t) for t in ids]))
+        return encode(self, ids)
+
+    def rec_decide(self, processed, canvas, canvas_index, step):
+        ins = (np.array(canvas), tf.to_numpy(self._sc_logits), tf.to_numpy(self._history))
+        out = decide(self, processed, canvas, canvas_index, step)
+        logs[id(self)].append(tf.Step(canvas_index, step, float(self.gen.temperature(step)), *ins,
+                                      processed=np.array(self._sc_logits).astype(np.float64),
+                                      argmax=np.array(out[1]), accepted=np.array(out[2]),
+                                      next_canvas=np.array(out[0]), stop=bool(out[3])))
+        return out
+
+    monkeypatch.setattr(MLXDenoiser, "encode", rec_encode)
+    monkeypatch.setattr(MLXDenoiser, "decide", rec_decide)
+    return logs
+
+
+def _force_fast_forwards(monkeypatch):
+    """Before each fast-mode decision, the row's own solo forward on the same inputs:
+    its logits must be the batched ones within 1e-4 (argmax equal wherever certain).
+    Returns the steps checked."""
+    checked = []
+    decide = FastDenoiser.decide
+
+    def forced(self, processed, canvas, canvas_index, step, pos=None, idx=None):
+        if pos is None:  # a batched step: the solo forward of the same canvas and state
+            C = self.canvas_length
+            solo = np.array(self._logits(canvas, np.arange(C), mx.arange(C)) / self.gen.temperature(step))
+            got = np.array(processed)
+            np.testing.assert_allclose(got, solo, atol=1e-4, rtol=0)
+            assert_argmax_where_certain(got[0], solo[0], f"canvas {canvas_index} step {step}", 0.9)
+            checked.append((canvas_index, step))
+        return decide(self, processed, canvas, canvas_index, step, pos, idx)
+
+    monkeypatch.setattr(FastDenoiser, "decide", forced)
+    return checked
+
+
+def test_rows_together_give_their_solo_runs(mixed, monkeypatch):
+    """Four rows (prompts inside and past the sliding window, 8 to 16 steps, reference
+    and fast mode, one joining after three steps) drafted together: each reference row,
+    replayed on a cold solo denoiser, makes every certain decision as it did in the
+    batch, and each fast row's batched forward is its solo forward along its whole run."""
+    model, _ = mixed
+    C, V = model.canvas_length, model.vocab_size
+    logs = _record_rows(monkeypatch)
+    fast_checked = _force_fast_forwards(monkeypatch)
+    specs = [  # (tick joined, prompt length, seed, settings)
+        (0, 5, 1, dict(max_denoising_steps=8, max_new_tokens=2 * C)),
+        (0, 20, 2, dict(max_denoising_steps=16, max_new_tokens=3 * C, stability_threshold=1,
+                        confidence_threshold=0.9)),
+        (0, 11, 3, dict(max_denoising_steps=12, max_new_tokens=2 * C, mode="fast")),
+        (3, 40, 4, dict(max_denoising_steps=10, max_new_tokens=2 * C)),
+    ]
+    runs = [(t, _row(model, random_prompt(V, n, s), noise=md.SeededNoise(s), **kw)) for t, n, s, kw in specs]
+    drafter = BatchDrafter(model)
+    events, ticks = _drain(drafter, runs)
+    assert drafter.mean_batch > 2
+    assert len(set(ticks.values())) > 1  # rows left at their own steps
+    for uid, ((t, n, seed, kw), (_, run)) in enumerate(zip(specs, runs)):  # ids in insertion order
+        summary = events[uid][-1]
+        assert summary.kind == "summary" and len(summary.tokens) == kw["max_new_tokens"]
+        if kw.get("mode") == "fast":
+            continue
+        record = logs[id(run.denoiser)]
+        cold = MLXDenoiser(model, run.gen, noise=md.SeededNoise(seed))
+        report = tf.replay(cold, record, md.SeededNoise(seed), from_numpy=mx.array)
+        report.check(1e-3)
+        assert report.steps == sum(summary.steps_per_canvas)
+    assert len(fast_checked) >= 4
