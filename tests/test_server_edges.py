@@ -222,20 +222,23 @@ def _long_stream(url: str, **extra):
 
 
 def test_health_tells_the_running_request_from_the_waiting_ones(server):
+    """Four long streams fill the four rows of the default --max-batch; a fifth waits."""
     proc, url = server
-    first = _long_stream(url)
-    lines = first.iter_lines()
-    next(line for line in lines if line.startswith(b"data:"))  # it runs
-    second = _long_stream(url)  # queued behind it
+    streams = []
+    for _ in range(4):
+        streams.append(_long_stream(url))
+        lines = streams[-1].iter_lines()
+        next(line for line in lines if line.startswith(b"data:"))  # it runs
+    streams.append(_long_stream(url))  # queued behind them
     deadline = time.time() + 30
     while time.time() < deadline:
         health = requests.get(url + "/health", timeout=10).json()
-        if health["waiting"] == 1:
+        if health["waiting"] == 1 and health["running"] == 4:
             break
         time.sleep(0.05)
-    assert health["running"] == 1 and health["waiting"] == 1, health
-    first.close()
-    second.close()
+    assert health["running"] == 4 and health["waiting"] == 1 and health["max_batch"] == 4, health
+    for stream in streams:
+        stream.close()
     while time.time() < deadline:
         health = requests.get(url + "/health", timeout=10).json()
         if health["running"] == health["waiting"] == 0:
@@ -248,7 +251,7 @@ def test_health_tells_the_running_request_from_the_waiting_ones(server):
 
 
 def test_sigterm_ends_an_open_stream_with_an_error_and_says_so():
-    proc, url = start_server("--api-key", KEY)
+    proc, url = start_server("--api-key", KEY, "--max-batch", "1")  # the second request waits
     try:
         stream = _long_stream(url, stream_drafts=True)
         events = stream.iter_lines()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from .prompt import PromptSplit, common_prefix_len
 
@@ -90,19 +90,26 @@ class TurnCache:
         """Encodes the new stable tokens in chunks (bounded memory; an image and its
         pixels go whole into one), stoppable between chunks; what was encoded before a
         stop stays (it is a prefix). False when stopped."""
+        for _ in self.prefill_chunks(split, keep):
+            if should_stop():
+                return False
+        return True
+
+    def prefill_chunks(self, split: PromptSplit, keep: int) -> Iterator[int]:
+        """`prefill` one chunk at a time: yields the tokens of the chunk it encodes next,
+        before encoding it (the server's scheduler interleaves chunks with other
+        requests' denoising steps; closing the iterator stops there)."""
         keys = split.keys
-        try:
-            for s, e, images in split.chunks(keep, split.stable, PREFILL_CHUNK):
-                if should_stop():
-                    return False
+        for s, e, images in split.chunks(keep, split.stable, PREFILL_CHUNK):
+            yield e - s
+            try:
                 # (text-only chunks call encode as it always was called)
                 self.backend.encode(self.cache, split.ids[s:e], **({"images": images} if images else {}))
-                self.ids = keys[:e]
-        except BaseException:
-            self.clear("")  # an encoder call broke off midway: the cache is unknown
-            raise
+            except BaseException:
+                self.clear("")  # an encoder call broke off midway: the cache is unknown
+                raise
+            self.ids = keys[:e]
         self.ids = keys[: split.stable]
-        return True
 
     def hold_boundary(self, split: PromptSplit, max_new_tokens: int) -> None:
         """Makes sure the end of the turn can come back to the stable boundary."""

@@ -99,10 +99,9 @@ class BatchDrafter:
                 self._fail(out, uid, e)
             return
         for b, uid in enumerate(uids):
-            row = logits[b:b + 1]
-            self._run(out, uid, lambda run: run.denoiser.decide(run.denoiser.scaled(row, run.step), run.canvas,
-                                                                run.canvas_index, run.step))
-        del logits, row
+            self._run(out, uid, lambda run, row=logits[b:b + 1]: run.denoiser.decide(
+                run.denoiser.scaled(row, run.step), run.canvas, run.canvas_index, run.step))
+        del logits
 
     def _run(self, out: Dict[int, List[Event]], uid: int, step) -> None:
         run = self.rows[uid]

@@ -1,8 +1,10 @@
 """The serving engine behind `mlx-diffgemma serve` (http.py is its HTTP side): one
 `ChatSession` and its `PromptCache`, and the queue in front of them. Requests become
-`Job`s (requests.py), run one at a time on one worker thread (MLX arrays stay on the
-thread that built them), and stream their canvases to a `Sink` (http.py's SSE stream, or
-the collector of a plain reply).
+`Job`s (requests.py), run on one worker thread (MLX arrays stay on the thread that built
+them), and stream their canvases to a `Sink` (http.py's SSE stream, or the collector of a
+plain reply). On the MLX backend up to `max_batch` of them generate at once, one
+denoising step of each per tick (scheduler.py); the torch and speculative backends run
+them one at a time through the session. A full queue (`max_queue` waiting) answers 503.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..chat.backends import make_backend
+from ..chat.backends import MLXBackend, make_backend
 from ..chat.options import chat_max_new_tokens
 from ..chat.session import ChatSession, Interrupted, Prefill
 from ..generation.events import Commit, Draft, Summary
@@ -124,7 +126,7 @@ class Engine:
     def __init__(self, load, model_id: str, *, max_tokens: Optional[int] = None,
                  max_context: Optional[int] = None, cache_entries: int = 4,
                  cache_bytes: int = 8 << 30, aliases=(), settings: Optional[Mapping[str, Any]] = None,
-                 image_dirs=(), target=None):
+                 image_dirs=(), target=None, max_batch: int = 4, max_queue: int = 32):
         """`load()` -> (model, tokenizer) runs on the worker thread: MLX binds arrays to
         the thread that builds them, so the model is built where it runs. `settings`: the
         server's defaults under `resolve`'s names (the mode, with a target its temperature
@@ -132,8 +134,14 @@ class Engine:
         the directories whose files `image_url` parts may name (none: data URLs only).
         `target(model, tokenizer)` -> a speculative backend (http.target_loader): the
         replies are then an autoregressive target's, drafted by the model, and a request's
-        `temperature` is the target's (0: greedy)."""
+        `temperature` is the target's (0: greedy). `max_batch`: requests generating at
+        once (scheduler.py; the MLX backend only, others run one at a time);
+        `max_queue`: requests waiting for a row before new ones are turned away (503)."""
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.target = target
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.scheduler = None  # scheduler.Scheduler when requests run in batches
         self.model_id = model_id
         self.image_dirs = [Path(d).expanduser().resolve() for d in image_dirs]
         self.names = [model_id, *aliases]
@@ -161,6 +169,10 @@ class Engine:
                                    keep_history=False, backend=backend, **settings)
         self.requests = Requests(self.session, self.names, self.image_dirs, self.target is not None)
         self.tokenizer = tokenizer
+        if type(backend) is MLXBackend and getattr(model, "group", None) is None:
+            from .scheduler import Scheduler  # (MLX only: a torch server runs without it)
+
+            self.scheduler = Scheduler(self, self.max_batch, self._output)
 
     def noise_for(self, seed: Optional[int]):
         """The denoiser's noise source for a request (None: MLX's generator, seeded with
@@ -194,6 +206,8 @@ class Engine:
             return
         finally:
             ready.done.set()
+        if self.scheduler is not None:
+            return self.scheduler.run()
         while True:
             task = self.tasks.get()
             if task is None:
@@ -227,7 +241,10 @@ class Engine:
         still queued is dropped; a running generation is stopped and the cache rolled
         back to its stable boundary)."""
         task = _Task(job, sink)
-        self._count(requests=1, waiting=1)
+        with self._counts_lock:
+            self._check_room()
+            self.counts["requests"] += 1
+            self.counts["waiting"] += 1
         self.tasks.put(task)
         while not task.done.wait(0.2):
             with task.lock:
@@ -242,6 +259,20 @@ class Engine:
             raise task.error
         self._count(**{"cancelled" if task.out is None else "completed": 1})
         return task.out
+
+    def check_room(self) -> None:
+        """APIError 503 (server_busy, with Retry-After) when the queue is full."""
+        with self._counts_lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        waiting = self.counts["waiting"]
+        if waiting >= self.max_queue:
+            slots = self.max_batch if self.scheduler is not None else 1
+            err = APIError(503, f"the server is busy: {waiting} requests are waiting for one of {slots} "
+                           "slots; retry shortly", None, "server_busy", "server_error")
+            err.headers = {"Retry-After": "1"}
+            raise err
 
     def stop(self, why: str) -> Dict[str, int]:
         """Starts shutting down: the running generation stops at its next step and it and
@@ -262,8 +293,11 @@ class Engine:
         if self.worker is not threading.current_thread():
             self.worker.join(timeout)
 
+    def _output(self, job: Job) -> Output:
+        return Output(job, ReplyParser(self.tokenizer, job.tools))
+
     def _generate(self, job: Job, sink: Sink) -> Optional[Output]:
-        out = Output(job, ReplyParser(self.tokenizer, job.tools))
+        out = self._output(job)
         opts = job.opts
         events = self.session.complete(job.split, lambda: out.done or self.stopping is not None or sink.poll(),
                                        opts.settings, self.noise_for(opts.settings.seed))
@@ -289,8 +323,9 @@ class Engine:
     def health(self) -> Dict[str, Any]:
         with self._counts_lock:
             counts = dict(self.counts)
+        batching = {} if self.scheduler is None else self.scheduler.health()
         return {"status": "ok" if self.stopping is None else "stopping", "model": self.model_id,
-                **counts,
+                **counts, "max_queue": self.max_queue, "max_batch": 1, **batching,
                 "prompt_cache": {"entries": len(self.prompt_cache),
                                  "bytes": self.prompt_cache.nbytes(self.session),
                                  "hits": self.prompt_cache.hits}}

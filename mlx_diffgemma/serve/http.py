@@ -5,9 +5,10 @@ Endpoints: POST /v1/chat/completions, /v1/completions (streaming or not), GET /v
 unless --max-context lowers it), GET /v1/models/{id}, GET /health.
 
 HTTP stack: the standard library's ThreadingHTTPServer, as mlx-lm's server uses. One
-model serves one generation at a time, so the server needs no async framework: a thread
-per connection waits its turn on a lock (FIFO enough at these rates), and a stream is a
-plain write loop. No extra dependency to install or keep in step.
+model's one worker thread runs every generation (engine.py; several at once on MLX,
+scheduler.py), so the server needs no async framework: a thread per connection waits for
+its reply, and a stream is a plain write loop. No extra dependency to install or keep in
+step.
 
 One `ChatSession` does the work (template split, cache cut, chunked prefill, drafter,
 rollback) in engine.py's `Engine`; the `PromptCache` swaps conversations' cache states
@@ -139,9 +140,11 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def send_json(self, status: int, obj: Dict[str, Any]) -> None:
+    def send_json(self, status: int, obj: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -151,7 +154,7 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def send_api_error(self, err: APIError) -> None:
-        self.send_json(err.status, err.body())
+        self.send_json(err.status, err.body(), getattr(err, "headers", None))
 
     def _authorized(self) -> None:
         key = self.server.api_key
@@ -232,6 +235,7 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(404, f"no such endpoint: POST {path}", None, "not_found")
         self._authorized()
         job = routes[path](parse_json(self._read_body()))
+        self.engine.check_room()  # a full queue turns the request away before a stream starts
         if job.opts.stream:
             return self._stream(job)
         out = self.engine.run(job, Sink(self))
@@ -320,6 +324,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "or absolute path; repeatable; default none: images come as data URLs only)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20),
                    help="largest request body accepted, in MiB (default 16)")
+    p.add_argument("--max-batch", type=flag_type(_positive, "max_batch"), default=4,
+                   help="requests generating at once, their canvases denoised in one forward per step "
+                   "(default 4; 1: one at a time; the MLX backend without --target only)")
+    p.add_argument("--max-queue", type=flag_type(_positive, "max_queue"), default=32,
+                   help="requests that may wait for a free slot; past it the server answers 503 with "
+                   "Retry-After (default 32)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every request to stderr")
     add_target_args(p)
     return p
@@ -330,6 +340,13 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"must be a port number from 0 to 65535 (got {text!r})")
     return port
+
+
+def _positive(text: str) -> int:
+    n = parse_number("the value", int, text)
+    if n < 1:
+        raise ValueError(f"must be an integer >= 1 (got {text!r})")
+    return n
 
 
 def _directory(text: str) -> str:
@@ -348,7 +365,8 @@ def build_engine(args) -> Engine:
                   cache_entries=args.prompt_cache_size,
                   cache_bytes=int(args.prompt_cache_gb * 1e9),
                   aliases=(args.model, str(path), path.name), settings=flag_changes(args),
-                  image_dirs=args.image_dir, target=target_loader(args))
+                  image_dirs=args.image_dir, target=target_loader(args), max_batch=args.max_batch,
+                  max_queue=args.max_queue)
 
 
 def target_loader(args):
