@@ -42,3 +42,27 @@ def stop_server(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def ask_at_once(client, puzzles, seed: int = 0, extras=None, join_s: float = 180):
+    """Each puzzle sent by a client thread of its own, all at once (odd ones streamed);
+    returns {i: reply text}. `client()` makes an `openai` client; `extras[i]`: request
+    i's extra body."""
+    results = {}
+
+    def ask(i, puzzle):
+        r = client().chat.completions.create(
+            model="toy-sudoku", messages=[{"role": "user", "content": puzzle}], seed=seed + i,
+            stream=bool(i % 2), extra_body=extras[i] if extras else None)
+        if i % 2:
+            results[i] = "".join(ch.choices[0].delta.content or "" for ch in r if ch.choices)
+        else:
+            results[i] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i, p)) for i, p in enumerate(puzzles)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_s)
+    return results
+

@@ -91,6 +91,52 @@ def recording(monkeypatch, denoiser_cls) -> Record:
         yield log
 
 
+def record_rows(m, denoiser_cls, logs: dict) -> None:
+    """Records, per denoiser instance (`logs[id(denoiser)]`, a list), every `encode` and
+    every decision of `denoiser_cls` (MLXDenoiser), patched through the monkeypatch `m`.
+    Taken at `decide`, not `step`: a batched step (generation/batch.py) runs the forward
+    for several denoisers and hands each its logits."""
+    encode, decide = denoiser_cls.encode, denoiser_cls.decide
+
+    def rec_encode(self, token_ids):
+        logs.setdefault(id(self), []).append(Encode([int(t) for t in np.asarray(token_ids).reshape(-1)]))
+        return encode(self, token_ids)
+
+    def rec_decide(self, processed, canvas, canvas_index, s):
+        ins = (to_numpy(canvas), to_numpy(self._sc_logits), to_numpy(self._history))
+        out = decide(self, processed, canvas, canvas_index, s)
+        logs.setdefault(id(self), []).append(
+            Step(canvas_index, s, float(self.gen.temperature(s)), *ins,
+                 processed=to_numpy(self._sc_logits).astype(np.float64), argmax=to_numpy(out[1]),
+                 accepted=to_numpy(out[2]), next_canvas=to_numpy(out[0]), stop=bool(out[3])))
+        return out
+
+    m.setattr(denoiser_cls, "encode", rec_encode)
+    m.setattr(denoiser_cls, "decide", rec_decide)
+
+
+def check_batched_forwards(m, fast_cls, checked: list, atol: float = 1e-4) -> None:
+    """Before each batched decision of `fast_cls` (FastDenoiser: its decisions keep host
+    state that a replay cannot feed), the denoiser's own solo forward on the same canvas
+    and state: its logits must be the batched ones within `atol`, argmax equal wherever
+    certain. Appends each step checked to `checked`."""
+    import mlx.core as mx
+
+    decide = fast_cls.decide
+
+    def forced(self, processed, canvas, canvas_index, step, pos=None, idx=None):
+        if pos is None:  # batched (a solo step passes its positions)
+            C = self.canvas_length
+            solo = np.array(self._logits(canvas, np.arange(C), mx.arange(C)) / self.gen.temperature(step))
+            got = np.array(processed)
+            np.testing.assert_allclose(got, solo, atol=atol, rtol=0)
+            assert_argmax_where_certain(got[0], solo[0], f"canvas {canvas_index} step {step}", 0.9)
+            checked.append((canvas_index, step))
+        return decide(self, processed, canvas, canvas_index, step, pos, idx)
+
+    m.setattr(fast_cls, "decide", forced)
+
+
 def from_reference(result, prompt: Sequence[int], canvas_length: int,
                    stability_threshold: int) -> Record:
     """The record of a `hooked_generate(..., record=True)` run of transformers' own

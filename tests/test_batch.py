@@ -131,51 +131,6 @@ def test_a_batch_of_one_is_the_solo_drafter(mixed, mode):
     assert drafter.mean_batch == 1.0
 
 
-def _record_rows(monkeypatch):
-    """Records, per denoiser instance, every encode and every reference-mode decision
-    (teacher_forcing's records, taken at `decide`: a batched step runs no `step`)."""
-    logs = {}
-    encode, decide = MLXDenoiser.encode, MLXDenoiser.decide
-
-    def rec_encode(self, ids):
-        logs.setdefault(id(self), []).append(tf.Encode([int(t) for t in ids]))
-        return encode(self, ids)
-
-    def rec_decide(self, processed, canvas, canvas_index, step):
-        ins = (np.array(canvas), tf.to_numpy(self._sc_logits), tf.to_numpy(self._history))
-        out = decide(self, processed, canvas, canvas_index, step)
-        logs[id(self)].append(tf.Step(canvas_index, step, float(self.gen.temperature(step)), *ins,
-                                      processed=np.array(self._sc_logits).astype(np.float64),
-                                      argmax=np.array(out[1]), accepted=np.array(out[2]),
-                                      next_canvas=np.array(out[0]), stop=bool(out[3])))
-        return out
-
-    monkeypatch.setattr(MLXDenoiser, "encode", rec_encode)
-    monkeypatch.setattr(MLXDenoiser, "decide", rec_decide)
-    return logs
-
-
-def _force_fast_forwards(monkeypatch):
-    """Before each fast-mode decision, the row's own solo forward on the same inputs:
-    its logits must be the batched ones within 1e-4 (argmax equal wherever certain).
-    Returns the steps checked."""
-    checked = []
-    decide = FastDenoiser.decide
-
-    def forced(self, processed, canvas, canvas_index, step, pos=None, idx=None):
-        if pos is None:  # a batched step: the solo forward of the same canvas and state
-            C = self.canvas_length
-            solo = np.array(self._logits(canvas, np.arange(C), mx.arange(C)) / self.gen.temperature(step))
-            got = np.array(processed)
-            np.testing.assert_allclose(got, solo, atol=1e-4, rtol=0)
-            assert_argmax_where_certain(got[0], solo[0], f"canvas {canvas_index} step {step}", 0.9)
-            checked.append((canvas_index, step))
-        return decide(self, processed, canvas, canvas_index, step, pos, idx)
-
-    monkeypatch.setattr(FastDenoiser, "decide", forced)
-    return checked
-
-
 def test_rows_together_give_their_solo_runs(mixed, monkeypatch):
     """Four rows (prompts inside and past the sliding window, 8 to 16 steps, reference
     and fast mode, one joining after three steps) drafted together: each reference row,
@@ -183,8 +138,9 @@ def test_rows_together_give_their_solo_runs(mixed, monkeypatch):
     batch, and each fast row's batched forward is its solo forward along its whole run."""
     model, _ = mixed
     C, V = model.canvas_length, model.vocab_size
-    logs = _record_rows(monkeypatch)
-    fast_checked = _force_fast_forwards(monkeypatch)
+    logs, fast_checked = {}, []
+    tf.record_rows(monkeypatch, MLXDenoiser, logs)
+    tf.check_batched_forwards(monkeypatch, FastDenoiser, fast_checked)
     specs = [  # (tick joined, prompt length, seed, settings)
         (0, 5, 1, dict(max_denoising_steps=8, max_new_tokens=2 * C)),
         (0, 20, 2, dict(max_denoising_steps=16, max_new_tokens=3 * C, stability_threshold=1,

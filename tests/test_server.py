@@ -25,8 +25,8 @@ import pytest
 
 openai = pytest.importorskip("openai")
 import requests  # noqa: E402
+from servers import ask_at_once, stop_server  # noqa: E402
 from servers import start_server as _start  # noqa: E402
-from servers import stop_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
@@ -103,22 +103,7 @@ def test_stop_and_max_tokens(server):
 def test_eight_concurrent_clients_each_get_their_answer(server):
     puzzles = [p for p in HELDOUT if p["blanks"] <= 6][:8]
     assert len({p["solution"] for p in puzzles}) > 1
-    results = {}
-
-    def ask(i, p):
-        r = _client(server).chat.completions.create(
-            model="toy-sudoku", messages=_ask(p["puzzle"]), seed=i,
-            stream=bool(i % 2))
-        if i % 2:
-            results[i] = "".join(ch.choices[0].delta.content or "" for ch in r if ch.choices)
-        else:
-            results[i] = r.choices[0].message.content
-
-    threads = [threading.Thread(target=ask, args=(i, p)) for i, p in enumerate(puzzles)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = ask_at_once(lambda: _client(server), [p["puzzle"] for p in puzzles], join_s=120)
     assert results == {i: p["solution"] for i, p in enumerate(puzzles)}
 
 

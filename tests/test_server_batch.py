@@ -23,9 +23,9 @@ import pytest
 
 openai = pytest.importorskip("openai")
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import teacher_forcing as tf  # noqa: E402
+from servers import ask_at_once  # noqa: E402
 
 import mlx_diffgemma as md  # noqa: E402
 from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
@@ -117,11 +117,10 @@ def test_one_request_at_a_time_is_the_serial_server_token_for_token():
 @contextmanager
 def _recorded(monkeypatch):
     """Per row: its prompt split and settings, and its reference-mode steps as
-    teacher_forcing records; fast rows' batched forwards are checked against their solo
-    forward on the spot. Yields (rows, fast steps checked)."""
+    teacher_forcing records (its prompt first); fast rows' batched forwards are checked
+    against their solo forward on the spot. Yields (rows, records, fast steps checked)."""
     rows, records, fast_checked = {}, {}, []
-    start, decide, fast_decide = sched.Scheduler._start_drafting, MLXDenoiser.decide, FastDenoiser.decide
-    encode = MLXDenoiser.encode
+    start = sched.Scheduler._start_drafting
 
     def start_drafting(self, row):
         start(self, row)
@@ -129,34 +128,10 @@ def _recorded(monkeypatch):
         rows[id(denoiser)] = (row.job.split, row.job.opts.settings)
         records[id(denoiser)] = [tf.Encode(list(row.job.split.ids[: row.job.split.stable]))]
 
-    def rec_encode(self, ids):
-        records[id(self)].append(tf.Encode([int(t) for t in ids]))
-        return encode(self, ids)
-
-    def rec_decide(self, processed, canvas, canvas_index, step):
-        ins = (np.array(canvas), tf.to_numpy(self._sc_logits), tf.to_numpy(self._history))
-        out = decide(self, processed, canvas, canvas_index, step)
-        records[id(self)].append(tf.Step(canvas_index, step, float(self.gen.temperature(step)), *ins,
-                                         processed=np.array(self._sc_logits).astype(np.float64),
-                                         argmax=np.array(out[1]), accepted=np.array(out[2]),
-                                         next_canvas=np.array(out[0]), stop=bool(out[3])))
-        return out
-
-    def forced(self, processed, canvas, canvas_index, step, pos=None, idx=None):
-        if pos is None:  # batched: the row's own forward on the same canvas and state
-            C = self.canvas_length
-            solo = np.array(self._logits(canvas, np.arange(C), mx.arange(C)) / self.gen.temperature(step))
-            got = np.array(processed)
-            np.testing.assert_allclose(got, solo, atol=1e-4, rtol=0)
-            tf.assert_argmax_where_certain(got[0], solo[0], f"canvas {canvas_index} step {step}", 0.9)
-            fast_checked.append(step)
-        return fast_decide(self, processed, canvas, canvas_index, step, pos, idx)
-
     with monkeypatch.context() as m:
         m.setattr(sched.Scheduler, "_start_drafting", start_drafting)
-        m.setattr(MLXDenoiser, "encode", rec_encode)
-        m.setattr(MLXDenoiser, "decide", rec_decide)
-        m.setattr(FastDenoiser, "decide", forced)
+        tf.record_rows(m, MLXDenoiser, records)
+        tf.check_batched_forwards(m, FastDenoiser, fast_checked)
         yield rows, records, fast_checked
 
 
@@ -180,24 +155,9 @@ def test_concurrent_clients_each_get_their_solo_reply(monkeypatch):
     puzzles = [p for p in HELDOUT if p["blanks"] <= 6][:6]
     extras = [{}, {"max_denoising_steps": 16}, {"mode": "fast"}, {"max_denoising_steps": 32},
               {"mode": "fast", "max_denoising_steps": 24}, {}]
-    results = {}
     with _recorded(monkeypatch) as (rows, records, fast_checked), \
             _served(seeded_noise=True, cache_entries=0) as srv:
-
-        def ask(i, p):
-            r = _client(srv.url).chat.completions.create(
-                model="toy-sudoku", messages=_ask(p["puzzle"]), seed=40 + i, stream=bool(i % 2),
-                extra_body=extras[i])
-            if i % 2:
-                results[i] = "".join(ch.choices[0].delta.content or "" for ch in r if ch.choices)
-            else:
-                results[i] = r.choices[0].message.content
-
-        threads = [threading.Thread(target=ask, args=(i, p)) for i, p in enumerate(puzzles)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
+        results = ask_at_once(lambda: _client(srv.url), [p["puzzle"] for p in puzzles], 40, extras)
         health = _health(srv.url)
     assert results == {i: p["solution"] for i, p in enumerate(puzzles)}
     assert health["mean_batch"] > 1.5 and health["completed"] == 6, health

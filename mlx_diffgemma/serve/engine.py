@@ -57,6 +57,17 @@ class Output:
             content, self.finish = content[:cut], "stop"
         self.content, self.reasoning, self.tool_calls = content, parsed.reasoning, parsed.tool_calls
 
+    def take(self, ev, sink: "Sink") -> None:
+        """A drafter event (Draft, Commit, Summary) into this reply and out to `sink`."""
+        if isinstance(ev, Draft):
+            if self.job.opts.stream_drafts:
+                sink.draft(self, ev)
+        elif isinstance(ev, Commit):
+            self.add(ev.tokens)
+            sink.commit(self)
+        elif isinstance(ev, Summary):
+            self.end(ev.finish_reason)
+
     def end(self, finish_reason: str) -> None:
         if self.finish is None:
             self.finish = "stop" if finish_reason == "eos" else "length"
@@ -212,11 +223,8 @@ class Engine:
             task = self.tasks.get()
             if task is None:
                 return
-            with task.lock:
-                if task.cancelled:
-                    continue
-                task.started = True
-            self._count(waiting=-1, running=1)
+            if not self.begin(task):
+                continue
             try:
                 if self.stopping is not None:
                     raise self.shutdown_error()
@@ -230,6 +238,16 @@ class Engine:
             finally:
                 self._count(running=-1)
                 task.done.set()
+
+    def begin(self, task: "_Task") -> bool:
+        """Marks a task taken off the queue as running; False when its client left while
+        it waited (it is dropped)."""
+        with task.lock:
+            if task.cancelled:
+                return False
+            task.started = True
+        self._count(waiting=-1, running=1)
+        return True
 
     def _count(self, **deltas: int) -> None:
         with self._counts_lock:
@@ -305,13 +323,8 @@ class Engine:
             for ev in events:
                 if isinstance(ev, Prefill):
                     out.cached = ev.reused
-                elif isinstance(ev, Draft) and opts.stream_drafts:
-                    sink.draft(out, ev)
-                elif isinstance(ev, Commit):
-                    out.add(ev.tokens)
-                    sink.commit(out)
-                elif isinstance(ev, Summary):
-                    out.end(ev.finish_reason)
+                elif isinstance(ev, (Draft, Commit, Summary)):
+                    out.take(ev, sink)
                 elif isinstance(ev, Interrupted) and not out.done:
                     if self.stopping is not None:
                         raise self.shutdown_error()

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import queue
 import random
+import traceback
 from typing import Any, Callable, Iterator, List, Optional
 
 from ..chat.turn_cache import CacheState, TurnCache
 from ..generation.api import make_denoiser, on_device
 from ..generation.batch import BatchDrafter, RowFailed
-from ..generation.events import Commit, Draft, Summary
+from ..generation.events import Summary
 from ..generation.loop import Drafting, text_decoder
 from ..generation.noise import KeyStream
 from ..generation.settings import SEED_MAX
@@ -87,7 +88,12 @@ class Scheduler:
             self._admit(block=True)
             with on_device(self.model):
                 while self.rows:
-                    self.tick()
+                    try:
+                        self.tick()
+                    except Exception as e:  # a bug of ours: every row gets it, the server goes on
+                        traceback.print_exc()
+                        for row in list(self.rows):
+                            self._leave(row, error=e)
 
     def tick(self) -> None:
         self._admit(block=False)
@@ -109,11 +115,8 @@ class Scheduler:
             if task is None:
                 self.closing = True
                 return
-            with task.lock:
-                if task.cancelled:
-                    continue
-                task.started = True
-            engine._count(waiting=-1, running=1)
+            if not engine.begin(task):
+                continue
             try:
                 if engine.stopping is not None:
                     raise engine.shutdown_error()
@@ -173,17 +176,12 @@ class Scheduler:
     # -- events -----------------------------------------------------------------------------
 
     def _emit(self, row: Row, events) -> None:
-        out, sink, opts = row.out, row.task.sink, row.job.opts
+        out = row.out
         for ev in events:
             if isinstance(ev, RowFailed):
                 return self._leave(row, error=ev.error)
-            if isinstance(ev, Draft) and opts.stream_drafts:
-                sink.draft(out, ev)
-            elif isinstance(ev, Commit):
-                out.add(ev.tokens)
-                sink.commit(out)
-            elif isinstance(ev, Summary):
-                out.end(ev.finish_reason)
+            out.take(ev, row.task.sink)
+            if isinstance(ev, Summary):
                 return self._leave(row)
         if out.done:  # a stop string or max_tokens: the reply ends at this canvas
             self._leave(row)
