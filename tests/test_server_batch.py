@@ -247,3 +247,23 @@ def test_a_request_arriving_mid_reply_is_answered_before_the_reply_ends():
         long_thread.join(180)
     assert r.choices[0].message.content == HELDOUT[2]["solution"]
     assert long_done and long_done[0][-1].usage.completion_tokens == 240
+
+
+def test_stop_strings_and_max_tokens_end_their_own_rows_only():
+    """Beside a long stream, a reply cut by a stop string and one cut by max_tokens end
+    at their own step with their own finish reasons; the long one runs to full length."""
+    p = HELDOUT[0]
+    with _served(cache_entries=0) as srv:
+        long_done = []
+        long_thread = threading.Thread(target=lambda: long_done.append([c for c in _long(srv.url, seed=9)]))
+        long_thread.start()
+        c = _client(srv.url)
+        stopped = c.chat.completions.create(model="toy-sudoku", messages=_ask(p["puzzle"]), seed=3,
+                                            stop=[p["solution"][5:8]])
+        cut = c.chat.completions.create(model="toy-sudoku", messages=_ask(p["puzzle"]), seed=3, max_tokens=6)
+        assert not long_done
+        long_thread.join(180)
+    assert stopped.choices[0].message.content == p["solution"][:5]
+    assert stopped.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == p["solution"][:6] and cut.choices[0].finish_reason == "length"
+    assert long_done[0][-1].usage.completion_tokens == 240

@@ -250,6 +250,10 @@ class DecoderLayer(nn.Module):
         keys, values = attn.keys_values(kb, vb, cache=cache)
         return self.finish(x, q, keys, values, None, self.layer_scalar)
 
+    def attention(self, q, k, v, mask) -> mx.array:
+        """Attention of the queries `q` over `k`, `v`, with its output norm."""
+        return self.attention_output(self.self_attn.attend(q, k, v, mask))
+
     def attention_output(self, out: mx.array) -> mx.array:
         """The attention's `o_proj` output `out` summed over ranks and normed."""
         if self.group is not None:  # each rank's heads gave a partial o_proj output
