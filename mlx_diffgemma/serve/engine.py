@@ -105,6 +105,12 @@ class Sink:
     def __init__(self, handler: Any):
         self.handler = handler
         self.gone = False
+        # Set when there is something to write or the request is done: the request's
+        # thread wakes to write it (the worker never writes to a socket itself).
+        self.wake = threading.Event()
+
+    def flush(self) -> None:
+        """Writes what the worker queued (called on the request's thread)."""
 
     def poll(self) -> bool:
         self.gone = self.gone or self.handler.client_gone()
@@ -128,6 +134,11 @@ class _Task:
         self.started = self.cancelled = False
         self.out: Optional[Output] = None
         self.error: Optional[BaseException] = None
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.sink is not None:
+            self.sink.wake.set()
 
 
 class Engine:
@@ -237,7 +248,7 @@ class Engine:
                 task.error = e
             finally:
                 self._count(running=-1)
-                task.done.set()
+                task.finish()
 
     def begin(self, task: "_Task") -> bool:
         """Marks a task taken off the queue as running; False when its client left while
@@ -264,7 +275,12 @@ class Engine:
             self.counts["requests"] += 1
             self.counts["waiting"] += 1
         self.tasks.put(task)
-        while not task.done.wait(0.2):
+        while True:
+            sink.wake.wait(0.2)
+            sink.wake.clear()
+            sink.flush()
+            if task.done.is_set():
+                break
             with task.lock:
                 if task.started:
                     continue

@@ -7,7 +7,8 @@ unless --max-context lowers it), GET /v1/models/{id}, GET /health.
 HTTP stack: the standard library's ThreadingHTTPServer, as mlx-lm's server uses. One
 model's one worker thread runs every generation (engine.py; several at once on MLX,
 scheduler.py), so the server needs no async framework: a thread per connection waits for
-its reply, and a stream is a plain write loop. No extra dependency to install or keep in
+its reply and writes what the worker queued for it (the worker never blocks on a slow
+client), and a stream is a plain write loop. No extra dependency to install or keep in
 step.
 
 One `ChatSession` does the work (template split, cache cut, chunked prefill, drafter,
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import hmac
 import json
+import queue
 import select
 import signal
 import socket
@@ -61,16 +63,29 @@ class SSEStream(Sink):
         self.job = job
         self.keepalive_s = keepalive_s
         self.last = time.monotonic()
+        self.pending: "queue.Queue[bytes]" = queue.Queue()
 
     def _write(self, data: bytes) -> None:
-        if self.gone:
-            return
-        try:
-            self.handler.wfile.write(data)
-            self.handler.wfile.flush()
-            self.last = time.monotonic()
-        except OSError:
-            self.gone = True
+        """Queues `data` for the request's thread (`flush`): the worker thread that calls
+        `commit` and `draft` never blocks on a slow client."""
+        if not self.gone:
+            self.pending.put(data)
+            self.wake.set()
+
+    def flush(self) -> None:
+        while True:
+            try:
+                data = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if self.gone:
+                continue
+            try:
+                self.handler.wfile.write(data)
+                self.handler.wfile.flush()
+                self.last = time.monotonic()
+            except OSError:
+                self.gone = True
 
     def send(self, obj: Dict[str, Any]) -> None:
         self._write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
@@ -91,6 +106,7 @@ class SSEStream(Sink):
         self.handler.end_headers()
         if self.job.kind == "chat":
             self.send(chunk(self.job, delta_choice(self.job, role=True)))
+        self.flush()
 
     def commit(self, out: Output) -> None:
         content, reasoning = out.deltas()
@@ -111,10 +127,12 @@ class SSEStream(Sink):
         if self.job.opts.include_usage:
             self.send(chunk(self.job, None, usage=out.usage()))
         self._write(b"data: [DONE]\n\n")
+        self.flush()
 
     def error(self, err: APIError) -> None:
         self.send(err.body())
         self._write(b"data: [DONE]\n\n")
+        self.flush()
 
 
 # -- HTTP ------------------------------------------------------------------------------------

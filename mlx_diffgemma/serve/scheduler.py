@@ -205,7 +205,7 @@ class Scheduler:
     def _end(self, out, task, error: Optional[BaseException] = None) -> None:
         task.out, task.error = out, error
         self.engine._count(running=-1)
-        task.done.set()
+        task.finish()
 
     # -- reporting --------------------------------------------------------------------------
 
