@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,4 +66,26 @@ def ask_at_once(client, puzzles, seed: int = 0, extras=None, join_s: float = 180
     for t in threads:
         t.join(join_s)
     return results
+
+
+@contextmanager
+def served_in_process(engine_cls=None, seeded_noise: bool = False, api_key=None, **engine_kw):
+    """An `Engine` (or `engine_cls`) on toy-sudoku behind a `Server` on a free port, in
+    this process (so a test can record what the worker does); `seeded_noise`: a request's
+    seed picks a `SeededNoise` instead of MLX's generator."""
+    import mlx_diffgemma as md
+    from mlx_diffgemma.serve.engine import Engine
+    from mlx_diffgemma.serve.http import Server
+
+    engine = (engine_cls or Engine)(lambda: md.load("toy-sudoku"), "toy-sudoku", **engine_kw)
+    if seeded_noise:
+        engine.noise_for = lambda seed: None if seed is None else md.SeededNoise(seed)
+    srv = Server(engine, "127.0.0.1", 0, api_key=api_key)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        engine.close()
 

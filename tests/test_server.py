@@ -17,7 +17,6 @@ same request twice on the same cache path) are compared exactly.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 import requests  # noqa: E402
-from servers import ask_at_once, stop_server  # noqa: E402
+from servers import ask_at_once, served_in_process, stop_server  # noqa: E402
 from servers import start_server as _start  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,21 +206,8 @@ def test_every_bad_request_gets_a_4xx_and_the_server_keeps_serving(server):
 
 @pytest.fixture(scope="module")
 def local_server():
-    import mlx_diffgemma as md
-    from mlx_diffgemma.serve.engine import Engine
-    from mlx_diffgemma.serve.http import Server
-
-    engine = Engine(lambda: md.load("toy-sudoku"), "toy-sudoku", cache_entries=2)
-    engine.noise_for = lambda seed: None if seed is None else md.SeededNoise(seed)
-    srv = Server(engine, "127.0.0.1", 0, api_key="sekret")
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with served_in_process(seeded_noise=True, api_key="sekret", cache_entries=2) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        engine.close()
 
 
 def test_api_key_is_required_when_set(local_server):

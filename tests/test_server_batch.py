@@ -25,14 +25,13 @@ openai = pytest.importorskip("openai")
 import mlx.core as mx  # noqa: E402
 import requests  # noqa: E402
 import teacher_forcing as tf  # noqa: E402
-from servers import ask_at_once  # noqa: E402
+from servers import ask_at_once, served_in_process  # noqa: E402
 
 import mlx_diffgemma as md  # noqa: E402
 from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
 from mlx_diffgemma.generation.fast import FastDenoiser  # noqa: E402
 from mlx_diffgemma.serve import scheduler as sched  # noqa: E402
 from mlx_diffgemma.serve.engine import Engine  # noqa: E402
-from mlx_diffgemma.serve.http import Server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
@@ -48,19 +47,8 @@ class SerialEngine(Engine):
         self.scheduler = None
 
 
-@contextmanager
 def _served(engine_cls=Engine, seeded_noise=False, **kw):
-    engine = engine_cls(lambda: md.load("toy-sudoku"), "toy-sudoku", **kw)
-    if seeded_noise:
-        engine.noise_for = lambda seed: None if seed is None else md.SeededNoise(seed)
-    srv = Server(engine, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        engine.close()
+    return served_in_process(engine_cls, seeded_noise, **kw)
 
 
 def _client(url):

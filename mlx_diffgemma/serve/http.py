@@ -410,6 +410,9 @@ def main_serve(args) -> int:
     drafting = f", drafting for {args.target}" if args.target else ""
     if engine.session.context_note:
         log(engine.session.context_note)
+    if engine.scheduler is None and args.max_batch > 1:
+        who = "with --target the server" if args.target else f"the {engine.session.backend.name} backend"
+        log(f"--max-batch {args.max_batch} is not used: {who} runs one request at a time")
     print(f"mlx-diffgemma serve: {engine.model_id} (context {engine.context_length:,} tokens{drafting}) "
           f"listening on {server.url}", flush=True)
     try:
