@@ -158,12 +158,12 @@ def test_eos_ends_generation_like_the_reference(damped):
     ):
         free = _summary(run(**kw))
         eos = free.tokens[C + 3]
-        ours = _summary(run(kw, eos_token_id=[eos]))
+        ours = _summary(run(**dict(kw, eos_token_id=[eos])))
         cut = free.tokens.index(eos) + 1
         assert ours.tokens == free.tokens[:cut], name
         assert ours.finish_reason == "eos" and ours.canvases == cut // C + (cut % C > 0), name
         if name == "torch":
-            reference = hooked_generate(ref, np.array([prompt]), noise, kw, eos_token_id=[eos])
+            reference = hooked_generate(ref, np.array([prompt]), noise, **dict(kw, eos_token_id=[eos]))
             ref_tokens = reference.tokens[0].tolist()
             assert ref_tokens[:cut] == ours.tokens
             assert all(t == 0 for t in ref_tokens[cut:])  # the reference pads with pad_token_id

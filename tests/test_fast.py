@@ -17,7 +17,7 @@ import mlx_diffgemma as md
 from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, sparse_soft_embedding_bound
 from mlx_diffgemma.generation.loop import stream
 from mlx_diffgemma.generation.settings import defaults, resolve
-from mlx_diffgemma.models.model import rope_at, sparse_soft_embedding
+from mlx_diffgemma.models.layers import rope_at, sparse_soft_embedding
 
 RUNS = [DRAFTER_RUNS[i] for i in (0, 3, 4)]  # a plain run and both data-dependent stops
 

@@ -66,7 +66,7 @@ def test_the_readmes_first_python_example_uses_the_chat_template(toy, monkeypatc
                         or real(ids, cache, *a, **k))
     monkeypatch.setattr(md, "load", lambda name: toy)
     # the toy's context holds one 24-token canvas after the prompt
-    monkeypatch.setattr(md, "generate", lambda *a, **k: _summary(*a, k, max_new_tokens=24).text)
+    monkeypatch.setattr(md, "generate", lambda *a, **k: _summary(*a, **dict(k, max_new_tokens=24)).text)
     exec(compile(example, "README.md", "exec"), {"__name__": "readme"})
     question = re.search(r"\"content\": \"([^\"]+)\"", example).group(1)
     assert encoded[0] == split_prompt(tok, [{"role": "user", "content": question}]).ids

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from tiny_checkpoints import media_token_ids, reference_processor, vision_token_config, write_tokenizer
 
-from mlx_diffgemma.images.load import ImageError, load_image
-from mlx_diffgemma.images.processor import PIL_MISSING, ImageConfig, Processor, preprocess
+from mlx_diffgemma.images.load import PIL_MISSING, ImageError, load_image
+from mlx_diffgemma.images.processor import ImageConfig, Processor, preprocess
 
 VOCAB = 384
 

@@ -417,6 +417,7 @@ def test_serve_with_a_target_replies_with_the_targets_greedy_output(monkeypatch)
 
     import requests
 
+    from mlx_diffgemma.chat.backends import SpeculativeBackend
     from mlx_diffgemma.chat.prompt import split_prompt
     from mlx_diffgemma.models.paths import ASSETS_DIR
     from mlx_diffgemma.serve.http import Server, add_serve_args, build_engine
@@ -428,7 +429,7 @@ def test_serve_with_a_target_replies_with_the_targets_greedy_output(monkeypatch)
     verify = spec.Target.verify
     monkeypatch.setattr(spec.Target, "verify", lambda self, ids: verified.append(len(ids)) or verify(self, ids))
     engine = build_engine(args)
-    assert isinstance(engine.session.backend, spec.SpeculativeBackend)
+    assert isinstance(engine.session.backend, SpeculativeBackend)
     srv = Server(engine, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:

@@ -84,8 +84,9 @@ FAKE_REPLY = textwrap.dedent("""
     class Fake:
         def __init__(self, backend):
             self.max_context, self.canvas_length = backend.max_context, backend.canvas_length
+            self.name = backend.name
 
-        def stream_generate(self, tokenizer, ids, cache, noise, seed, kw, images=None):
+        def stream_generate(self, tokenizer, ids, cache, settings, noise=None, images=None):
             for i, text in enumerate(TEXTS):
                 for step in (3, 2, 1):
                     yield Draft(i, step, [7 + step] * 12, [step == 1] * 12)

@@ -136,6 +136,10 @@ class ChatSession:
     # -- the conversation and its cache ------------------------------------------------
 
     @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
     def cache(self):
         return self.kv.cache
 
