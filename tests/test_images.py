@@ -281,6 +281,7 @@ def test_pillow_missing(monkeypatch):
     assert PIL_MISSING.startswith("images need Pillow")
 
 
+@pytest.mark.slow
 def test_text_generation_needs_no_pillow():
     """Pillow is the [images] extra: `generate` on text runs in an interpreter where
     importing PIL fails, and never imports it."""

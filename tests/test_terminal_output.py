@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from terminals import REPO, Pexpect, Tmux, wait
 
+pytestmark = pytest.mark.slow  # drives the command line in real terminals
+
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
 TARGET = REPO / "benchmarks" / "toy-sudoku-target"
 PUZZLE, SOLUTION = "1.3.34..2.4.4.1.", "1234342121434312"
