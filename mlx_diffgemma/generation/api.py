@@ -3,10 +3,12 @@ default, token-exact to the reference) or fast mode (fast.py)."""
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..models.cache import EncoderCache
 from ..models.distributed import shared_seed
@@ -27,18 +29,50 @@ def make_denoiser(model, settings: Settings, *, cache=None, noise=None) -> MLXDe
     return checked(MLXDenoiser(model, settings.gen, cache=cache, noise=noise), model)
 
 
+_generation_streams: dict = {}
+
+
+def generation_stream():
+    """The stream a generation's work goes to on Metal, one per thread (mlx-lm keeps the
+    same), so that it does not queue behind other work on the default stream."""
+    device = mx.default_device()
+    if device not in _generation_streams:
+        _generation_streams[device] = mx.new_thread_local_stream(device)
+    return _generation_streams[device]
+
+
+@contextmanager
+def wired_limit(model, stream):
+    """Wires the device's recommended working set while a generation runs, so that the
+    weights stay resident between steps instead of being paged out (a model over 90% of
+    it is said to page). The previous limit comes back once the stream's work is done:
+    the limit must not change under running work."""
+    limit = mx.device_info().get("max_recommended_working_set_size")
+    if limit is None:
+        yield
+        return
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if weights > 0.9 * limit:
+        warnings.warn(f"the weights take {weights >> 20} MB of the {limit >> 20} MB this Mac keeps resident: "
+                      "generation will page and run slowly; a smaller quantization recipe fits (README)")
+    previous = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.synchronize(stream)
+        mx.set_wired_limit(previous)
+
+
 @contextmanager
 def on_device(model):
-    """mlx-lm's wired limit and generation stream around a generation on Metal: the
-    weights stay resident while it runs, and its work goes to a stream of its own (one
-    per thread). Nothing elsewhere: on the CPU the forward already runs on lanes of their
-    own streams (lanes.py), and CUDA has no wired memory to set."""
+    """The wired limit and the generation stream around a generation on Metal. Nothing
+    elsewhere: on the CPU the forward already runs on lanes of their own streams
+    (lanes.py), and CUDA has no wired memory to set."""
     if not mx.metal.is_available():
         yield
         return
-    from mlx_lm.generate import generation_stream, wired_limit
-
-    with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
+    stream = generation_stream()
+    with wired_limit(model, stream), mx.stream(stream):
         yield
 
 
