@@ -65,9 +65,9 @@ class FastOptions:
     # argmax, is what saves the steps (BENCHMARKS.md, "Fast mode").
     freeze: Optional[str] = "confidence"
     confidence: float = 0.9
-    # Off by default (not in the tuning grid; on toy-sudoku-open's test split it cost 0.3
-    # points, refresh_every=1 none, for 3.28x / 3.15x less time at 26B-A4B against 2.93x);
-    # the lever for a 256-token canvas, where most positions freeze early.
+    # Off by default (not in the tuning grid; its cost in accuracy and its saving at
+    # 26B-A4B are in BENCHMARKS.md, "Fast mode"); the lever for a 256-token canvas, where
+    # most positions freeze early.
     active_set: bool = False
     # With the active set: after this many active-set steps one step computes every
     # position again, refreshing frozen positions' stale keys and values (0: never; the
@@ -79,9 +79,9 @@ class FastOptions:
     repair: bool = False
     # Self-correction (freezing.py): a frozen position re-opens when the model turns
     # against it. Defaults picked on the toys' tuning split (scripts/tune_fast.py): the
-    # 0.99 floor with re-opening to noise took toy-sudoku-open from 88.9% to 97.8%
-    # (reference 99.4%) for 3.52 instead of 2.92 steps per canvas; the other rules did
-    # not add accuracy there.
+    # 0.99 floor with re-opening to noise bought toy-sudoku-open's accuracy back for a
+    # few more steps per canvas (BENCHMARKS.md, "Fast mode"); the other rules did not
+    # add accuracy there.
     revoke_floor: float = 0.99  # re-open a frozen token whose probability falls below this (0: never)
     revoke_margin: Optional[float] = None  # re-open one whose argmax beats it by this probability (None: never)
     reopen_noise: bool = True  # a re-opened position restarts from a random token, not its argmax
