@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -88,6 +88,7 @@ def stream_generate(
     mode: str = "reference",
     fast: Optional[FastOptions] = None,
     chat: bool = False,
+    fixed: Optional[Mapping[int, int]] = None,
     **generation_kwargs,
 ) -> Iterator[Event]:
     """Generates with block diffusion, yielding a `Draft` per denoising step, a `Commit`
@@ -106,13 +107,18 @@ def stream_generate(
     `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`, `eos_token_id`,
     `pad_token_id`) default to the checkpoint's generation_config.json.
     `mode="fast"` runs fast.py's denoiser (`fast`: its options, default FastOptions()).
+    `fixed` ({position: token_id}, positions counted from the first generated token)
+    holds those tokens in their canvases from the first step (fixed.py): never resampled,
+    shown as accepted, committed as given; no EOS before the last of them.
     """
     settings = resolve(defaults(model), mode=mode, fast=fast, seed=seed, **generation_kwargs)
-    yield from run(model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise, chat=chat)
+    yield from run(model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise, chat=chat,
+                   fixed=fixed)
 
 
 def run(model, tokenizer, prompt, settings: Settings, *, images=None, cache: Optional[EncoderCache] = None,
-        noise: Optional[NoiseSource] = None, chat: bool = False) -> Iterator[Event]:
+        noise: Optional[NoiseSource] = None, chat: bool = False,
+        fixed: Optional[Mapping[int, int]] = None) -> Iterator[Event]:
     """`stream_generate` with its settings resolved: what the chat backends call."""
     prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
     seed = settings.seed
@@ -123,7 +129,7 @@ def run(model, tokenizer, prompt, settings: Settings, *, images=None, cache: Opt
     denoiser = make_denoiser(model, settings, cache=cache, noise=noise)
     denoiser.images = image_inputs  # encoded with the prompt
     with on_device(model):
-        yield from stream(denoiser, tokenizer, prompt)
+        yield from stream(denoiser, tokenizer, prompt, fixed=fixed)
 
 
 def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:

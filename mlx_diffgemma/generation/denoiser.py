@@ -12,6 +12,8 @@ import numpy as np
 from ..models.cache import EncoderCache
 from ..models.config import GenerationConfig
 from ..models.distributed import agree, checksum, watch
+from .fixed import CanvasFixed
+from .fixed_sampling import DeviceFixed, ban_eos, sample_fixed
 from .noise import NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
 
@@ -52,13 +54,19 @@ class MLXDenoiser:
         kw = {} if images is None else images.encoder_kwargs()
         self.model.encode(mx.array(np.asarray(token_ids, dtype=np.int32).reshape(1, -1)), self.cache, **kw)
 
-    def start_canvas(self, canvas_index: int) -> mx.array:
+    _fixed: Optional[DeviceFixed] = None  # this canvas's fixed positions (fixed.py)
+
+    def start_canvas(self, canvas_index: int, fixed: Optional[CanvasFixed] = None) -> mx.array:
         self._sc_logits = None
         self._history = None
         shape = (1, self.canvas_length)
         if self.noise is not None:
-            return mx.array(self.noise.init_canvas(canvas_index, shape, self.vocab_size).astype(np.int32))
-        return mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32)
+            canvas = mx.array(self.noise.init_canvas(canvas_index, shape, self.vocab_size).astype(np.int32))
+        else:
+            canvas = mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32)
+        # Drawn as without fixed positions, so the noise stream does not shift.
+        self._fixed = None if fixed is None else DeviceFixed(fixed, self.canvas_length)
+        return canvas if fixed is None else self._fixed.place(canvas)
 
     # Speculative drafting (speculative.py) reads the last step's raw logits
     # (`last_logits`); off otherwise, so the scaled logits can take their buffer.
@@ -78,6 +86,8 @@ class MLXDenoiser:
         """The reference sampler on one step's processed (temperature-scaled) logits
         (split from `step` so the bench can time it alone)."""
         gen = self.gen
+        if self._fixed is not None:
+            processed = ban_eos(processed, self._fixed)
         argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
         if self.noise is not None:
             g = mx.array(self.noise.gumbel(canvas_index, step, processed.shape))
@@ -88,13 +98,17 @@ class MLXDenoiser:
         else:
             sample = mx.random.categorical(processed, axis=-1).astype(mx.int32)
             fresh = mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32)
-        entropy = token_entropy(processed)
-        accepted = entropy_bound_accept(entropy, gen.entropy_bound)
-        # Accepted positions take the sample; every other position is renoised.
-        next_canvas = mx.where(accepted, sample, fresh)
-        stop, self._history = stable_and_confident(
-            argmax, self._history, entropy, gen.stability_threshold, gen.confidence_threshold
-        )
+        if self._fixed is not None:
+            next_canvas, argmax, accepted, stop, self._history = sample_fixed(
+                processed, argmax, sample, fresh, self._fixed, gen, self._history)
+        else:
+            entropy = token_entropy(processed)
+            accepted = entropy_bound_accept(entropy, gen.entropy_bound)
+            # Accepted positions take the sample; every other position is renoised.
+            next_canvas = mx.where(accepted, sample, fresh)
+            stop, self._history = stable_and_confident(
+                argmax, self._history, entropy, gen.stability_threshold, gen.confidence_threshold
+            )
         # The reference feeds the processed logits back, cast to the embedding dtype.
         self._sc_logits = processed.astype(self.model.dtype)
         mx.eval(next_canvas, argmax, accepted, stop, self._sc_logits, self._history)

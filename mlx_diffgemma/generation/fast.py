@@ -52,6 +52,7 @@ import numpy as np
 
 from ..models.config import GenerationConfig
 from .denoiser import MLXDenoiser
+from .fixed_sampling import ban_eos
 from .freezing import Freezing
 from .noise import NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
@@ -203,11 +204,13 @@ class FastDenoiser(MLXDenoiser):
 
     # -- per canvas -----------------------------------------------------------------
 
-    def start_canvas(self, canvas_index: int) -> mx.array:
-        canvas = super().start_canvas(canvas_index)
+    def start_canvas(self, canvas_index: int, fixed=None) -> mx.array:
+        canvas = super().start_canvas(canvas_index, fixed)
         C = self.canvas_length
         # Host-side: which positions are frozen, with what tokens, and when they re-open.
         self.freezing = Freezing(self.options, C, self._eos, self.gen.pad_token_id)
+        if fixed is not None:  # frozen from the start, for good (never re-opened)
+            self.freezing.hold_fixed(fixed.mask(C), fixed.full_tokens(C))
         self._refresh = np.zeros(C, dtype=bool)  # frozen last step: computed once more
         self._kv: Optional[List[Tuple[mx.array, mx.array]]] = None
         self._since_full = 0  # steps since the last step that computed every position
@@ -241,6 +244,8 @@ class FastDenoiser(MLXDenoiser):
             self.last_logits = logits
         processed = logits / self.gen.temperature(step)
         del logits
+        if self._fixed is not None:  # before the top-K, which a banned EOS could enter
+            processed = ban_eos(processed, self._fixed, None if len(pos) == self.canvas_length else idx)
         self._count(len(pos))
         return self._decide(processed, canvas, pos, idx, canvas_index, step)
 
@@ -310,17 +315,20 @@ class FastDenoiser(MLXDenoiser):
         keep = fz.frozen.copy()
         if o.commit_argmax:
             keep[pos] = False
+        keep |= fz.fixed
         argmax_out = mx.where(mx.array(keep[None]), tokens, self._argmax_all)
         if o.freeze is not None and fz.frozen.all():
             stop = mx.array([True])
         else:
             stop, self._history = stable_and_confident(
                 argmax_out, self._history, self._entropy_all, gen.stability_threshold,
-                gen.confidence_threshold)
+                gen.confidence_threshold, open=None if self._fixed is None else ~self._fixed.mask)
         self._refresh = newly
         stop_now = bool(stop.all().item()) or step == 1
         if o.repair and stop_now:
             argmax_out = self._repair(argmax_out)
+            if self._fixed is not None:
+                argmax_out = self._fixed.place(argmax_out)
         mx.eval(next_canvas, argmax_out, accepted)
         shown = accepted | frozen_now
         return next_canvas, argmax_out[0], shown[0], bool(stop.all().item())
@@ -395,6 +403,8 @@ class FastDenoiser(MLXDenoiser):
     def _repair(self, canvas: mx.array) -> mx.array:
         """One full forward of the final canvas with fresh keys and values; its argmax."""
         logits = self.model.decode(canvas, self.cache, None)
+        if self._fixed is not None:
+            logits = ban_eos(logits, self._fixed)
         self.work.positions += self.canvas_length
         self.work.lm_head_rows += self.canvas_length
         return mx.argmax(logits, axis=-1).astype(mx.int32)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, 
 
 from ..models.config import GenerationConfig
 from .events import Commit, Draft, Event, Summary
+from .fixed import Fixed, check_fixed
 from .prompt import prompt_ids
 from .settings import check_reserve, reserved_tokens
 
@@ -36,7 +37,8 @@ class Denoiser(Protocol):
 
     def encode(self, token_ids: Sequence[int]) -> None: ...
 
-    def start_canvas(self, canvas_index: int) -> Any: ...
+    def start_canvas(self, canvas_index: int, fixed=None) -> Any:
+        """A fresh canvas; `fixed` (a fixed.CanvasFixed) places and holds its tokens."""
 
     def step(self, canvas: Any, canvas_index: int, step: int) -> tuple:
         """-> (next_canvas, argmax_canvas, accepted_mask, stop: bool)"""
@@ -51,8 +53,11 @@ def draft(
     prompt_ids: Sequence[int],
     gen: GenerationConfig,
     decode_text=None,
+    fixed: Optional[Fixed] = None,
 ) -> Iterator[Event]:
-    """Runs block diffusion for one sequence; yields Draft, Commit and a final Summary."""
+    """Runs block diffusion for one sequence; yields Draft, Commit and a final Summary.
+    `fixed`: positions held at given tokens (fixed.py); a canvas whose every position is
+    fixed is committed as it is, without a step."""
     C = denoiser.canvas_length
     tic = time.perf_counter()
     if len(prompt_ids):
@@ -69,23 +74,12 @@ def draft(
         if previous is not None:
             # The committed canvas joins the context, as the reference encodes it.
             denoiser.encode(previous)
-        canvas = denoiser.start_canvas(canvas_index)
-        steps = 0
-        argmax = None
-        for step in range(gen.max_denoising_steps, 0, -1):
-            canvas, argmax, accepted, stop = denoiser.step(canvas, canvas_index, step)
-            steps += 1
-            yield Draft(
-                canvas_index,
-                step,
-                denoiser.to_list(argmax),
-                [bool(a) for a in denoiser.to_list(accepted)],
-            )
-            if stop:
-                break
-        committed, finished = pad_after_eos(
-            denoiser.to_list(argmax), gen.eos_token_id, gen.pad_token_id
-        )
+        cf = fixed.canvas(canvas_index) if fixed is not None else None
+        if cf is not None and cf.all_fixed(C):
+            steps, final = 0, [int(t) for t in cf.tokens]
+        else:
+            steps, final = yield from _denoise(denoiser, gen, canvas_index, cf)
+        committed, finished = pad_after_eos(final, gen.eos_token_id, gen.pad_token_id)
         previous = committed
         steps_per_canvas.append(steps)
         kept = _strip_eos_padding(committed, finished, gen.pad_token_id)
@@ -124,6 +118,27 @@ def draft(
         finish_reason=finish,
         valid_tokens=valid,
     )
+
+
+def _denoise(denoiser: Denoiser, gen: GenerationConfig, canvas_index: int, cf=None):
+    """Denoises one canvas, yielding a Draft per step; returns (steps, its final argmax)."""
+    canvas = denoiser.start_canvas(canvas_index) if cf is None else denoiser.start_canvas(canvas_index, cf)
+    mask = None if cf is None else cf.mask(denoiser.canvas_length).tolist()
+    steps = 0
+    argmax = None
+    for step in range(gen.max_denoising_steps, 0, -1):
+        canvas, argmax, accepted, stop = denoiser.step(canvas, canvas_index, step)
+        steps += 1
+        yield Draft(
+            canvas_index,
+            step,
+            denoiser.to_list(argmax),
+            [bool(a) for a in denoiser.to_list(accepted)],
+            fixed=mask,
+        )
+        if stop:
+            break
+    return steps, denoiser.to_list(argmax)
 
 
 def _strip_eos_padding(tokens: List[int], finished: bool, pad: int) -> List[int]:
@@ -174,13 +189,17 @@ def pad_after_eos(
 # -- shared by every backend's stream_generate / generate ---------------------------------
 
 
-def stream(denoiser: Denoiser, tokenizer, prompt) -> Iterator[Event]:
+def stream(denoiser: Denoiser, tokenizer, prompt, fixed=None) -> Iterator[Event]:
     """The body of every backend's `stream_generate`: the prompt's ids, the context
-    check, then block diffusion on `denoiser`."""
+    check, then block diffusion on `denoiser` (`fixed`: {position: token_id}, fixed.py)."""
+    gen = denoiser.gen
+    checked = check_fixed(fixed, canvas_length=denoiser.canvas_length, max_new_tokens=gen.max_new_tokens,
+                          vocab_size=denoiser.vocab_size, eos_token_id=gen.eos_token_id,
+                          pad_token_id=gen.pad_token_id)
     ids = prompt_ids(tokenizer, prompt)
-    reserve = reserved_tokens(denoiser.gen, denoiser.canvas_length)
+    reserve = reserved_tokens(gen, denoiser.canvas_length)
     check_reserve(denoiser.cached_tokens + len(ids), reserve, denoiser.max_context)
-    yield from draft(denoiser, ids, denoiser.gen, text_decoder(tokenizer))
+    yield from draft(denoiser, ids, gen, text_decoder(tokenizer), fixed=checked)
 
 
 def run_to_summary(events: Iterator[Event], on_commit: Optional[Callable] = None) -> Summary:
