@@ -29,6 +29,17 @@ def make_denoiser(model, settings: Settings, *, cache=None, noise=None) -> MLXDe
     return checked(MLXDenoiser(model, settings.gen, cache=cache, noise=noise), model)
 
 
+def seeded_denoiser(model, settings: Settings, *, cache=None, noise=None) -> MLXDenoiser:
+    """`make_denoiser` after seeding MLX's generator with `settings.seed` (a split model's
+    ranks, unseeded and without a noise source, agree on one)."""
+    seed = settings.seed
+    if seed is None and noise is None and getattr(model, "group", None) is not None:
+        seed = shared_seed(model.group)  # the ranks of a split model must draw alike
+    if seed is not None:
+        mx.random.seed(seed)
+    return make_denoiser(model, settings, cache=cache, noise=noise)
+
+
 _generation_streams: dict = {}
 
 
@@ -121,12 +132,7 @@ def run(model, tokenizer, prompt, settings: Settings, *, images=None, cache: Opt
         fixed: Optional[Mapping[int, int]] = None) -> Iterator[Event]:
     """`stream_generate` with its settings resolved: what the chat backends call."""
     prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
-    seed = settings.seed
-    if seed is None and noise is None and getattr(model, "group", None) is not None:
-        seed = shared_seed(model.group)  # the ranks of a split model must draw alike
-    if seed is not None:
-        mx.random.seed(seed)
-    denoiser = make_denoiser(model, settings, cache=cache, noise=noise)
+    denoiser = seeded_denoiser(model, settings, cache=cache, noise=noise)
     denoiser.images = image_inputs  # encoded with the prompt
     with on_device(model):
         yield from stream(denoiser, tokenizer, prompt, fixed=fixed)

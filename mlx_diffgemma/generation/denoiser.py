@@ -114,6 +114,16 @@ class MLXDenoiser:
         mx.eval(next_canvas, argmax, accepted, stop, self._sc_logits, self._history)
         return next_canvas, argmax[0], accepted[0], bool(stop.all().item())
 
+    def score(self, canvas: Sequence[int], positions: Sequence[int]) -> list:
+        """Log-probabilities (temperature 1, no self-conditioning) of `canvas`'s own tokens
+        at `positions` under one decoder pass on the cached context; the cache is only read."""
+        ids = mx.array(np.asarray(canvas, dtype=np.int32)[None])
+        logits = self.model.decode(ids, self.cache, None)[0].astype(mx.float32)
+        idx = mx.array(np.asarray(positions, dtype=np.int32))
+        rows = logits[idx]
+        own = mx.take_along_axis(rows, ids[0][idx][:, None], axis=-1)[:, 0]
+        return (own - mx.logsumexp(rows, axis=-1)).tolist()
+
     def to_list(self, row) -> list:
         return row.tolist()
 

@@ -17,6 +17,7 @@ class Draft:
     accepted: List[bool]  # positions that took the denoiser's sample this step (or are fixed)
     kind: str = "draft"
     fixed: Optional[List[bool]] = None  # positions the canvas holds fixed (fixed.py), or None
+    candidate: Optional[int] = None  # an infill's candidate middle length (infilling.py), or None
 
 
 @dataclass

@@ -202,6 +202,16 @@ class TorchDenoiser:
         self._sc_logits = processed.to(self._embed_dtype)
         return next_canvas, argmax[0], self._sampler.accepted_token_mask[0], stop
 
+    @torch.no_grad()
+    def score(self, canvas: Sequence[int], positions: Sequence[int]) -> list:
+        """As `MLXDenoiser.score`: the canvas's own tokens' log-probabilities at `positions`."""
+        ids = self._ids(np.asarray(canvas).reshape(1, -1))
+        logits = self.model(decoder_input_ids=ids, past_key_values=self.cache,
+                            self_conditioning_logits=None).logits[0].float()
+        idx = self._ids(np.asarray(positions))
+        logp = torch.log_softmax(logits[idx], dim=-1)
+        return logp.gather(-1, ids[0][idx][:, None])[:, 0].tolist()
+
     def to_list(self, row: torch.Tensor) -> list:
         return row.tolist()
 
@@ -236,13 +246,18 @@ def run(model, tokenizer, prompt, settings: Settings, *, images=None, cache=None
         fixed: Optional[Mapping[int, int]] = None) -> Iterator[Event]:
     """`stream_generate` with its settings resolved: what the chat backend calls."""
     prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
+    denoiser = seeded_denoiser(model, settings, cache=cache, noise=noise)
+    denoiser.images = image_inputs
+    yield from stream(denoiser, tokenizer, prompt, fixed=fixed)
+
+
+def seeded_denoiser(model, settings: Settings, *, cache=None, noise: Optional[NoiseSource] = None) -> TorchDenoiser:
+    """The torch denoiser of `settings`, its own generator seeded with `settings.seed`."""
     generator = None
     if settings.seed is not None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(settings.seed)
-    denoiser = TorchDenoiser(model, settings.gen, cache=cache, noise=noise, generator=generator)
-    denoiser.images = image_inputs
-    yield from stream(denoiser, tokenizer, prompt, fixed=fixed)
+    return TorchDenoiser(model, settings.gen, cache=cache, noise=noise, generator=generator)
 
 
 def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
