@@ -221,15 +221,18 @@ class ChatSession:
         yield from self._turn(split, should_stop, replace(self.settings, seed=seed), self.noise, finish)
 
     def complete(self, split: PromptSplit, should_stop: Callable[[], bool] = lambda: False,
-                 settings: Optional[Settings] = None, noise=None) -> Iterator[Any]:
+                 settings: Optional[Settings] = None, noise=None,
+                 infill: Optional[Dict[str, Any]] = None) -> Iterator[Any]:
         """One turn of a conversation the caller keeps (the server renders each request's
         messages itself and has checked their context): the same cut, prefill, generation
         and rollback as `send`, on `split` (a `split_prompt`, or a raw prompt whose ids are
         all stable), with this request's `settings`; the session's conversation is left
-        as is."""
-        yield from self._turn(split, should_stop, settings or self.settings, noise, None)
+        as is. `infill`: the turn writes the middle before a suffix instead (the backend's
+        `stream_infill` arguments: `suffix`, `lengths`, `truncate_suffix`, ...)."""
+        yield from self._turn(split, should_stop, settings or self.settings, noise, None, infill)
 
-    def _turn(self, split: PromptSplit, should_stop, settings: Settings, noise, on_finish) -> Iterator[Any]:
+    def _turn(self, split: PromptSplit, should_stop, settings: Settings, noise, on_finish,
+              infill: Optional[Dict[str, Any]] = None) -> Iterator[Any]:
         keep, rolled_back, note = self.kv.cut_to(split, self.keep_history)
         tic = time.perf_counter()
         if not self.kv.prefill(split, keep, should_stop):
@@ -241,7 +244,12 @@ class ChatSession:
         encoded = split.stable - keep
         yield Prefill(keep, encoded, len(split.suffix), prefill_time, note, rolled_back)
         stats = TurnStats(keep, encoded, len(split.suffix), prefill_time, prefill_time, note=note)
-        events = self.backend.stream_generate(self.tokenizer, split.suffix, self.kv.cache, settings, noise)
+        if infill is None:
+            events = self.backend.stream_generate(self.tokenizer, split.suffix, self.kv.cache, settings, noise)
+        else:
+            infill = dict(infill)
+            events = self.backend.stream_infill(self.tokenizer, split.suffix, infill.pop("suffix"), self.kv.cache,
+                                                settings, noise, **infill)
         yield from self._generate(events, split, stats, should_stop, on_finish)
 
     def _generate(self, events, split: PromptSplit, stats: "TurnStats", should_stop, on_finish):

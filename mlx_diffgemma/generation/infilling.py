@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
+from ..images.processor import is_messages
 from ..models.tokenizer import encode_text
 from .events import Commit, Draft, Event, Summary
 from .fixed import check_fixed
@@ -216,8 +217,10 @@ def infill_layout(model, tokenizer, prefix, suffix, *, messages=None, lengths=No
         raise ValueError("text (or chat messages) needs a tokenizer; pass token ids instead")
     if messages is None:
         prompt, head = prompt_ids(tokenizer, prefix), []
-    else:
-        prompt, _ = prepare_prompt(model, tokenizer, list(messages))
+    else:  # chat messages, or the ids of a conversation rendered with its generation prompt
+        messages = list(messages)
+        prompt = prepare_prompt(model, tokenizer, messages)[0] if messages and is_messages(messages) \
+            else prompt_ids(tokenizer, messages)
         head = ids(prefix)
     return plan(prompt, head, ids(suffix), canvas_length=canvas_length, cap=cap, lengths=lengths,
                 truncate_suffix=truncate_suffix)
@@ -231,8 +234,9 @@ def stream_infill(model, tokenizer, prefix: Union[str, Sequence[int]], suffix: U
     candidate's Drafts, a `Scored` per candidate, one Commit and an `InfillSummary`.
 
     Raw (`messages=None`): the prefix is the prompt, encoded as is. Chat: `messages` are
-    the conversation (rendered with the chat template and its generation prompt) and
-    `prefix` is the start of the reply. `lengths`: the middle's length (int), candidates
+    the conversation (rendered with the chat template and its generation prompt; or the
+    ids of one so rendered) and `prefix` is the start of the reply. `lengths`: the
+    middle's length (int), candidates
     (list), or None for {4, 8, 16, ..., 192} up to what fits, then 0.75x and 1.25x the
     best. `max_new_tokens` caps the middle. Other arguments as `stream_generate`'s."""
     settings = resolve(defaults(model), mode=mode, fast=fast, seed=seed, **generation_kwargs)

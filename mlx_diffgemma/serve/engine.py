@@ -38,6 +38,8 @@ class Output:
         self.finish: Optional[str] = None
         self.cached = 0
         self.sent_content = self.sent_reasoning = ""
+        self.prefill: Optional[Prefill] = None
+        self.summary: Optional[Summary] = None
 
     @property
     def done(self) -> bool:
@@ -266,11 +268,11 @@ class Engine:
         out = Output(job, ReplyParser(self.tokenizer, job.tools))
         opts = job.opts
         events = self.session.complete(job.split, lambda: out.done or self.stopping is not None or sink.poll(),
-                                       opts.settings, self.noise_for(opts.settings.seed))
+                                       opts.settings, self.noise_for(opts.settings.seed), job.infill)
         try:
             for ev in events:
                 if isinstance(ev, Prefill):
-                    out.cached = ev.reused
+                    out.cached, out.prefill = ev.reused, ev
                 elif isinstance(ev, Draft) and opts.stream_drafts:
                     sink.draft(out, ev)
                 elif isinstance(ev, Commit):
@@ -278,6 +280,7 @@ class Engine:
                     sink.commit(out)
                 elif isinstance(ev, Summary):
                     out.end(ev.finish_reason)
+                    out.summary = ev
                 elif isinstance(ev, Interrupted) and not out.done:
                     if self.stopping is not None:
                         raise self.shutdown_error()
