@@ -141,3 +141,35 @@ def test_generate_suffix_prints_the_middle():
     assert bad.returncode == 2 and "the suffix is 30 tokens" in bad.stderr
     bad = _generate("-p", PUZZLE, "--infill-lengths", "8")
     assert bad.returncode == 2 and "go with --suffix" in bad.stderr
+
+
+def test_repl_infill_template_fills_the_next_reply():
+    import io
+
+    from rich.console import Console
+
+    import mlx_diffgemma as md
+    from mlx_diffgemma.chat.repl import run_repl
+    from mlx_diffgemma.chat.session import ChatSession
+
+    model, tok = md.load(TOY)
+    session = ChatSession(model, tok, keep_history=False, seed=0)
+    lines = iter([f"/infill {SOLUTION[:2]}{{{{}}}}{SOLUTION[12:]}", PUZZLE, "/infill a{{}}b{{}}",
+                  "/infill x\\ny{{}}", "/infill", PUZZLE])
+
+    def read():
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    run_repl(session, Console(file=out, width=120), read=read)
+    text = out.getvalue()
+    assert "an infill template needs exactly one {{}} where the middle goes (found 2)" in text
+    assert "infill template dropped" in text
+    replies = [m["content"] for m in session.messages if m["role"] == "assistant"]
+    assert replies[0].startswith(SOLUTION[:2]) and replies[0].endswith(SOLUTION[12:])
+    assert replies[0] == SOLUTION  # the toy fills the hole with the solution's middle
+    assert replies[1] == SOLUTION  # the template was dropped: a plain reply
+    assert f"model › {SOLUTION}" in text
