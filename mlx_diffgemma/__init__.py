@@ -17,6 +17,8 @@ _EXPORTS = {
     "infill": "generation.infilling",
     "stream_infill": "generation.infilling",
     "InfillSummary": "generation.infilling",
+    "edit": "generation.editing",
+    "stream_edit": "generation.editing",
     "speculative_generate": "generation.speculative",
     "speculative_stream_generate": "generation.speculative",
     "SpeculativeSummary": "generation.events",

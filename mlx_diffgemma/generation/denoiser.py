@@ -66,7 +66,7 @@ class MLXDenoiser:
             canvas = mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32)
         # Drawn as without fixed positions, so the noise stream does not shift.
         self._fixed = None if fixed is None else DeviceFixed(fixed, self.canvas_length)
-        return canvas if fixed is None else self._fixed.place(canvas)
+        return canvas if fixed is None else self._fixed.start(canvas)
 
     # Speculative drafting (speculative.py) reads the last step's raw logits
     # (`last_logits`); off otherwise, so the scaled logits can take their buffer.

@@ -32,6 +32,10 @@ class CanvasFixed:
     tokens: np.ndarray  # int64 [F]
     eos_ban_until: int  # open positions before this may not take an EOS id (0: none)
     eos: tuple = ()  # the EOS ids the ban covers
+    # An edit's old tokens (int64 [C], -1 where none): the canvas starts from them, but for
+    # the `strength` fraction that starts as noise; the rest are anchored (see `begin`).
+    start: Optional[np.ndarray] = None
+    strength: float = 1.0
 
     def mask(self, length: int) -> np.ndarray:
         m = np.zeros(length, dtype=bool)
@@ -53,6 +57,26 @@ class CanvasFixed:
     def all_fixed(self, length: int) -> bool:
         return len(self.positions) == length
 
+    def begin(self, init: np.ndarray):
+        """(start canvas, anchors or None) from the drawn init canvas `init` [C]: fixed
+        tokens in place and, for an edit, the old tokens at the positions that do not start
+        as noise. Those are the round(strength x n) old positions whose init ids are the
+        smallest (a choice made from the same draw, so every backend makes it alike under
+        a shared noise source). Anchored positions, when renoised, go back to their old
+        token instead of a random one: the reference renoises every unaccepted position at
+        every step, so a start alone would be forgotten after the first step."""
+        canvas = np.array(init, dtype=np.int64).reshape(-1)
+        anchor = None
+        if self.start is not None:
+            old = np.nonzero(self.start >= 0)[0]
+            noised = old[np.argsort(canvas[old], kind="stable")[: int(round(self.strength * len(old)))]]
+            keep = np.setdiff1d(old, noised)
+            anchor = np.full(len(canvas), -1, dtype=np.int64)
+            anchor[keep] = self.start[keep]
+            canvas[keep] = self.start[keep]
+        canvas[self.positions] = self.tokens
+        return canvas, anchor
+
 
 @dataclass(frozen=True)
 class Fixed:
@@ -61,6 +85,8 @@ class Fixed:
     tokens: Dict[int, int]
     canvas_length: int
     eos: tuple = ()
+    start: Optional[Dict[int, int]] = None  # an edit's old tokens by position (see CanvasFixed)
+    strength: float = 1.0
 
     @property
     def last(self) -> int:
@@ -74,13 +100,18 @@ class Fixed:
         """Canvas `k`'s part, or None when it is unconstrained (no fixed position in it
         or after it)."""
         C = self.canvas_length
-        if not self.tokens or k * C > self.last:
+        starts = {p - k * C: t for p, t in (self.start or {}).items() if k * C <= p < (k + 1) * C}
+        if (not self.tokens or k * C > self.last) and not starts:
             return None
         local = sorted((p - k * C, t) for p, t in self.tokens.items() if k * C <= p < (k + 1) * C)
         positions = np.array([p for p, _ in local], dtype=np.int64)
         tokens = np.array([t for _, t in local], dtype=np.int64)
-        ban_until = C if self.last >= (k + 1) * C else int(positions[-1])
-        return CanvasFixed(positions, tokens, ban_until, self.eos)
+        ban_until = C if self.last >= (k + 1) * C else int(positions[-1]) if len(positions) else 0
+        start = None
+        if starts:
+            start = np.full(C, -1, dtype=np.int64)
+            start[list(starts)] = list(starts.values())
+        return CanvasFixed(positions, tokens, ban_until, self.eos, start, self.strength)
 
 
 def check_fixed(fixed, *, canvas_length: int, max_new_tokens: int, vocab_size: int,

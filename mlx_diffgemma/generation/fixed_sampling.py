@@ -26,10 +26,20 @@ class DeviceFixed:
         ban = cf.ban_mask(length)
         self.ban = mx.array(ban[None]) if ban.any() else None
         self.eos = mx.array(np.array(cf.eos, dtype=np.int32))
+        self.anchor: Optional[mx.array] = None  # an edit's renoise targets, -1: random
 
     def place(self, canvas: mx.array) -> mx.array:
         """`canvas` [1, C] with the fixed tokens at their places."""
         return mx.where(self.mask, self.tokens, canvas)
+
+    def start(self, canvas: mx.array) -> mx.array:
+        """The first canvas from the drawn one: fixed tokens placed, and for an edit its
+        old tokens and anchors (CanvasFixed.begin)."""
+        if self.host.start is None:
+            return self.place(canvas)
+        begun, anchor = self.host.begin(np.array(canvas)[0])
+        self.anchor = mx.array(anchor[None].astype(np.int32))
+        return mx.array(begun[None].astype(np.int32))
 
 
 def ban_eos(processed: mx.array, f: DeviceFixed, idx: Optional[mx.array] = None) -> mx.array:
@@ -52,6 +62,8 @@ def sample_fixed(processed: mx.array, argmax: mx.array, sample: mx.array, fresh:
     stop reads the open positions' mean entropy. Returns (next canvas, argmax, accepted
     or fixed, stop, history)."""
     argmax = f.place(argmax)
+    if f.anchor is not None:
+        fresh = mx.where(f.anchor >= 0, f.anchor, fresh)
     entropy = token_entropy(processed)
     open_entropy = mx.where(f.mask, mx.array(np.inf, dtype=mx.float32), entropy)
     accepted = entropy_bound_accept(open_entropy, gen.entropy_bound) & ~f.mask

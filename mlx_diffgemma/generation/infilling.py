@@ -29,7 +29,7 @@ This module imports no array framework; `stream_infill` / `infill` run on MLX an
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from ..images.processor import is_messages
@@ -78,6 +78,8 @@ class Layout:
     refine: bool  # default lengths: one more round around the best
     limit: int  # the longest middle allowed: max_new_tokens, and what the canvas holds
     suffix_dropped: int = 0
+    old: Optional[List[int]] = None  # an edit's old middle: the canvas starts from it (editing.py)
+    strength: float = 1.0  # the fraction of it that starts as noise
 
     def fixed(self, length: int) -> Dict[int, int]:
         start = len(self.head) + length
@@ -172,6 +174,10 @@ def _candidate(denoiser, layout: Layout, gen, length: int, score: str, tag: bool
     fixed = check_fixed(layout.fixed(length), canvas_length=C, max_new_tokens=C,
                         vocab_size=denoiser.vocab_size, eos_token_id=gen.eos_token_id,
                         pad_token_id=gen.pad_token_id)
+    if layout.old is not None:  # an edit: the middle starts from the old span, cut to `length`
+        start = len(layout.head)
+        fixed = replace(fixed, start={start + i: t for i, t in enumerate(layout.old[:length])},
+                        strength=layout.strength)
     canvas, steps = None, 0
     for ev in draft(denoiser, [], gen, None, fixed=fixed):
         if isinstance(ev, Draft):

@@ -166,7 +166,7 @@ class TorchDenoiser:
         else:
             canvas = self._random_ids(shape)
         self._fixed = None if fixed is None else TorchFixed(fixed, self.canvas_length, self.device)
-        return canvas if fixed is None else self._fixed.place(canvas)
+        return canvas if fixed is None else self._fixed.start(canvas)
 
     @torch.no_grad()
     def step(self, canvas: torch.Tensor, canvas_index: int, step: int):

@@ -24,9 +24,18 @@ class TorchFixed:
         ban = cf.ban_mask(length)
         self.ban = torch.as_tensor(ban[None], device=device) if ban.any() else None
         self.eos = torch.as_tensor(np.array(cf.eos, dtype=np.int64), device=device)
+        self.anchor = None  # an edit's renoise targets, -1: random
 
     def place(self, canvas: torch.Tensor) -> torch.Tensor:
         return torch.where(self.mask, self.tokens, canvas)
+
+    def start(self, canvas: torch.Tensor) -> torch.Tensor:
+        """As fixed_sampling.DeviceFixed.start, on torch."""
+        if self.host.start is None:
+            return self.place(canvas)
+        begun, anchor = self.host.begin(canvas[0].cpu().numpy())
+        self.anchor = torch.as_tensor(anchor[None], device=canvas.device)
+        return torch.as_tensor(begun[None], device=canvas.device)
 
 
 def ban_eos(processed: torch.Tensor, f: TorchFixed) -> torch.Tensor:
@@ -72,6 +81,8 @@ def step_fixed(processed: torch.Tensor, sample: torch.Tensor, fresh: torch.Tenso
     """(next canvas, argmax, accepted or fixed, stop) of one step from the banned processed
     logits, the categorical `sample` and the renoise ids `fresh`."""
     argmax = f.place(processed.argmax(dim=-1))
+    if f.anchor is not None:
+        fresh = torch.where(f.anchor >= 0, f.anchor, fresh)
     entropy = torch.distributions.Categorical(logits=processed).entropy()
     accepted = accept_open(entropy, f, bound)
     next_canvas = f.place(torch.where(accepted, sample, fresh))
