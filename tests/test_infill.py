@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import mlx_diffgemma as md
 from mlx_diffgemma import torch_backend as tb
 from mlx_diffgemma.generation.denoiser import MLXDenoiser
 from mlx_diffgemma.generation.events import Commit, Draft
-from mlx_diffgemma.generation.infilling import InfillSummary, Scored, plan
+from mlx_diffgemma.generation.infilling import InfillSummary, Scored, plan, score_of
 from mlx_diffgemma.models.paths import ASSETS_DIR
 
 ASSET = ASSETS_DIR / "toy-sudoku"
@@ -43,7 +44,9 @@ def test_plan_places_whole_canvases_of_the_reply_start_in_the_prompt():
     lay = plan([9, 9], list(range(10, 40)), [5, 6], canvas_length=24, cap=24, lengths=[3, 4])
     assert lay.prompt == [9, 9] + list(range(10, 34)) and lay.head == list(range(34, 40))
     assert lay.fixed(3) == {**{i: 34 + i for i in range(6)}, 9: 5, 10: 6}
-    assert lay.scored(3, "mean") == [6, 7, 8, 9, 10] and lay.scored(3, "suffix") == [9, 10]
+    assert lay.scored(3) == [6, 7, 8, 9, 10]
+    assert score_of([-1.0, -2.0, -3.0, -6.0], 2) == -3.0 and score_of([-1.0, -2.0, -3.0, -6.0], 2, "sum") == -12.0
+    assert score_of([-1.0, -2.0, -3.0, -6.0], 2, "suffix") == -4.5
 
 
 def test_default_lengths_fit_beside_the_suffix():
@@ -110,6 +113,8 @@ def test_every_candidate_starts_from_the_same_context_with_the_suffix_in_place(t
             assert all(ev.accepted[i] for i in range(24) if ev.fixed[i])
     scored = [e for e in events if isinstance(e, Scored)]
     assert [s.length for s in scored] == [6, 7, 8, 9, 10]
+    for s in scored:  # the middle's and the suffix's log-probabilities, their mean the score
+        assert len(s.logprobs) == s.length + 4 and s.score == pytest.approx(np.mean(s.logprobs))
     assert summary.scores == {s.length: s.score for s in scored}
     best = max(summary.scores, key=lambda n: (summary.scores[n], -n))
     assert summary.length == best == 8
@@ -167,3 +172,22 @@ def test_torch_infill_agrees_with_mlx(toy, easy):
         assert (ours.length, ours.text) == (theirs.length, theirs.text) == (8, g[4:12])
         for n in ours.scores:
             assert ours.scores[n] == pytest.approx(theirs.scores[n], abs=1e-3)
+
+
+def test_bench_sets_are_unseen_and_the_fixed_rows_keep_the_givens():
+    import sys
+
+    sys.path.insert(0, str(ASSETS_DIR.parents[1] / "scripts"))
+    import bench_infill
+    import toy_testsets
+    import train_toy
+
+    hard = bench_infill.hard_set(per_grid=1)
+    seen = {it["puzzle"] for t in ("toy-sudoku", "toy-sudoku-open")
+            for s in ("tune", "test") for it in toy_testsets.load(t)[s]}
+    maker = train_toy.PuzzleMaker()
+    assert hard and all(it["puzzle"] not in seen and maker.n_solutions(it["puzzle"]) == 1 for it in hard)
+    assert {it["blanks"] for it in hard} == {11, 12}
+    table = bench_infill.run_set("toy-sudoku-open", bench_infill.templates(per_grid=1)[:3], "template",
+                                 ["reference", "fast"], range(1), rows=("blank+fixed",))
+    assert all(cell["n"] == 3 and cell["changed"] == 0 for cell in table.values())

@@ -52,6 +52,7 @@ class Scored:
     score: float
     steps: int
     tokens: List[int]  # its middle
+    logprobs: List[float] = field(default_factory=list)  # of its middle and suffix tokens, in order
     kind: str = "scored"
 
 
@@ -85,10 +86,11 @@ class Layout:
         start = len(self.head) + length
         return {**dict(enumerate(self.head)), **{start + i: t for i, t in enumerate(self.suffix)}}
 
-    def scored(self, length: int, rule: str) -> List[int]:
-        """The canvas positions whose log-probabilities a candidate's score reads."""
+    def scored(self, length: int) -> List[int]:
+        """The canvas positions whose log-probabilities a candidate's score reads: its
+        middle's and the suffix's."""
         P, S = len(self.head), len(self.suffix)
-        return list(range(P + length if rule == "suffix" else P, P + length + S))
+        return list(range(P, P + length + S))
 
 
 def check_lengths(lengths) -> Optional[List[int]]:
@@ -187,12 +189,20 @@ def _candidate(denoiser, layout: Layout, gen, length: int, score: str, tag: bool
         elif isinstance(ev, Commit):
             canvas = ev.tokens + [gen.pad_token_id] * (C - len(ev.tokens))  # the committed canvas
             steps = ev.steps
-    logps = denoiser.score(canvas, layout.scored(length, score))
-    value = sum(logps) if score == "sum" else sum(logps) / len(logps)
+    logps = denoiser.score(canvas, layout.scored(length))
     start = len(layout.head)
-    scored = Scored(length, float(value), steps, canvas[start:start + length])
+    scored = Scored(length, score_of(logps, length, score), steps, canvas[start:start + length], logps)
     yield scored
     return scored
+
+
+def score_of(logprobs: Sequence[float], length: int, rule: str = "mean") -> float:
+    """A candidate's score from its middle's and suffix's log-probabilities: their mean,
+    their sum, or the suffix's mean alone."""
+    picked = logprobs[length:] if rule == "suffix" else logprobs
+    if not picked:  # no suffix: the suffix rule has nothing to read
+        return 0.0
+    return float(sum(picked) if rule == "sum" else sum(picked) / len(picked))
 
 
 def _best(runs: Dict[int, Scored]) -> Scored:
