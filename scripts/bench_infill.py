@@ -202,6 +202,7 @@ def print_table(title: str, table: Dict, modes, rows=ROWS) -> None:
             keys.append(key)
     keys.sort(key=_rank)
     print(f"\n### {title}\n")
+    print("cells: solve rate · steps per canvas · given cells changed per answer\n")
     head = ["stratum", "n"] + [f"{m} {r}" for m in modes for r in rows]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -235,7 +236,6 @@ def main(argv=None) -> int:
     p.add_argument("--sets", default="sudoku,hard,open,template,length")
     a = p.parse_args(argv)
     modes, seeds, sets = a.modes.split(","), range(a.seeds), a.sets.split(",")
-    print("cells: solve rate · steps per canvas · given cells changed per answer")
     for name, (toy, make, title) in SETS.items():
         if name in sets:
             items = subsample(make(), a.n)
