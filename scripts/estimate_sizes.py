@@ -1,6 +1,6 @@
 """On-disk size and bits per weight of each conversion recipe for the released
 google/diffusiongemma-26B-A4B-it, computed from its config alone
-(`mlx_diffgemma.sizes.estimate`; no weights needed).
+(`mlx_diffgemma.models.sizes.estimate`; no weights needed).
 
     python scripts/estimate_sizes.py            # table for the real config
     python scripts/estimate_sizes.py config.json  # for any DiffusionGemma config.json

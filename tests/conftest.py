@@ -104,3 +104,15 @@ def ref_wide(ckpt_wide):
 @pytest.fixture(scope="session")
 def ref_mixed_sc01(ckpt_mixed_sc01):
     return _load(ckpt_mixed_sc01)
+
+
+# Fixtures that build transformers checkpoints: a test using any of them (directly or
+# through another fixture) is marked slow, so `pytest -m "not slow"` is the fast loop.
+# Files whose tests start servers, processes or train toys mark themselves.
+SLOW_FIXTURES = {"ckpt_factory"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -132,16 +132,12 @@ def hooked_generate(model, input_ids, noise, record: bool = False, **gen_kwargs)
     cache makes `generate` torch.compile the sampler, which these hooks cannot enter).
     """
     from transformers.generation import LogitsProcessorList
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        EntropyBoundSampler,
-    )
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSampler
 
     if gen_kwargs.get("cache_implementation") not in (None, "dynamic"):
         raise ValueError("hooked_generate supports the dynamic cache only")
     if "entropy_bound" in gen_kwargs:
-        from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-            EntropyBoundSamplerConfig,
-        )
+        from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
         gen_kwargs["sampler_config"] = EntropyBoundSamplerConfig(
             entropy_bound=float(gen_kwargs.pop("entropy_bound"))
@@ -303,9 +299,7 @@ def hooked_generate(model, input_ids, noise, record: bool = False, **gen_kwargs)
 def _temperature(logits_processor, step: int) -> float:
     """The temperature the reference's LinearTemperatureScheduleLogitsProcessor used at
     `step`, computed the same way (a float32 tensor op on an int32 `cur_step`)."""
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        LinearTemperatureScheduleLogitsProcessor,
-    )
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import LinearTemperatureScheduleLogitsProcessor
 
     temp = 1.0
     for p in logits_processor:

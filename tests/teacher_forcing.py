@@ -62,7 +62,16 @@ class Step:
     stop: bool
 
 
-Record = List[Any]  # Encode | Step, in execution order
+@dataclass
+class Start:
+    """A canvas started with fixed positions (fixed.CanvasFixed); replay starts its own
+    canvas with them, and the comparison treats them as fixed."""
+
+    canvas_index: int
+    fixed: Any
+
+
+Record = List[Any]  # Encode | Start | Step, in execution order
 
 
 @contextmanager
@@ -70,7 +79,12 @@ def recording(monkeypatch, denoiser_cls) -> Record:
     """Records every `encode` and `step` of `denoiser_cls` (MLXDenoiser, TorchDenoiser)
     while the block runs."""
     log: Record = []
-    encode, step = denoiser_cls.encode, denoiser_cls.step
+    encode, step, start = denoiser_cls.encode, denoiser_cls.step, denoiser_cls.start_canvas
+
+    def rec_start(self, canvas_index, fixed=None):
+        if fixed is not None:
+            log.append(Start(canvas_index, fixed))
+        return start(self, canvas_index, fixed)
 
     def rec_encode(self, token_ids):
         log.append(Encode([int(t) for t in np.asarray(token_ids).reshape(-1)]))
@@ -88,15 +102,22 @@ def recording(monkeypatch, denoiser_cls) -> Record:
     with monkeypatch.context() as m:
         m.setattr(denoiser_cls, "encode", rec_encode)
         m.setattr(denoiser_cls, "step", rec_step)
+        m.setattr(denoiser_cls, "start_canvas", rec_start)
         yield log
 
 
 def record_rows(m, denoiser_cls, logs: dict) -> None:
-    """Records, per denoiser instance (`logs[id(denoiser)]`, a list), every `encode` and
-    every decision of `denoiser_cls` (MLXDenoiser), patched through the monkeypatch `m`.
+    """Records, per denoiser instance (`logs[id(denoiser)]`, a list), every `encode`, every
+    canvas started with fixed positions and every decision of `denoiser_cls`
+    (MLXDenoiser), patched through the monkeypatch `m`.
     Taken at `decide`, not `step`: a batched step (generation/batch.py) runs the forward
     for several denoisers and hands each its logits."""
-    encode, decide = denoiser_cls.encode, denoiser_cls.decide
+    encode, decide, start = denoiser_cls.encode, denoiser_cls.decide, denoiser_cls.start_canvas
+
+    def rec_start(self, canvas_index, fixed=None):
+        if fixed is not None:
+            logs.setdefault(id(self), []).append(Start(canvas_index, fixed))
+        return start(self, canvas_index, fixed)
 
     def rec_encode(self, token_ids):
         logs.setdefault(id(self), []).append(Encode([int(t) for t in np.asarray(token_ids).reshape(-1)]))
@@ -113,6 +134,7 @@ def record_rows(m, denoiser_cls, logs: dict) -> None:
 
     m.setattr(denoiser_cls, "encode", rec_encode)
     m.setattr(denoiser_cls, "decide", rec_decide)
+    m.setattr(denoiser_cls, "start_canvas", rec_start)
 
 
 def check_batched_forwards(m, fast_cls, checked: list, atol: float = 1e-4) -> None:
@@ -226,9 +248,14 @@ def replay(denoiser, record: Record, noise, *, from_numpy: Callable) -> Report:
     compares what it computes; `from_numpy(a)` makes a backend array."""
     gen = denoiser.gen
     rep = Report()
+    fixed = None  # the fixed mask of the canvas being replayed
     for ev in record:
         if isinstance(ev, Encode):
             denoiser.encode(ev.ids)
+            continue
+        if isinstance(ev, Start):
+            denoiser.start_canvas(ev.canvas_index, ev.fixed)
+            fixed = (ev.canvas_index, ev.fixed.mask(denoiser.canvas_length))
             continue
         denoiser._sc_logits = None if ev.sc_in is None else from_numpy(ev.sc_in)
         denoiser._history = None if ev.history_in is None else from_numpy(ev.history_in)
@@ -237,24 +264,30 @@ def replay(denoiser, record: Record, noise, *, from_numpy: Callable) -> Report:
         d = float(np.abs(got - ev.processed).max())
         rep.max_logit_diff = max(rep.max_logit_diff, d * ev.temperature)
         rep.steps += 1
+        mask = fixed[1] if fixed is not None and fixed[0] == ev.canvas_index else None
         _compare_step(rep, ev, got, d, to_numpy(argmax), to_numpy(accepted), to_numpy(nxt), stop,
-                      noise, gen)
+                      noise, gen, mask)
     return rep
 
 
-def _compare_step(rep, ev: Step, got, d, argmax, accepted, nxt, stop, noise, gen) -> None:
+def _compare_step(rep, ev: Step, got, d, argmax, accepted, nxt, stop, noise, gen,
+                  fixed: Optional[np.ndarray] = None) -> None:
     a = ev.processed[0]  # row 0, [C, V]
     where = f"canvas {ev.canvas_index} step {ev.step}"
     margin = 2 * d + 1e-6
+    # Fixed positions show, keep and count as accepted their token on both sides: their
+    # decisions are certain; they sort last in acceptance and the stop reads the others.
+    fixed = np.zeros(a.shape[0], bool) if fixed is None else fixed
 
-    sure_argmax = top2_gap(a) > margin
+    sure_argmax = (top2_gap(a) > margin) | fixed
     g = noise.gumbel(ev.canvas_index, ev.step, ev.processed.shape)[0].astype(np.float64)
-    sure_sample = top2_gap(a + g) > margin
+    sure_sample = (top2_gap(a + g) > margin) | fixed
     sample_a = (a + g).argmax(-1)
 
     h_a, h_b = entropy(a), entropy(got[0])
-    dh = float(np.abs(h_a - h_b).max()) + 1e-5  # + the backends' float32 entropy rounding
-    acc_a, sure_acc = certain_acceptance(h_a, dh, gen.entropy_bound)
+    dh = float(np.abs(h_a - h_b)[~fixed].max()) + 1e-5  # + the backends' float32 entropy rounding
+    acc_a, sure_acc = certain_acceptance(np.where(fixed, np.inf, h_a), dh, gen.entropy_bound)
+    acc_a, sure_acc = acc_a | fixed, sure_acc | fixed
     sure_next = sure_acc & np.where(acc_a, sure_sample, True)
 
     for name, sure, mine, theirs in (
@@ -269,11 +302,11 @@ def _compare_step(rep, ev: Step, got, d, argmax, accepted, nxt, stop, noise, gen
             rep.mismatches.append(f"{where}: {name} at positions {bad.tolist()}")
     # A's record agrees with its own logits wherever they are decisive (checks the record).
     assert (acc_a[sure_acc] == ev.accepted[sure_acc]).all(), f"{where}: record inconsistent"
-    took = ev.accepted & sure_sample
+    took = ev.accepted & sure_sample & ~fixed
     assert (ev.next_canvas[0][took] == sample_a[took]).all(), f"{where}: record inconsistent"
 
     stable_sure = gen.stability_threshold == 0 or bool(sure_argmax.all())
-    confident_sure = abs(h_a.mean() - gen.confidence_threshold) > dh
+    confident_sure = abs(h_a[~fixed].mean() - gen.confidence_threshold) > dh
     rep.decisions += 1
     if stable_sure and confident_sure:
         if stop != ev.stop:

@@ -16,7 +16,9 @@ import mlx_diffgemma as md
 from mlx_diffgemma.generation.api import make_denoiser
 from mlx_diffgemma.generation.batch import BatchDrafter
 from mlx_diffgemma.generation.denoiser import MLXDenoiser
+from mlx_diffgemma.generation.events import Draft
 from mlx_diffgemma.generation.fast import FastDenoiser
+from mlx_diffgemma.generation.fixed import check_fixed
 from mlx_diffgemma.generation.loop import Drafting, draft, stream
 from mlx_diffgemma.generation.noise import KeyStream
 from mlx_diffgemma.generation.settings import defaults, resolve
@@ -91,10 +93,16 @@ def test_rows_decode_as_each_alone(mixed, with_sc):
 # -- rows drafted together --------------------------------------------------------------------
 
 
-def _row(model, prompt, noise=None, keys=None, **kw):
+def _row(model, prompt, noise=None, keys=None, fixed=None, **kw):
     settings = _settings(model, **kw)
     denoiser = make_denoiser(model, settings, noise=noise, keys=keys)
-    return Drafting(denoiser, prompt, settings.gen)
+    return Drafting(denoiser, prompt, settings.gen, fixed=_fixed(model, settings.gen, fixed))
+
+
+def _fixed(model, gen, fixed):
+    return check_fixed(fixed, canvas_length=model.canvas_length, max_new_tokens=gen.max_new_tokens,
+                       vocab_size=model.vocab_size, eos_token_id=gen.eos_token_id,
+                       pad_token_id=gen.pad_token_id)
 
 
 def _drain(drafter: BatchDrafter, joining=()):
@@ -164,3 +172,72 @@ def test_rows_together_give_their_solo_runs(mixed, monkeypatch):
         report.check(1e-3)
         assert report.steps == sum(summary.steps_per_canvas)
     assert len(fast_checked) >= 4
+
+
+def _holds(events, fixed, C):
+    """Every Draft of `events` shows the `fixed` tokens of its canvas, marked fixed."""
+    drafts = [e for e in events if isinstance(e, Draft)]
+    assert drafts
+    for e in drafts:
+        mine = {p % C: t for p, t in fixed.items() if p // C == e.canvas_index}
+        assert e.fixed is not None and sum(e.fixed) == len(mine)
+        assert all(e.tokens[p] == t and e.fixed[p] and e.accepted[p] for p, t in mine.items())
+    out = events[-1].tokens
+    assert all(out[p] == t for p, t in fixed.items())
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_a_batch_of_one_with_fixed_positions_is_the_solo_drafter(mixed, mode):
+    """A row with fixed positions, its second canvas fixed whole: the events of
+    `draft(..., fixed=)` itself, fixed masks and the stepless canvas included."""
+    model, _ = mixed
+    C = model.canvas_length
+    prompt = random_prompt(model.vocab_size, 9, 6)
+    kw = dict(max_new_tokens=3 * C, max_denoising_steps=10, mode=mode)
+    fixed = {0: 40, 7: 41, **{C + p: 30 + p for p in range(C)}, 2 * C + 3: 44}
+    settings = _settings(model, **kw)
+    solo = list(draft(make_denoiser(model, settings, noise=md.SeededNoise(5)), prompt, settings.gen,
+                      fixed=_fixed(model, settings.gen, fixed)))
+    events, _ = _drain(BatchDrafter(model), [(0, _row(model, prompt, noise=md.SeededNoise(5), fixed=fixed, **kw))])
+    (got,) = events.values()
+    assert [e.kind for e in got] == [e.kind for e in solo]
+    for a, b in zip(got, solo):
+        assert a.tokens == b.tokens and getattr(a, "fixed", None) == getattr(b, "fixed", None)
+    assert got[-1].steps_per_canvas[1] == 0
+    _holds(got, fixed, C)
+
+
+def test_rows_with_fixed_positions_keep_them_beside_other_rows(mixed, monkeypatch):
+    """A reference row with fixed positions (its second canvas fixed whole, committed
+    with no step), a plain row and a fast row with fixed positions, drafted together:
+    every Draft of a fixed row shows its tokens, and the reference row, replayed on a
+    cold solo denoiser that starts its canvases with the same fixed positions, makes
+    every certain decision as it did in the batch."""
+    model, _ = mixed
+    C, V = model.canvas_length, model.vocab_size
+    logs, fast_checked = {}, []
+    tf.record_rows(monkeypatch, MLXDenoiser, logs)
+    tf.check_batched_forwards(monkeypatch, FastDenoiser, fast_checked)
+    held = {0: 40, 7: 41, **{C + p: 30 + p for p in range(C)}, 2 * C + 3: 44}
+    specs = [  # (prompt length, seed, fixed, settings)
+        (9, 1, held, dict(max_denoising_steps=10, max_new_tokens=3 * C)),
+        (14, 2, None, dict(max_denoising_steps=12, max_new_tokens=2 * C)),
+        (6, 3, {3: 45, C + 1: 46}, dict(max_denoising_steps=10, max_new_tokens=2 * C, mode="fast")),
+    ]
+    runs = [_row(model, random_prompt(V, n, s), noise=md.SeededNoise(s), fixed=f, **kw) for n, s, f, kw in specs]
+    drafter = BatchDrafter(model)
+    events, _ = _drain(drafter, [(0, r) for r in runs])
+    assert drafter.mean_batch > 1.5
+    summary = events[0][-1]
+    assert summary.steps_per_canvas[1] == 0 and summary.tokens[C:2 * C] == [30 + p for p in range(C)]
+    assert not any(isinstance(e, Draft) and e.canvas_index == 1 for e in events[0])
+    _holds(events[0], held, C)
+    _holds(events[2], specs[2][2], C)
+    assert all(e.fixed is None for e in events[1] if isinstance(e, Draft))
+    for uid in (0, 1):
+        run, seed = runs[uid], specs[uid][1]
+        cold = MLXDenoiser(model, run.gen, noise=md.SeededNoise(seed))
+        report = tf.replay(cold, logs[id(run.denoiser)], md.SeededNoise(seed), from_numpy=mx.array)
+        report.check(1e-3)
+        assert report.steps == sum(events[uid][-1].steps_per_canvas)
+    assert len(fast_checked) >= 2

@@ -7,6 +7,8 @@ from __future__ import annotations
 import bench_speculative as bench  # noqa: E402
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the speculative benchmark on trained toys
+
 
 def _first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))

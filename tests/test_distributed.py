@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 from dist_worker import CLI
 
+pytestmark = pytest.mark.slow  # starts ranks under mlx.launch
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 TOY_OPEN = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku-open" / "mlx"

@@ -222,6 +222,7 @@ def test_command_line_help_and_usage(capsys):
     assert "confident positions frozen, no renoising" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow
 def test_a_context_over_the_models_is_said_not_clamped_in_silence():
     r = _cli("generate", "--model", "toy-sudoku", "-p", "1.3.34..2.4.4.1.", "--seed", "1", "--max-context", "100000")
     assert r.returncode == 0 and r.stdout.decode() == "1234342121434312\n"

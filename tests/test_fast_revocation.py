@@ -20,6 +20,8 @@ from mlx_diffgemma.generation.freezing import Freezing
 from mlx_diffgemma.generation.loop import stream
 from mlx_diffgemma.models.config import GenerationConfig
 
+pytestmark = pytest.mark.slow  # evaluates fast mode on held-out puzzles
+
 ROOT = Path(__file__).resolve().parents[1]
 
 OFF = FastOptions().irrevocable()

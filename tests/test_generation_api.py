@@ -111,3 +111,25 @@ def test_replies_stop_at_max_new_tokens_everywhere(ckpt_factory, capsys):
     assert r.stdout == expected.text + "\n"
     counted = re.search(r"^(\d+) tokens · 2 canvases.*?(?:· (\d+) pad tokens? not counted)?$", r.stderr.strip(), re.M)
     assert int(counted.group(1)) + int(counted.group(2) or 0) == 20
+
+
+def test_on_metal_a_generation_wires_the_working_set_and_runs_on_its_own_stream(toy, monkeypatch):
+    """Metal stood in for on the CPU: the recommended working set is wired for the run and
+    the previous limit restored after it, the model's work goes to the generation stream,
+    and the reply is the one the default stream gives."""
+    import mlx.core as mx
+
+    model, tok = toy
+    plain = _summary(model, tok, PUZZLE, chat=True, seed=0)
+    limits, streams = [], []
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 1 << 40})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: limits.append(n) or 123)
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda *a, **k: streams.append(mx.default_stream(mx.default_device()))
+                        or encode(*a, **k))
+    wired = _summary(model, tok, PUZZLE, chat=True, seed=0)
+    assert limits == [1 << 40, 123]
+    default = mx.default_stream(mx.default_device())
+    assert streams and all(s == streams[0] != default for s in streams), (streams, default)
+    assert wired.tokens == plain.tokens and wired.text == SOLUTION

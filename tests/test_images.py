@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from tiny_checkpoints import media_token_ids, reference_processor, vision_token_config, write_tokenizer
 
-from mlx_diffgemma.images.load import ImageError, load_image
-from mlx_diffgemma.images.processor import PIL_MISSING, ImageConfig, Processor, preprocess
+from mlx_diffgemma.images.load import PIL_MISSING, ImageError, load_image
+from mlx_diffgemma.images.processor import ImageConfig, Processor, preprocess
 
 VOCAB = 384
 
@@ -281,6 +281,7 @@ def test_pillow_missing(monkeypatch):
     assert PIL_MISSING.startswith("images need Pillow")
 
 
+@pytest.mark.slow
 def test_text_generation_needs_no_pillow():
     """Pillow is the [images] extra: `generate` on text runs in an interpreter where
     importing PIL fails, and never imports it."""

@@ -27,6 +27,8 @@ import requests  # noqa: E402
 from servers import ask_at_once, served_in_process, stop_server  # noqa: E402
 from servers import start_server as _start  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts servers
+
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
 HELDOUT = json.loads((TOY / "heldout.json").read_text())["puzzles"]

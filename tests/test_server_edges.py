@@ -25,6 +25,8 @@ import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 from servers import REPO, start_server, stop_server  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts servers
+
 KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"

@@ -408,6 +408,7 @@ def test_chat_turns_are_the_targets_greedy_replies(pair_tiny):
 # -- the server ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_with_a_target_replies_with_the_targets_greedy_output(monkeypatch):
     """`serve --target`: the reply is the trained target's greedy answer (teacher-forced on
     the target: every token its argmax where the decision is not a near-tie), `temperature`

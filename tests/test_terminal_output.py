@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from terminals import REPO, Pexpect, Tmux, wait
 
+pytestmark = pytest.mark.slow  # drives the command line in real terminals
+
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
 TARGET = REPO / "benchmarks" / "toy-sudoku-target"
 PUZZLE, SOLUTION = "1.3.34..2.4.4.1.", "1234342121434312"
@@ -84,8 +86,9 @@ FAKE_REPLY = textwrap.dedent("""
     class Fake:
         def __init__(self, backend):
             self.max_context, self.canvas_length = backend.max_context, backend.canvas_length
+            self.name = backend.name
 
-        def stream_generate(self, tokenizer, ids, cache, noise, seed, kw, images=None):
+        def stream_generate(self, tokenizer, ids, cache, settings, noise=None, images=None):
             for i, text in enumerate(TEXTS):
                 for step in (3, 2, 1):
                     yield Draft(i, step, [7 + step] * 12, [step == 1] * 12)

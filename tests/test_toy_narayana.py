@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import eval_toy  # noqa: E402
 from train_toy import get_task, narayana_terms, normalize_seeds  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains and evaluates the toy model
+
 TASK = get_task("narayana")
 
 

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import eval_toy  # noqa: E402
 from train_toy import prompt_ids, solves  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains and evaluates the toy model
+
 ASSET = ASSETS_DIR / "toy-sudoku"
 HF_DIR, MLX_DIR = ASSET / "hf", ASSET / "mlx"
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import eval_toy
 import mlx.core as mx
 import numpy as np
+import pytest
+from train_toy import get_task
 
 import mlx_diffgemma as md
 from mlx_diffgemma.models.paths import ASSETS_DIR, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
-import eval_toy  # noqa: E402
-from train_toy import get_task  # noqa: E402
+
+pytestmark = pytest.mark.slow  # evaluates the toy model against transformers
 
 DIR = ASSETS_DIR / "toy-sudoku-open"
 HF_DIR, MLX_DIR = DIR / "hf", DIR / "mlx"

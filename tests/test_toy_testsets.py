@@ -21,6 +21,7 @@ def maker():
     return train_toy.PuzzleMaker()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("toy", TOYS)
 def test_shipped_file_is_what_the_generator_makes(toy):
     assert toy_testsets.path_of(toy).read_text() == toy_testsets.dumps(toy_testsets.build(toy))

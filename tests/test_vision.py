@@ -342,6 +342,7 @@ def test_released_tower_shapes_and_config_errors():
         ModelArgs.from_dict(bad)
 
 
+@pytest.mark.slow
 def test_tower_read_on_first_image(tmp_path):
     """`load` leaves the tower's weights on disk (text-only use never holds them); the
     first image reads them."""

@@ -150,7 +150,7 @@ def build_model(args) -> tuple:
         model, config = load_model(path)
         model.model_path = path
         if mx.default_device() == mx.cpu and model.dtype != mx.float32:
-            # MLX's CPU kernels: bf16/fp16 quantized matmuls are 10-200x slower and
+            # MLX's CPU kernels: bf16/fp16 quantized matmuls are far slower and
             # bf16 gather_mm is missing; float32 is the only fair CPU setting.
             model.set_dtype(mx.float32)
         return model, config, f"{args.model}"
@@ -161,8 +161,8 @@ def build_model(args) -> tuple:
     margs = preset_args(args.config, **over)
     dtype = args.dtype
     if dtype == "auto":
-        # bf16 on a GPU; float32 on MLX's CPU backend, whose quantized kernels are 10x
-        # slower in bf16 (and 100x in fp16).
+        # bf16 on a GPU; float32 on MLX's CPU backend, whose quantized kernels are far
+        # slower in bf16 and fp16.
         dtype = "float32" if mx.default_device() == mx.cpu else "bfloat16"
     model = synthetic_model(margs, recipe=args.recipe, dtype=getattr(mx, dtype), seed=args.seed)
     return model, hf_config(margs), f"synthetic {args.config} ({args.recipe})"

@@ -163,7 +163,7 @@ def synthetic_model(
     "8bit"; None or "fp32"/"bf16"/"fp16" for float weights) and evaluated module by module.
 
     `dtype` is the float type of scales, biases, norms and activations. On MLX's CPU
-    backend use float32: its quantized and gather kernels are 10-200x slower in bf16/fp16
+    backend use float32: its quantized and gather kernels are far slower in bf16/fp16
     (and unquantized bf16 `gather_mm` is not implemented there).
     """
     mx.random.seed(seed)

@@ -86,6 +86,15 @@ class MLXBackend:
 
         return run(self.model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise)
 
+    def stream_infill(self, tokenizer, prompt, suffix, cache, settings: Settings, noise=None, reply_prefix=None,
+                      **infill):
+        """Infill after `prompt` (ids): raw, or with `reply_prefix` starting the reply."""
+        from ..generation.infilling import run
+
+        prefix, messages = infill_prefix(prompt, reply_prefix)
+        return run(self.model, tokenizer, prefix, suffix, settings, messages=messages, cache=cache, noise=noise,
+                   **infill)
+
     def cache_bytes(self, cache) -> int:
         return cache.nbytes
 
@@ -146,6 +155,15 @@ class TorchBackend:
 
         return run(self.model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise)
 
+    def stream_infill(self, tokenizer, prompt, suffix, cache, settings: Settings, noise=None, reply_prefix=None,
+                      **infill):
+        """Infill after `prompt` (ids): raw, or with `reply_prefix` starting the reply."""
+        from ..torch_backend.infilling import run
+
+        prefix, messages = infill_prefix(prompt, reply_prefix)
+        return run(self.model, tokenizer, prefix, suffix, settings, messages=messages, cache=cache, noise=noise,
+                   **infill)
+
     def cache_bytes(self, cache) -> int:
         total = 0
         for layer in getattr(cache, "layers", []):
@@ -156,11 +174,19 @@ class TorchBackend:
         return total
 
 
+def infill_prefix(prompt, reply_prefix):
+    """(prefix, messages) of an infill after `prompt` (ids): raw, the prompt is the prefix;
+    with `reply_prefix`, the prompt is a rendered conversation and the reply starts with it."""
+    return (prompt, None) if reply_prefix is None else (reply_prefix, prompt)
+
+
 # -- speculative drafting --------------------------------------------------------------------
 
 
 NO_TARGET_IMAGES = ("images are not supported with a target model: the target verifies text only; "
                     "start the chat without --target to ask about an image")
+NO_TARGET_INFILL = ("an infill needs block diffusion's canvases: a target model writes left to right; "
+                    "start without --target to fill a middle")
 
 
 class SpeculativeCache:
@@ -246,6 +272,9 @@ class SpeculativeBackend(MLXBackend):
         return speculate(self.target, self.target_tokenizer, self.model, tokenizer, prompt, settings, k=self.k,
                          adaptive_k=self.adaptive_k, cache=cache and cache.drafter,
                          target_cache=cache and cache.target)
+
+    def stream_infill(self, *args, **kwargs):
+        raise ValueError(NO_TARGET_INFILL)
 
     def cache_bytes(self, cache: SpeculativeCache) -> int:
         return cache.drafter.nbytes + sum(c.nbytes for c in cache.target)

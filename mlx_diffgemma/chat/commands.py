@@ -17,7 +17,7 @@ from ..images.load import load_image
 from ..images.processor import user_message
 from ..models.tokenizer import check_text, ensure_chat_template, min_tokens
 from .backends import make_backend
-from .options import add_generation_args, chat_max_new_tokens, flag_changes, load_for, target_backend
+from .options import add_generation_args, chat_max_new_tokens, flag_changes, flag_type, load_for, target_backend
 from .repl import LiveCanvas, run_repl, summary_line
 from .session import ChatSession
 
@@ -43,9 +43,34 @@ def add_generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to go with the prompt (repeatable; before the text with the chat "
                    "template; with --raw the prompt marks where each goes with <|image|>)")
+    p.add_argument("--suffix", default=None, metavar="TEXT",
+                   help="write the middle before TEXT (infill): the reply ends with TEXT (with --raw: the "
+                   "prompt is the text before the middle); stdout gets the middle")
+    p.add_argument("--reply-prefix", default=None, metavar="TEXT",
+                   help="with --suffix and the chat template: the reply starts with TEXT")
+    p.add_argument("--infill-lengths", type=flag_type(_lengths_arg, "infill_lengths"), default=None,
+                   metavar="N|A-B|A,B,...", help="with --suffix: the middle's candidate lengths in tokens "
+                   "(default: 4, 8, 16, ... up to what fits, then around the best)")
+    p.add_argument("--truncate-suffix", action="store_true",
+                   help="with --suffix: keep the head of a suffix too long for the canvas")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="live drafts and a summary on stderr (drafts only on a terminal)")
     return p
+
+
+def _lengths_arg(text: str):
+    """--infill-lengths: N, A-B or A,B,..."""
+    try:
+        if "-" in text:
+            a, b = (int(x) for x in text.split("-", 1))
+            values = list(range(a, b + 1))
+        else:
+            values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"must be N, A-B or A,B,... token counts (got {text!r})") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"must be token counts >= 1 (got {text!r})")
+    return values
 
 
 def main_chat(args) -> int:
@@ -104,6 +129,7 @@ def main_generate(args) -> int:
     if args.image and args.target:
         raise ValueError("--image with --target is not supported: the target verifies text "
                          "only; drop --target to ask about an image")
+    _check_infill_args(args)
     for image in args.image:  # a bad file is refused before the model loads
         load_image(image)
     changes = flag_changes(args)
@@ -127,8 +153,13 @@ def main_generate(args) -> int:
         ids, images = prepare_prompt(model, tokenizer, msgs)
     else:
         ids, images = prepare_prompt(model, tokenizer, [int(t) for t in tokenizer.encode(prompt)], args.image)
-    check_reserve(len(ids), reserve, limit, fix)
-    events = backend.stream_generate(tokenizer, ids, None, settings, images=images)
+    if args.suffix is not None:
+        events = backend.stream_infill(tokenizer, ids, args.suffix, None, settings,
+                                       reply_prefix=(args.reply_prefix or "") if args.chat else None,
+                                       lengths=args.infill_lengths, truncate_suffix=args.truncate_suffix)
+    else:
+        check_reserve(len(ids), reserve, limit, fix)
+        events = backend.stream_generate(tokenizer, ids, None, settings, images=images)
     # Drafts only on a terminal, and no stdout redirection: the text goes to stdout.
     live = LiveCanvas(err, tokenizer, settings.gen.max_denoising_steps, redirect_stdout=False,
                       redirect_stderr=False) if args.verbose and sys.stderr.isatty() else None
@@ -136,6 +167,21 @@ def main_generate(args) -> int:
     if args.verbose and summary is not None:
         err.print(Text(summary_line(summary, None, summary.prompt_time), style="dim"), soft_wrap=True)
     return 0
+
+
+def _check_infill_args(args) -> None:
+    if args.suffix is None:
+        if args.reply_prefix is not None or args.infill_lengths is not None or args.truncate_suffix:
+            raise ValueError("--reply-prefix, --infill-lengths and --truncate-suffix go with --suffix")
+        return
+    check_text(args.suffix, "--suffix")
+    if not args.suffix:
+        raise ValueError("--suffix needs some text; without one, drop --suffix")
+    if args.target or args.image:
+        raise ValueError("--suffix works without --target and --image: the middle is written in one "
+                         "canvas of this model, from text")
+    if args.reply_prefix is not None and not args.chat:
+        raise ValueError("--reply-prefix goes with the chat template; with --raw the prompt is the prefix")
 
 
 def _write_reply(events, live: Optional[LiveCanvas]) -> Optional[Summary]:

@@ -164,6 +164,9 @@ class LeaderBackend:
         events = self.base.stream_generate(tokenizer, ids, cache, settings, noise, images=images)
         return Lockstep(events, self.group)
 
+    def stream_infill(self, *args, **kwargs):
+        raise ValueError("an infill runs on one process: start it without mlx.launch")
+
 
 class Lockstep:
     """Rank 0's event stream of a generation, each read announced to the followers."""

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..generation.events import Commit, Draft, SpeculativeSummary, Summary
 from ..models.tokenizer import check_text
-from .session import ChatSession, Prefill
+from .session import ChatSession, Prefill, split_template
 
 # -- rendering --------------------------------------------------------------------------
 
@@ -180,6 +180,8 @@ Commands:
   /system TEXT          set the system prompt (/system alone clears it); the next turn re-encodes
   /image PATH           attach an image to your next message (repeat for more; /image alone
                         drops them); it stays in the conversation, encoded once
+  /infill TEMPLATE      the next reply fills TEMPLATE's one {{}} (\\n for a newline), e.g.
+                        /infill Dear Bob,\\n{{}}\\nBest, Alice   (/infill alone drops it)
   /set key=value ...    steps=N temp=a-b max_new_tokens=N seed=N|none entropy_bound=X
                         stability=N confidence=X t_min=X t_max=X eos=none|ID,ID,...
                         mode=reference|fast
@@ -371,9 +373,10 @@ class Attached:
 
     def __init__(self):
         self.items: List[Tuple[str, Any]] = []
+        self.template: Optional[str] = None  # /infill's, for the next reply
 
     def __bool__(self) -> bool:
-        return bool(self.items)
+        return bool(self.items) or self.template is not None
 
     def add(self, session: ChatSession, arg: str) -> str:
         # Terminals paste dragged files quoted or with escaped spaces.
@@ -384,13 +387,19 @@ class Attached:
                 f"message: {self.line()}")
 
     def line(self) -> str:
-        return _plural(len(self.items), "image")
+        what = [_plural(len(self.items), "image")] if self.items else []
+        return ", ".join(what + (["the /infill template"] if self.template is not None else []))
 
     def send_kwargs(self) -> Dict[str, Any]:
+        if self.template is not None:
+            if self.items:
+                raise ValueError("/infill and /image do not go together: drop one (/image or /infill alone)")
+            return {"template": self.template}
         return {"images": [i for _, i in self.items], "names": [n for n, _ in self.items]}
 
     def clear(self) -> None:
         self.items = []
+        self.template = None
 
 
 def _command(session: ChatSession, console, line: str, attached: Optional[Attached] = None) -> bool:
@@ -428,10 +437,19 @@ def _command(session: ChatSession, console, line: str, attached: Optional[Attach
     elif cmd == "image" and attached is not None:
         if not rest:
             n = len(attached.items)
-            attached.clear()
+            attached.items = []
             console.print(Text(f"{_plural(n, 'attached image')} dropped", style="green"))
             return True
         console.print(Text(attached.add(session, rest), style="green"))
+    elif cmd == "infill" and attached is not None:
+        if not rest:
+            attached.template = None
+            console.print(Text("infill template dropped", style="green"))
+            return True
+        template = rest.replace("\\n", "\n")
+        split_template(template)
+        attached.template = template
+        console.print(Text("the next reply fills the template's {{}}", style="green"))
     elif cmd == "stats":
         console.print(Text(_stats_text(session)))
     elif cmd == "save":

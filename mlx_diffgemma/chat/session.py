@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..generation.events import Commit, Summary
 from ..generation.settings import SEED_MAX, Settings, context_limit, defaults, parse_set, resolve
@@ -24,6 +24,15 @@ from .prompt import PromptSplit, split_prompt
 from .turn_cache import CacheState, TurnCache
 
 # -- the session -----------------------------------------------------------------------
+
+
+def split_template(template: str) -> Tuple[str, str]:
+    """(text before, text after) the one `{{}}` of an infill template."""
+    n = template.count("{{}}")
+    if n != 1:
+        raise ValueError(f"an infill template needs exactly one {{{{}}}} where the middle goes (found {n})")
+    head, tail = template.split("{{}}")
+    return head, tail
 
 
 def _printable(message: Dict[str, Any]) -> Dict[str, Any]:
@@ -136,6 +145,10 @@ class ChatSession:
     # -- the conversation and its cache ------------------------------------------------
 
     @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
     def cache(self):
         return self.kv.cache
 
@@ -196,36 +209,66 @@ class ChatSession:
     # -- turns ----------------------------------------------------------------------------
 
     def send(self, user_text: str, should_stop: Callable[[], bool] = lambda: False,
-             images: Sequence[Any] = (), names: Sequence[str] = ()) -> Iterator[Any]:
+             images: Sequence[Any] = (), names: Sequence[str] = (),
+             template: Optional[str] = None) -> Iterator[Any]:
         """One turn. Yields Prefill, then Draft/Commit/Summary, or ends with Interrupted.
         `images` (sources, or `load_images`' results) go with this message, before its
         text; `names` label them in the transcript. They stay in the conversation: later
-        turns reuse their encoded tokens from the cache."""
+        turns reuse their encoded tokens from the cache. `template` (text with one `{{}}`):
+        the reply is that text with the model's middle in place of `{{}}`
+        (generation/infilling.py); the Commit and the conversation hold the whole filled text."""
+        if template is not None:
+            yield from self._send_template(user_text, template, should_stop)
+            return
         names = list(names) or [describe(im) for im in images]
         images = self.load_images(images) if images else []
         message = user_message(check_text(user_text, "the message"), images, names)
-        msgs = self.conversation() + [message]
-        split = split_prompt(self.tokenizer, msgs, processor=self._processor,
-                             fits=lambda n: self.check_context(n, at_least=True))
-        self.check_context(len(split.ids))
-        seed = self.settings.seed
-        seed = None if seed is None else (seed + len(self.turns)) % (SEED_MAX + 1)
+        split = self._split(message)
 
         def finish(summary: Summary, stats: TurnStats) -> None:
             self._finish_turn(message, summary, stats)
 
-        yield from self._turn(split, should_stop, replace(self.settings, seed=seed), self.noise, finish)
+        yield from self._turn(split, should_stop, self._turn_settings(), self.noise, finish)
+
+    def _send_template(self, user_text: str, template: str, should_stop) -> Iterator[Any]:
+        head, tail = split_template(template)
+        message = user_message(check_text(user_text, "the message"), [], [])
+        split = self._split(message)
+
+        def finish(summary: Summary, stats: TurnStats) -> None:
+            self._finish_turn(message, replace(summary, text=head + summary.text + tail), stats)
+
+        infill = {"suffix": tail, "reply_prefix": head}
+        for ev in self._turn(split, should_stop, self._turn_settings(), self.noise, finish, infill):
+            yield replace(ev, text=head + ev.text + tail) if isinstance(ev, Commit) else ev
+
+    def _split(self, message: Dict[str, Any]) -> PromptSplit:
+        """The conversation with `message` added, split at its stable boundary and checked
+        against the context."""
+        split = split_prompt(self.tokenizer, self.conversation() + [message], processor=self._processor,
+                             fits=lambda n: self.check_context(n, at_least=True))
+        self.check_context(len(split.ids))
+        return split
+
+    def _turn_settings(self) -> Settings:
+        """The session's settings, its seed moved on by the turns so far (each reply draws
+        anew, and a conversation replays)."""
+        seed = self.settings.seed
+        return replace(self.settings, seed=None if seed is None else (seed + len(self.turns)) % (SEED_MAX + 1))
 
     def complete(self, split: PromptSplit, should_stop: Callable[[], bool] = lambda: False,
-                 settings: Optional[Settings] = None, noise=None) -> Iterator[Any]:
+                 settings: Optional[Settings] = None, noise=None,
+                 infill: Optional[Dict[str, Any]] = None) -> Iterator[Any]:
         """One turn of a conversation the caller keeps (the server renders each request's
         messages itself and has checked their context): the same cut, prefill, generation
         and rollback as `send`, on `split` (a `split_prompt`, or a raw prompt whose ids are
         all stable), with this request's `settings`; the session's conversation is left
-        as is."""
-        yield from self._turn(split, should_stop, settings or self.settings, noise, None)
+        as is. `infill`: the turn writes the middle before a suffix instead (the backend's
+        `stream_infill` arguments: `suffix`, `lengths`, `truncate_suffix`, ...)."""
+        yield from self._turn(split, should_stop, settings or self.settings, noise, None, infill)
 
-    def _turn(self, split: PromptSplit, should_stop, settings: Settings, noise, on_finish) -> Iterator[Any]:
+    def _turn(self, split: PromptSplit, should_stop, settings: Settings, noise, on_finish,
+              infill: Optional[Dict[str, Any]] = None) -> Iterator[Any]:
         keep, rolled_back, note = self.kv.cut_to(split, self.keep_history)
         tic = time.perf_counter()
         if not self.kv.prefill(split, keep, should_stop):
@@ -237,7 +280,12 @@ class ChatSession:
         encoded = split.stable - keep
         yield Prefill(keep, encoded, len(split.suffix), prefill_time, note, rolled_back)
         stats = TurnStats(keep, encoded, len(split.suffix), prefill_time, prefill_time, note=note)
-        events = self.backend.stream_generate(self.tokenizer, split.suffix, self.kv.cache, settings, noise)
+        if infill is None:
+            events = self.backend.stream_generate(self.tokenizer, split.suffix, self.kv.cache, settings, noise)
+        else:
+            infill = dict(infill)
+            events = self.backend.stream_infill(self.tokenizer, split.suffix, infill.pop("suffix"), self.kv.cache,
+                                                settings, noise, **infill)
         yield from self._generate(events, split, stats, should_stop, on_finish)
 
     def _generate(self, events, split: PromptSplit, stats: "TurnStats", should_stop, on_finish):

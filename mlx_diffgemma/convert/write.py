@@ -84,14 +84,7 @@ def human_bytes(n: float) -> str:
 
 
 def progress_bar(enabled: bool, console):
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"),

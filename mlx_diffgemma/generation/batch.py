@@ -68,12 +68,17 @@ class BatchDrafter:
         ready = []
         for uid, run in list(self.rows.items()):
             try:
-                if run.pending_encode() is not None:
-                    run.encode()
-                if run.needs_start:
-                    run.start()
+                # A canvas fixed whole commits at its start: then the next one is due.
+                while run.pending_encode() is not None or run.needs_start:
+                    if run.pending_encode() is not None:
+                        run.encode()
+                    else:
+                        out.setdefault(uid, []).extend(run.start())
             except Exception as e:  # this row only: its cache is its own
                 self._fail(out, uid, e)
+                continue
+            if run.done:  # its reply ended on canvases fixed whole
+                del self.rows[uid]
                 continue
             ready.append(uid)
         together = [u for u in ready if self.rows[u].denoiser.batchable]
@@ -110,12 +115,12 @@ class BatchDrafter:
         except Exception as e:
             self._fail(out, uid, e)
             return
-        out[uid] = events
+        out.setdefault(uid, []).extend(events)
         if run.done:
             del self.rows[uid]
 
     def _fail(self, out: Dict[int, List[Event]], uid: int, error: BaseException) -> None:
-        out[uid] = [RowFailed(error)]
+        out.setdefault(uid, []).append(RowFailed(error))
         self.rows.pop(uid, None)
 
     @property

@@ -12,6 +12,8 @@ import numpy as np
 from ..models.cache import EncoderCache
 from ..models.config import GenerationConfig
 from ..models.distributed import agree, checksum, watch
+from .fixed import CanvasFixed
+from .fixed_sampling import DeviceFixed, ban_eos, sample_fixed
 from .noise import KeyStream, NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
 
@@ -55,13 +57,19 @@ class MLXDenoiser:
         kw = {} if images is None else images.encoder_kwargs()
         self.model.encode(mx.array(np.asarray(token_ids, dtype=np.int32).reshape(1, -1)), self.cache, **kw)
 
-    def start_canvas(self, canvas_index: int) -> mx.array:
+    _fixed: Optional[DeviceFixed] = None  # this canvas's fixed positions (fixed.py)
+
+    def start_canvas(self, canvas_index: int, fixed: Optional[CanvasFixed] = None) -> mx.array:
         self._sc_logits = None
         self._history = None
         shape = (1, self.canvas_length)
         if self.noise is not None:
-            return mx.array(self.noise.init_canvas(canvas_index, shape, self.vocab_size).astype(np.int32))
-        return mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32, key=self.key())
+            canvas = mx.array(self.noise.init_canvas(canvas_index, shape, self.vocab_size).astype(np.int32))
+        else:
+            canvas = mx.random.randint(0, self.vocab_size, shape, dtype=mx.int32, key=self.key())
+        # Drawn as without fixed positions, so the noise stream does not shift.
+        self._fixed = None if fixed is None else DeviceFixed(fixed, self.canvas_length)
+        return canvas if fixed is None else self._fixed.start(canvas)
 
     def key(self) -> Optional[mx.array]:
         """The key of the next `mx.random` draw: this sequence's own (`keys`), or None for
@@ -107,6 +115,8 @@ class MLXDenoiser:
         """The reference sampler on one step's processed (temperature-scaled) logits
         (split from `step` so the bench can time it alone)."""
         gen = self.gen
+        if self._fixed is not None:
+            processed = ban_eos(processed, self._fixed)
         argmax = mx.argmax(processed, axis=-1).astype(mx.int32)
         if self.noise is not None:
             g = mx.array(self.noise.gumbel(canvas_index, step, processed.shape))
@@ -117,17 +127,31 @@ class MLXDenoiser:
         else:
             sample = mx.random.categorical(processed, axis=-1, key=self.key()).astype(mx.int32)
             fresh = mx.random.randint(0, self.vocab_size, canvas.shape, dtype=mx.int32, key=self.key())
-        entropy = token_entropy(processed)
-        accepted = entropy_bound_accept(entropy, gen.entropy_bound)
-        # Accepted positions take the sample; every other position is renoised.
-        next_canvas = mx.where(accepted, sample, fresh)
-        stop, self._history = stable_and_confident(
-            argmax, self._history, entropy, gen.stability_threshold, gen.confidence_threshold
-        )
+        if self._fixed is not None:
+            next_canvas, argmax, accepted, stop, self._history = sample_fixed(
+                processed, argmax, sample, fresh, self._fixed, gen, self._history)
+        else:
+            entropy = token_entropy(processed)
+            accepted = entropy_bound_accept(entropy, gen.entropy_bound)
+            # Accepted positions take the sample; every other position is renoised.
+            next_canvas = mx.where(accepted, sample, fresh)
+            stop, self._history = stable_and_confident(
+                argmax, self._history, entropy, gen.stability_threshold, gen.confidence_threshold
+            )
         # The reference feeds the processed logits back, cast to the embedding dtype.
         self._sc_logits = processed.astype(self.model.dtype)
         mx.eval(next_canvas, argmax, accepted, stop, self._sc_logits, self._history)
         return next_canvas, argmax[0], accepted[0], bool(stop.all().item())
+
+    def score(self, canvas: Sequence[int], positions: Sequence[int]) -> list:
+        """Log-probabilities (temperature 1, no self-conditioning) of `canvas`'s own tokens
+        at `positions` under one decoder pass on the cached context; the cache is only read."""
+        ids = mx.array(np.asarray(canvas, dtype=np.int32)[None])
+        logits = self.model.decode(ids, self.cache, None)[0].astype(mx.float32)
+        idx = mx.array(np.asarray(positions, dtype=np.int32))
+        rows = logits[idx]
+        own = mx.take_along_axis(rows, ids[0][idx][:, None], axis=-1)[:, 0]
+        return (own - mx.logsumexp(rows, axis=-1)).tolist()
 
     def to_list(self, row) -> list:
         return row.tolist()

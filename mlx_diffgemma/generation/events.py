@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Union
+from typing import List, Optional, Union
 
 
 @dataclass
@@ -14,8 +14,10 @@ class Draft:
     canvas_index: int
     step: int  # the reference's counter: N at the first step, 1 at the last
     tokens: List[int]  # the argmax canvas
-    accepted: List[bool]  # positions that took the denoiser's sample this step
+    accepted: List[bool]  # positions that took the denoiser's sample this step (or are fixed)
     kind: str = "draft"
+    fixed: Optional[List[bool]] = None  # positions the canvas holds fixed (fixed.py), or None
+    candidate: Optional[int] = None  # an infill's candidate middle length (infilling.py), or None
 
 
 @dataclass

@@ -52,6 +52,7 @@ import numpy as np
 
 from ..models.config import GenerationConfig
 from .denoiser import MLXDenoiser
+from .fixed_sampling import ban_eos
 from .freezing import Freezing
 from .noise import KeyStream, NoiseSource
 from .sampler import entropy_bound_accept, stable_and_confident, token_entropy
@@ -65,9 +66,9 @@ class FastOptions:
     # argmax, is what saves the steps (BENCHMARKS.md, "Fast mode").
     freeze: Optional[str] = "confidence"
     confidence: float = 0.9
-    # Off by default (not in the tuning grid; on toy-sudoku-open's test split it cost 0.3
-    # points, refresh_every=1 none, for 3.28x / 3.15x less time at 26B-A4B against 2.93x);
-    # the lever for a 256-token canvas, where most positions freeze early.
+    # Off by default (not in the tuning grid; its cost in accuracy and its saving at
+    # 26B-A4B are in BENCHMARKS.md, "Fast mode"); the lever for a 256-token canvas, where
+    # most positions freeze early.
     active_set: bool = False
     # With the active set: after this many active-set steps one step computes every
     # position again, refreshing frozen positions' stale keys and values (0: never; the
@@ -79,9 +80,9 @@ class FastOptions:
     repair: bool = False
     # Self-correction (freezing.py): a frozen position re-opens when the model turns
     # against it. Defaults picked on the toys' tuning split (scripts/tune_fast.py): the
-    # 0.99 floor with re-opening to noise took toy-sudoku-open from 88.9% to 97.8%
-    # (reference 99.4%) for 3.52 instead of 2.92 steps per canvas; the other rules did
-    # not add accuracy there.
+    # 0.99 floor with re-opening to noise bought toy-sudoku-open's accuracy back for a
+    # few more steps per canvas (BENCHMARKS.md, "Fast mode"); the other rules did not
+    # add accuracy there.
     revoke_floor: float = 0.99  # re-open a frozen token whose probability falls below this (0: never)
     revoke_margin: Optional[float] = None  # re-open one whose argmax beats it by this probability (None: never)
     reopen_noise: bool = True  # a re-opened position restarts from a random token, not its argmax
@@ -204,11 +205,13 @@ class FastDenoiser(MLXDenoiser):
 
     # -- per canvas -----------------------------------------------------------------
 
-    def start_canvas(self, canvas_index: int) -> mx.array:
-        canvas = super().start_canvas(canvas_index)
+    def start_canvas(self, canvas_index: int, fixed=None) -> mx.array:
+        canvas = super().start_canvas(canvas_index, fixed)
         C = self.canvas_length
         # Host-side: which positions are frozen, with what tokens, and when they re-open.
         self.freezing = Freezing(self.options, C, self._eos, self.gen.pad_token_id)
+        if fixed is not None:  # frozen from the start, for good (never re-opened)
+            self.freezing.hold_fixed(fixed.mask(C), fixed.full_tokens(C))
         self._refresh = np.zeros(C, dtype=bool)  # frozen last step: computed once more
         self._kv: Optional[List[Tuple[mx.array, mx.array]]] = None
         self._since_full = 0  # steps since the last step that computed every position
@@ -259,6 +262,8 @@ class FastDenoiser(MLXDenoiser):
             pos = np.arange(self.canvas_length)
             idx = mx.array(pos.astype(np.int32))
         self._since_full = 0 if len(pos) == self.canvas_length else self._since_full + 1
+        if self._fixed is not None:  # before the top-K, which a banned EOS could enter
+            processed = ban_eos(processed, self._fixed, None if len(pos) == self.canvas_length else idx)
         self._count(len(pos))
         return self._decide(processed, canvas, pos, idx, canvas_index, step)
 
@@ -328,17 +333,20 @@ class FastDenoiser(MLXDenoiser):
         keep = fz.frozen.copy()
         if o.commit_argmax:
             keep[pos] = False
+        keep |= fz.fixed
         argmax_out = mx.where(mx.array(keep[None]), tokens, self._argmax_all)
         if o.freeze is not None and fz.frozen.all():
             stop = mx.array([True])
         else:
             stop, self._history = stable_and_confident(
                 argmax_out, self._history, self._entropy_all, gen.stability_threshold,
-                gen.confidence_threshold)
+                gen.confidence_threshold, open=None if self._fixed is None else ~self._fixed.mask)
         self._refresh = newly
         stop_now = bool(stop.all().item()) or step == 1
         if o.repair and stop_now:
             argmax_out = self._repair(argmax_out)
+            if self._fixed is not None:
+                argmax_out = self._fixed.place(argmax_out)
         mx.eval(next_canvas, argmax_out, accepted)
         shown = accepted | frozen_now
         return next_canvas, argmax_out[0], shown[0], bool(stop.all().item())
@@ -413,6 +421,8 @@ class FastDenoiser(MLXDenoiser):
     def _repair(self, canvas: mx.array) -> mx.array:
         """One full forward of the final canvas with fresh keys and values; its argmax."""
         logits = self.model.decode(canvas, self.cache, None)
+        if self._fixed is not None:
+            logits = ban_eos(logits, self._fixed)
         self.work.positions += self.canvas_length
         self.work.lm_head_rows += self.canvas_length
         return mx.argmax(logits, axis=-1).astype(mx.int32)

@@ -55,6 +55,13 @@ class Freezing:
         self._last = np.full(length, -1, dtype=np.int64)
         self._as_pad = np.zeros(length, dtype=bool)  # frozen as pad after a frozen EOS
         self._final = "due" if options.final_pass > 0 else "done"  # due -> running -> done
+        self.fixed = np.zeros(length, dtype=bool)  # given tokens (fixed.py): never re-opened
+
+    def hold_fixed(self, mask: np.ndarray, tokens: np.ndarray) -> None:
+        """Freezes the fixed positions `mask` with their `tokens` (canvas-long), for good."""
+        self.fixed = mask.copy()
+        self.frozen |= mask
+        self.tokens[mask] = tokens[mask]
 
     # -- one step -----------------------------------------------------------------------
 
@@ -105,7 +112,7 @@ class Freezing:
             bad |= token_prob < o.revoke_floor
         if o.revoke_margin is not None:
             bad |= (argmax != self.tokens) & (confidence - token_prob >= o.revoke_margin)
-        bad &= self.frozen & computed & ~self._padded()
+        bad &= self.frozen & computed & ~self._padded() & ~self.fixed
         if bad.any():
             self._reopen(bad, noise=o.reopen_noise)
 
@@ -136,7 +143,7 @@ class Freezing:
     def _final_pass(self, computed: np.ndarray) -> None:
         """Once per canvas, before the commit: the positions frozen with the least
         confidence re-open to fresh noise, and the next step commits."""
-        which = computed & (self._confidence < self.o.final_pass) & ~self._padded()
+        which = computed & (self._confidence < self.o.final_pass) & ~self._padded() & ~self.fixed
         if not which.any():
             self._final = "done"
             return

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, 
 
 from ..models.config import GenerationConfig
 from .events import Commit, Draft, Event, Summary
+from .fixed import Fixed, check_fixed
 from .prompt import prompt_ids
 from .settings import check_reserve, reserved_tokens
 
@@ -36,7 +37,8 @@ class Denoiser(Protocol):
 
     def encode(self, token_ids: Sequence[int]) -> None: ...
 
-    def start_canvas(self, canvas_index: int) -> Any: ...
+    def start_canvas(self, canvas_index: int, fixed=None) -> Any:
+        """A fresh canvas; `fixed` (a fixed.CanvasFixed) places and holds its tokens."""
 
     def step(self, canvas: Any, canvas_index: int, step: int) -> tuple:
         """-> (next_canvas, argmax_canvas, accepted_mask, stop: bool)"""
@@ -60,8 +62,10 @@ class Drafting:
     """
 
     def __init__(self, denoiser: Denoiser, prompt_ids: Sequence[int], gen: GenerationConfig,
-                 decode_text=None):
+                 decode_text=None, fixed: Optional[Fixed] = None):
         self.denoiser, self.gen, self.decode_text = denoiser, gen, decode_text
+        self.fixed = fixed  # positions held at given tokens (fixed.py), checked
+        self._mask: Optional[List[bool]] = None  # the current canvas's fixed positions
         self.prompt_ids = prompt_ids
         self.canvases = math.ceil(gen.max_new_tokens / denoiser.canvas_length)
         self.done = False
@@ -94,10 +98,22 @@ class Drafting:
     def needs_start(self) -> bool:
         return not self.done and self._pending is None and self.canvas is None
 
-    def start(self) -> None:
-        self.canvas = self.denoiser.start_canvas(self.canvas_index)
+    def start(self) -> List[Event]:
+        """Starts the next canvas (`canvas`). A canvas whose every position is fixed is
+        committed as it is, with no step: its events are returned and `canvas` stays None."""
         self.step = self.gen.max_denoising_steps
         self._steps = 0
+        C = self.denoiser.canvas_length
+        cf = self.fixed.canvas(self.canvas_index) if self.fixed is not None else None
+        if cf is None:
+            self._mask = None
+            self.canvas = self.denoiser.start_canvas(self.canvas_index)
+            return []
+        if cf.all_fixed(C):
+            return self._commit([int(t) for t in cf.tokens])
+        self._mask = cf.mask(C).tolist()
+        self.canvas = self.denoiser.start_canvas(self.canvas_index, cf)
+        return []
 
     def stepped(self, canvas: Any, argmax: Any, accepted: Any, stop: bool) -> List[Event]:
         """The events of the step just run on `canvas` (its next canvas, argmax, accepted
@@ -105,7 +121,7 @@ class Drafting:
         denoiser = self.denoiser
         self._steps += 1
         events: List[Event] = [Draft(self.canvas_index, self.step, denoiser.to_list(argmax),
-                                     [bool(a) for a in denoiser.to_list(accepted)])]
+                                     [bool(a) for a in denoiser.to_list(accepted)], fixed=self._mask)]
         if not stop and self.step > 1:
             self.canvas, self.step = canvas, self.step - 1
             return events
@@ -166,16 +182,19 @@ def draft(
     prompt_ids: Sequence[int],
     gen: GenerationConfig,
     decode_text=None,
+    fixed: Optional[Fixed] = None,
 ) -> Iterator[Event]:
-    """Runs block diffusion for one sequence; yields Draft, Commit and a final Summary."""
-    run = Drafting(denoiser, prompt_ids, gen, decode_text)
+    """Runs block diffusion for one sequence; yields Draft, Commit and a final Summary.
+    `fixed`: positions held at given tokens (fixed.py); a canvas whose every position is
+    fixed is committed as it is, without a step."""
+    run = Drafting(denoiser, prompt_ids, gen, decode_text, fixed)
     while not run.done:
         if run.pending_encode() is not None:
             run.encode()
-            continue
-        if run.needs_start:
-            run.start()
-        yield from run.stepped(*denoiser.step(run.canvas, run.canvas_index, run.step))
+        elif run.needs_start:
+            yield from run.start()
+        else:
+            yield from run.stepped(*denoiser.step(run.canvas, run.canvas_index, run.step))
 
 
 def _strip_eos_padding(tokens: List[int], finished: bool, pad: int) -> List[int]:
@@ -226,13 +245,17 @@ def pad_after_eos(
 # -- shared by every backend's stream_generate / generate ---------------------------------
 
 
-def stream(denoiser: Denoiser, tokenizer, prompt) -> Iterator[Event]:
+def stream(denoiser: Denoiser, tokenizer, prompt, fixed=None) -> Iterator[Event]:
     """The body of every backend's `stream_generate`: the prompt's ids, the context
-    check, then block diffusion on `denoiser`."""
+    check, then block diffusion on `denoiser` (`fixed`: {position: token_id}, fixed.py)."""
+    gen = denoiser.gen
+    checked = check_fixed(fixed, canvas_length=denoiser.canvas_length, max_new_tokens=gen.max_new_tokens,
+                          vocab_size=denoiser.vocab_size, eos_token_id=gen.eos_token_id,
+                          pad_token_id=gen.pad_token_id)
     ids = prompt_ids(tokenizer, prompt)
-    reserve = reserved_tokens(denoiser.gen, denoiser.canvas_length)
+    reserve = reserved_tokens(gen, denoiser.canvas_length)
     check_reserve(denoiser.cached_tokens + len(ids), reserve, denoiser.max_context)
-    yield from draft(denoiser, ids, denoiser.gen, text_decoder(tokenizer))
+    yield from draft(denoiser, ids, gen, text_decoder(tokenizer), fixed=checked)
 
 
 def run_to_summary(events: Iterator[Event], on_commit: Optional[Callable] = None) -> Summary:

@@ -45,12 +45,14 @@ def stable_and_confident(
     entropy: mx.array,
     stability_threshold: int,
     confidence_threshold: float,
+    open: Optional[mx.array] = None,
 ) -> Tuple[mx.array, Optional[mx.array]]:
     """The reference's StableAndConfidentStoppingCriteria.
 
     Stable: the argmax canvas equals each of the last `stability_threshold` argmax
     canvases (the history starts filled with -1, so never on the first step unless the
-    threshold is 0). Confident: mean entropy of the processed logits below the threshold.
+    threshold is 0). Confident: mean entropy of the processed logits below the threshold;
+    with `open` (bool, as `entropy`), the mean over the open positions only (fixed.py).
     Returns (stop [batch] bool, updated history).
     """
     if stability_threshold == 0:
@@ -60,5 +62,9 @@ def stable_and_confident(
             history = mx.full((stability_threshold, *argmax_canvas.shape), -1, argmax_canvas.dtype)
         stable = (history == argmax_canvas[None]).all(axis=-1).all(axis=0)
         history = mx.concatenate([history[1:], argmax_canvas[None]], axis=0)
-    confident = entropy.mean(axis=-1) < confidence_threshold
+    if open is None:
+        confident = entropy.mean(axis=-1) < confidence_threshold
+    else:
+        weight = open.astype(entropy.dtype)
+        confident = (entropy * weight).sum(axis=-1) / weight.sum(axis=-1) < confidence_threshold
     return stable & confident, history

@@ -259,6 +259,9 @@ def speculative_stream_generate(
     `prompt` is only the tokens that follow it; both are left past the context, holding
     generated tokens (a chat trims them back).
     """
+    if "fixed" in generation_kwargs:
+        raise ValueError("fixed positions need block diffusion's own canvases; speculative drafting "
+                         "verifies left to right: use stream_generate(..., fixed=...)")
     check_tokenizers(target_tokenizer, tokenizer)
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"k (draft tokens per round) must be an integer >= 1 (got {k!r})")

@@ -4,7 +4,7 @@ Everything in a layer but attention's mixing is per token, so the tokens of a fo
 canvas, a prefill chunk) can be cut into contiguous lanes that run on separate streams;
 only the keys and values are joined before attention, and the logits after the LM head.
 On MLX's CPU backend each stream is a worker thread and the quantized kernels
-(`quantized_matmul`, `gather_qmm`: ~90% of a step) are single-threaded, so lanes use the
+(`quantized_matmul`, `gather_qmm`: most of a step, BENCHMARKS.md) are single-threaded, so lanes use the
 cores those kernels leave idle. Each token's arithmetic is unchanged, so the logits are
 bit-identical to one lane (tests/test_model_parity.py holds this). A GPU already runs
 each kernel on all its cores: there lanes would only add launches, so they are on by

@@ -294,12 +294,12 @@ class Model(nn.Module):
         if n_lanes > 1:
             # Evaluated here, on lanes: run in one graph with what the caller does next
             # (the sampler), the lanes kept one more [canvas x vocab] array alive at the
-            # step's peak (measured: 4.05 units instead of 3.10 at the real vocab).
+            # step's peak (BENCHMARKS.md, "Memory").
             mx.eval(logits)
         return logits
 
     # Compile the decoder step (see `decode`). Off: on MLX's CPU backend it measured
-    # 0.4-4% slower than eager, with identical logits (BENCHMARKS.md); a switch so that a
+    # slower than eager, with identical logits (BENCHMARKS.md, "The speed work"); a switch so that a
     # Metal/CUDA run can measure it (`mlx-diffgemma bench --compile-decode`).
     compile_decode = False
 

@@ -27,7 +27,7 @@ and routed together, one collective) per layer, and self-conditioning's per step
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -223,15 +223,6 @@ _SPLIT_PARTS = (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."
 def is_split(name: str) -> bool:
     """Whether tensor `name` (our name) is split over the ranks of a split model."""
     return name.startswith("model.decoder.layers.") and any(p in name for p in _SPLIT_PARTS)
-
-
-def local_shape(shape: Tuple[int, ...], cut: Optional[Tuple[int, int, int]]) -> Tuple[int, ...]:
-    if cut is None:
-        return tuple(shape)
-    axis, start, stop = cut
-    out = list(shape)
-    out[axis] = stop - start
-    return tuple(out)
 
 
 # -- the routed experts, split by expert --------------------------------------------------

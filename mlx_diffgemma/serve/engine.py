@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Generator, Iterator, List, Mapping, Optional
 
 from ..chat.backends import MLXBackend, make_backend
 from ..chat.options import chat_max_new_tokens
@@ -40,6 +40,8 @@ class Output:
         self.finish: Optional[str] = None
         self.cached = 0
         self.sent_content = self.sent_reasoning = ""
+        self.prefill: Optional[Prefill] = None
+        self.summary: Optional[Summary] = None
 
     @property
     def done(self) -> bool:
@@ -67,6 +69,7 @@ class Output:
             sink.commit(self)
         elif isinstance(ev, Summary):
             self.end(ev.finish_reason)
+            self.summary = ev
 
     def end(self, finish_reason: str) -> None:
         if self.finish is None:
@@ -234,21 +237,31 @@ class Engine:
             task = self.tasks.get()
             if task is None:
                 return
-            if not self.begin(task):
-                continue
+            if self.begin(task):
+                self.serve_alone(task)
+
+    def serve_alone(self, task: "_Task") -> None:
+        """Runs a begun task to its end on the session's own cache (the serial path)."""
+        for _ in self.alone(task):
+            pass
+
+    def alone(self, task: "_Task") -> Iterator[None]:
+        """A begun task run on the session's own cache, one event per `next` (the
+        scheduler interleaves it with its rows' steps: an infill's several candidate runs
+        are not one row's drafting). Errors go to the task, which is finished at the end."""
+        try:
+            if self.stopping is not None:
+                raise self.shutdown_error()
+            self.prompt_cache.checkout(self.session, task.job.split.keys[: task.job.split.stable])
             try:
-                if self.stopping is not None:
-                    raise self.shutdown_error()
-                self.prompt_cache.checkout(self.session, task.job.split.keys[: task.job.split.stable])
-                try:
-                    task.out = self._generate(task.job, task.sink)
-                finally:
-                    self.prompt_cache.checkin(self.session)
-            except BaseException as e:  # handed to the request's thread
-                task.error = e
+                task.out = yield from self._replies(task.job, task.sink)
             finally:
-                self._count(running=-1)
-                task.finish()
+                self.prompt_cache.checkin(self.session)
+        except BaseException as e:  # handed to the request's thread
+            task.error = e
+        finally:
+            self._count(running=-1)
+            task.finish()
 
     def begin(self, task: "_Task") -> bool:
         """Marks a task taken off the queue as running; False when its client left while
@@ -330,21 +343,24 @@ class Engine:
     def _output(self, job: Job) -> Output:
         return Output(job, ReplyParser(self.tokenizer, job.tools))
 
-    def _generate(self, job: Job, sink: Sink) -> Optional[Output]:
+    def _replies(self, job: Job, sink: Sink) -> Generator[None, None, Optional[Output]]:
+        """The session's turn for `job`, one event per `next`; returns its Output (None
+        when its client went away)."""
         out = self._output(job)
         opts = job.opts
         events = self.session.complete(job.split, lambda: out.done or self.stopping is not None or sink.poll(),
-                                       opts.settings, self.noise_for(opts.settings.seed))
+                                       opts.settings, self.noise_for(opts.settings.seed), job.infill)
         try:
             for ev in events:
                 if isinstance(ev, Prefill):
-                    out.cached = ev.reused
+                    out.cached, out.prefill = ev.reused, ev
                 elif isinstance(ev, (Draft, Commit, Summary)):
                     out.take(ev, sink)
                 elif isinstance(ev, Interrupted) and not out.done:
                     if self.stopping is not None:
                         raise self.shutdown_error()
                     return None
+                yield
         finally:
             events.close()
         return out

@@ -1,6 +1,7 @@
 """`mlx-diffgemma serve`: an OpenAI-compatible HTTP server on the chat session layer.
 
-Endpoints: POST /v1/chat/completions, /v1/completions (streaming or not), GET /v1/models
+Endpoints: POST /v1/chat/completions, /v1/completions (streaming or not; `suffix` writes
+the middle before it, generation/infilling.py), llama.cpp's POST /infill (infill.py), GET /v1/models
 (with the context length the server enforces: the checkpoint's max_position_embeddings
 unless --max-context lowers it), GET /v1/models/{id}, GET /health.
 
@@ -42,6 +43,7 @@ from ..generation.events import Draft
 from ..generation.settings import parse_number
 from ..models.paths import resolve_model_path
 from .engine import Engine, Output, Sink
+from .infill import llama_response
 from .openai import APIError, bad, chunk, delta_choice, full_response, parse_json
 from .requests import Job
 
@@ -99,14 +101,17 @@ class SSEStream(Sink):
             self._write(b": keepalive\n\n")
 
     def start(self) -> None:
+        self.headers()
+        if self.job.kind == "chat":
+            self.send(chunk(self.job, delta_choice(self.job, role=True)))
+        self.flush()
+
+    def headers(self) -> None:
         self.handler.send_response(200)
         self.handler.send_header("Content-Type", "text/event-stream")
         self.handler.send_header("Cache-Control", "no-cache")
         self.handler.send_header("Connection", "close")
         self.handler.end_headers()
-        if self.job.kind == "chat":
-            self.send(chunk(self.job, delta_choice(self.job, role=True)))
-        self.flush()
 
     def commit(self, out: Output) -> None:
         content, reasoning = out.deltas()
@@ -116,9 +121,11 @@ class SSEStream(Sink):
     def draft(self, out: Output, ev: Draft) -> None:
         text = out.parser.clean(out.parser.tokenizer.decode(ev.tokens, skip_special_tokens=True))
         steps = self.job.opts.settings.gen.max_denoising_steps
-        self.send(chunk(self.job, None, draft={
-            "canvas_index": ev.canvas_index, "step": steps - ev.step + 1,
-            "text": out.sent_content + text, "canvas_text": text}))
+        draft = {"canvas_index": ev.canvas_index, "step": steps - ev.step + 1,
+                 "text": out.sent_content + text, "canvas_text": text}
+        if ev.fixed is not None:  # an infill: which positions hold given tokens, and its length
+            draft.update(fixed=ev.fixed, candidate_length=ev.candidate)
+        self.send(chunk(self.job, None, draft=draft))
 
     def finish(self, out: Output) -> None:
         content, reasoning = out.deltas()
@@ -132,6 +139,31 @@ class SSEStream(Sink):
     def error(self, err: APIError) -> None:
         self.send(err.body())
         self._write(b"data: [DONE]\n\n")
+        self.flush()
+
+
+class LlamaStream(SSEStream):
+    """llama.cpp's native stream for /infill: `{"content", "stop": false}` per commit,
+    then the whole reply object with `"stop": true`; no [DONE]."""
+
+    def start(self) -> None:
+        self.headers()
+
+    def commit(self, out: Output) -> None:
+        content, _ = out.deltas()
+        if content:
+            self.send({"content": content, "stop": False})
+
+    def draft(self, out: Output, ev: Draft) -> None:
+        pass
+
+    def finish(self, out: Output) -> None:
+        content, _ = out.deltas()
+        self.send(llama_response(self.job, out, content))
+        self.flush()
+
+    def error(self, err: APIError) -> None:
+        self.send(err.body())
         self.flush()
 
 
@@ -248,7 +280,8 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         routes = {"/v1/chat/completions": self.engine.requests.chat,
-                  "/v1/completions": self.engine.requests.completion}
+                  "/v1/completions": self.engine.requests.completion,
+                  "/infill": self.engine.requests.infill}
         if path not in routes:
             raise APIError(404, f"no such endpoint: POST {path}", None, "not_found")
         self._authorized()
@@ -258,10 +291,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._stream(job)
         out = self.engine.run(job, Sink(self))
         if out is not None:
-            self.send_json(200, full_response(job, out))
+            self.send_json(200, llama_response(job, out) if job.kind == "infill" else full_response(job, out))
 
     def _stream(self, job: Job) -> None:
-        sse = SSEStream(self, job, self.server.keepalive_s)
+        sse = (LlamaStream if job.kind == "infill" else SSEStream)(self, job, self.server.keepalive_s)
         sse.start()
         try:
             out = self.engine.run(job, sse)

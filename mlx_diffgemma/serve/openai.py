@@ -135,7 +135,7 @@ def check_unsupported(body: Dict[str, Any]) -> None:
         if body.get(key) is not None and body.get(key) != neutral:
             raise bad(f"{key}={body.get(key)!r} is not supported: the block-diffusion sampler "
                       f"has no such control (only {key}={neutral})", key)
-    for key in ("logprobs", "top_logprobs", "echo", "logit_bias", "suffix"):
+    for key in ("logprobs", "top_logprobs", "echo", "logit_bias"):
         if body.get(key) not in (None, False, 0, {}, ""):
             raise bad(f"{key} is not supported by this server", key)
     if body.get("best_of") not in (None, 1):

@@ -14,15 +14,18 @@ rolled back to the stable boundary at the end), a denoiser on that cache and a
 `Drafting`. Its randomness is its own (a `KeyStream` from the request's seed, which
 draws what `mx.random.seed(seed)` would), so a seeded reply does not depend on the other
 rows; with one row the step is the row's own `denoiser.step`, and the reply is the
-serial server's, token for token.
+serial server's, token for token. An infill (`suffix`, POST /infill: several candidate
+runs and a scoring pass, not one drafting) runs on the session's own cache as the serial
+server runs it, one event per tick beside the rows; one at a time, the next waiting.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import random
 import traceback
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Deque, Iterator, List, Optional
 
 from ..chat.turn_cache import CacheState, TurnCache
 from ..generation.api import make_denoiser, on_device
@@ -77,6 +80,10 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens
         self.drafter = BatchDrafter(self.model)
         self.rows: List[Row] = []  # admission order
+        # An infill on the session's cache (engine.alone), one event per tick, and the
+        # infills waiting for that cache (not begun yet: they still count as waiting).
+        self.alone: Optional[Iterator[None]] = None
+        self.waiting_alone: Deque[Any] = collections.deque()
         self.closing = False
         self.text = text_decoder(self.session.tokenizer)
 
@@ -87,13 +94,18 @@ class Scheduler:
         while not self.closing:
             self._admit(block=True)
             with on_device(self.model):
-                while self.rows:
+                while self.busy:
                     try:
                         self.tick()
                     except Exception as e:  # a bug of ours: every row gets it, the server goes on
                         traceback.print_exc()
                         for row in list(self.rows):
                             self._leave(row, error=e)
+                        self._end_alone(e)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows) or self.alone is not None or bool(self.waiting_alone)
 
     def tick(self) -> None:
         self._admit(block=False)
@@ -102,19 +114,41 @@ class Scheduler:
         for uid, events in self.drafter.step():
             row = next(r for r in self.rows if r.uid == uid)
             self._emit(row, events)
+        self._step_alone()
+
+    # -- an infill on the session's cache ------------------------------------------------------
+
+    def _step_alone(self) -> None:
+        """One event of the running infill (it polls its client and the shutdown itself),
+        or the start of the next waiting one."""
+        while self.alone is None and self.waiting_alone:
+            task = self.waiting_alone.popleft()
+            if self.engine.begin(task):  # False: its client left while it waited
+                self.alone = self.engine.alone(task)
+        if self.alone is not None:
+            if next(self.alone, StopIteration) is StopIteration:
+                self.alone = None
+
+    def _end_alone(self, error: BaseException) -> None:
+        if self.alone is not None:
+            alone, self.alone = self.alone, None
+            _throw(alone, error)
 
     # -- admission ------------------------------------------------------------------------
 
     def _admit(self, block: bool) -> None:
         engine = self.engine
-        while len(self.rows) < self.max_batch and not self.closing:
+        while len(self.rows) + (self.alone is not None) < self.max_batch and not self.closing:
             try:
-                task = engine.tasks.get(block=block and not self.rows)
+                task = engine.tasks.get(block=block and not self.busy)
             except queue.Empty:
                 return
             if task is None:
                 self.closing = True
                 return
+            if task.job.infill is not None:  # the session's cache, one infill at a time
+                self.waiting_alone.append(task)
+                continue
             if not engine.begin(task):
                 continue
             try:
@@ -210,6 +244,14 @@ class Scheduler:
     # -- reporting --------------------------------------------------------------------------
 
     def health(self) -> dict:
-        return {"max_batch": self.max_batch, "rows": len(self.rows),
+        return {"max_batch": self.max_batch, "rows": len(self.rows) + (self.alone is not None),
                 "prefilling": sum(not r.drafting for r in self.rows),
                 "ticks": self.drafter.steps, "mean_batch": round(self.drafter.mean_batch, 3)}
+
+
+def _throw(alone: Iterator[None], error: BaseException) -> None:
+    """Ends `alone` (engine.alone) with `error`: its task gets it and is finished."""
+    try:
+        alone.throw(error)
+    except (StopIteration, type(error)):
+        pass

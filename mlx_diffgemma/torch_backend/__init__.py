@@ -6,5 +6,6 @@ or CUDA; loads Hugging Face-format directories (not MLX conversions).
 """
 
 from .drafter import TorchDenoiser, generate, load, stream_generate
+from .infilling import infill, stream_edit, stream_infill
 
-__all__ = ["TorchDenoiser", "load", "generate", "stream_generate"]
+__all__ = ["TorchDenoiser", "load", "generate", "stream_generate", "infill", "stream_infill", "stream_edit"]

@@ -6,7 +6,7 @@ without MLX installed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from ..generation.events import Event
+from ..generation.fixed import CanvasFixed
 from ..generation.loop import collect, stream
 from ..generation.noise import NoiseSource
 from ..generation.prompt import prepare_prompt
@@ -25,6 +26,7 @@ from ..generation.settings import Settings, defaults, resolve
 from ..models.checkpoint import WeightsError, check_tokenizer_files
 from ..models.config import GenerationConfig, ModelArgs, load_config
 from ..models.paths import resolve_model_path
+from .fixed import TorchFixed, ban_eos, step_fixed
 
 
 def _default_device() -> str:
@@ -153,13 +155,18 @@ class TorchDenoiser:
         self.model.model.encoder(input_ids=ids, past_key_values=self.cache,
                                  **torch_image_kwargs(self.model, ids, images))
 
-    def start_canvas(self, canvas_index: int) -> torch.Tensor:
+    _fixed: Optional[TorchFixed] = None  # this canvas's fixed positions (fixed.py)
+
+    def start_canvas(self, canvas_index: int, fixed: Optional[CanvasFixed] = None) -> torch.Tensor:
         self._sc_logits = None
         self._stop.reset()
         shape = (1, self.canvas_length)
         if self.noise is not None:
-            return self._ids(self.noise.init_canvas(canvas_index, shape, self.vocab_size))
-        return self._random_ids(shape)
+            canvas = self._ids(self.noise.init_canvas(canvas_index, shape, self.vocab_size))
+        else:
+            canvas = self._random_ids(shape)
+        self._fixed = None if fixed is None else TorchFixed(fixed, self.canvas_length, self.device)
+        return canvas if fixed is None else self._fixed.start(canvas)
 
     @torch.no_grad()
     def step(self, canvas: torch.Tensor, canvas_index: int, step: int):
@@ -172,6 +179,8 @@ class TorchDenoiser:
         # float32 op by op, and the processed logits are generate()'s to the bit.
         cur_step = torch.tensor(step, dtype=torch.int32, device=self.device)
         processed = self._temperature(canvas, logits, cur_step=cur_step)
+        if self._fixed is not None:
+            processed = ban_eos(processed, self._fixed)
         B, C, V = processed.shape
         if self.noise is not None:
             g = torch.as_tensor(self.noise.gumbel(canvas_index, step, (B, C, V)), device=self.device)
@@ -179,13 +188,29 @@ class TorchDenoiser:
         else:
             probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
             sample = torch.multinomial(probs.view(-1, V), 1, generator=self.generator).view(B, C)
-        argmax = processed.argmax(dim=-1)
         self._where = (canvas_index, step)
+        if self._fixed is not None:
+            fresh = self._renoise_ids(B, self.device)
+            next_canvas, argmax, accepted, stop = step_fixed(
+                processed, sample, fresh, self._fixed, float(self.gen.entropy_bound), self._stop)
+            self._sc_logits = processed.to(self._embed_dtype)
+            return next_canvas, argmax[0], accepted[0], bool(stop.all())
+        argmax = processed.argmax(dim=-1)
         accepted_canvas = self._sampler.accept_canvas(canvas, sample, processed, cur_step)
         next_canvas = self._sampler.renoise_canvas(accepted_canvas, cur_step)
         stop = bool(self._stop(argmax, processed).all())
         self._sc_logits = processed.to(self._embed_dtype)
         return next_canvas, argmax[0], self._sampler.accepted_token_mask[0], stop
+
+    @torch.no_grad()
+    def score(self, canvas: Sequence[int], positions: Sequence[int]) -> list:
+        """As `MLXDenoiser.score`: the canvas's own tokens' log-probabilities at `positions`."""
+        ids = self._ids(np.asarray(canvas).reshape(1, -1))
+        logits = self.model(decoder_input_ids=ids, past_key_values=self.cache,
+                            self_conditioning_logits=None).logits[0].float()
+        idx = self._ids(np.asarray(positions))
+        logp = torch.log_softmax(logits[idx], dim=-1)
+        return logp.gather(-1, ids[0][idx][:, None])[:, 0].tolist()
 
     def to_list(self, row: torch.Tensor) -> list:
         return row.tolist()
@@ -206,24 +231,33 @@ def stream_generate(
     noise: Optional[NoiseSource] = None,
     seed: Optional[int] = None,
     chat: bool = False,
+    fixed: Optional[Mapping[int, int]] = None,
     **generation_kwargs,
 ) -> Iterator[Event]:
-    """As `mlx_diffgemma.stream_generate`, on torch (images through transformers' tower)."""
+    """As `mlx_diffgemma.stream_generate`, on torch (images through transformers' tower;
+    `fixed`: positions held at given tokens, generation/fixed.py)."""
     settings = resolve(defaults(model), backend="torch", seed=seed, **generation_kwargs)
-    yield from run(model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise, chat=chat)
+    yield from run(model, tokenizer, prompt, settings, images=images, cache=cache, noise=noise, chat=chat,
+                   fixed=fixed)
 
 
 def run(model, tokenizer, prompt, settings: Settings, *, images=None, cache=None,
-        noise: Optional[NoiseSource] = None, chat: bool = False) -> Iterator[Event]:
+        noise: Optional[NoiseSource] = None, chat: bool = False,
+        fixed: Optional[Mapping[int, int]] = None) -> Iterator[Event]:
     """`stream_generate` with its settings resolved: what the chat backend calls."""
     prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
+    denoiser = seeded_denoiser(model, settings, cache=cache, noise=noise)
+    denoiser.images = image_inputs
+    yield from stream(denoiser, tokenizer, prompt, fixed=fixed)
+
+
+def seeded_denoiser(model, settings: Settings, *, cache=None, noise: Optional[NoiseSource] = None) -> TorchDenoiser:
+    """The torch denoiser of `settings`, its own generator seeded with `settings.seed`."""
     generator = None
     if settings.seed is not None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(settings.seed)
-    denoiser = TorchDenoiser(model, settings.gen, cache=cache, noise=noise, generator=generator)
-    denoiser.images = image_inputs
-    yield from stream(denoiser, tokenizer, prompt)
+    return TorchDenoiser(model, settings.gen, cache=cache, noise=noise, generator=generator)
 
 
 def generate(model, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
