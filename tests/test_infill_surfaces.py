@@ -140,6 +140,43 @@ def test_an_infill_beside_running_replies_answers_as_alone(server):
     assert [u.completion_tokens for u in usages] == [240, 240]
 
 
+def test_an_infill_whose_client_leaves_is_dropped_beside_a_running_reply(server):
+    """A streamed infill running beside a long reply: its client goes away, the infill
+    is cancelled (its cache rolled back) and the reply runs on to its full length."""
+    def health():
+        return requests.get(server + "/health", timeout=10).json()
+
+    before = health()
+    usage, started = [], threading.Event()
+
+    def long_reply():
+        for ch in _client(server).chat.completions.create(
+                model="toy-sudoku", messages=[{"role": "user", "content": PUZZLE}], max_tokens=240,
+                stream=True, seed=3, stream_options={"include_usage": True},
+                extra_body=dict(ignore_eos=True, confidence_threshold=1e-9)):
+            usage.extend([ch.usage] if ch.usage else [])
+            if ch.choices and ch.choices[0].delta.content:
+                started.set()
+
+    thread = threading.Thread(target=long_reply)
+    thread.start()
+    assert started.wait(60)
+    body = {"input_prefix": PROMPT, "input_suffix": SOLUTION[8:], "stream": True, "stream_drafts": True,
+            "infill_lengths": list(range(4, 20)), "max_denoising_steps": 64, "confidence_threshold": 1e-9}
+    r = requests.post(server + "/infill", json=body, stream=True, timeout=60)
+    deadline = time.monotonic() + 10
+    while health()["rows"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health()["rows"] == 2
+    r.close()
+    while health()["cancelled"] == before["cancelled"] and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
+    thread.join(120)
+    after = health()
+    assert after["cancelled"] - before["cancelled"] == 1 and after["completed"] - before["completed"] == 1
+    assert usage[-1].completion_tokens == 240 and after["rows"] == 0
+
+
 def test_a_long_suffix_is_cut_on_infill_and_refused_on_completions(server):
     long = SOLUTION[8:] * 4
     r = requests.post(server + "/infill", json={"input_prefix": PROMPT, "input_suffix": long, "seed": 3,
