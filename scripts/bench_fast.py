@@ -37,24 +37,24 @@ import mlx_diffgemma as md  # noqa: E402
 from mlx_diffgemma.config import ModelArgs  # noqa: E402
 from mlx_diffgemma.denoiser import MLXDenoiser  # noqa: E402
 from mlx_diffgemma.drafter import generation_config, stream  # noqa: E402
-from mlx_diffgemma.fast import FastDenoiser, FastOptions, Work  # noqa: E402
+from mlx_diffgemma.fast import IRREVOCABLE, FastDenoiser, FastOptions, Work  # noqa: E402
 
 
 def rule_rows(d: FastOptions) -> Dict[str, FastOptions]:
     """Each self-correction rule of freezing.py measured alone: the defaults without it
     when it is on, with it (a representative setting) when it is off."""
     rows = {"frozen for good (no re-opening)": d.irrevocable()}
-    tries = {"revoke_floor": 0.99, "revoke_margin": 0.2, "hold": 2, "adapt": 0.5, "final_pass": 0.9}
+    tries = {"revoke_floor": 0.99, "revoke_margin": 0.2, "hold": 2, "adapt": 0.5, "final_pass": 0.9,
+             "floor_decay": 2.0, "max_reopens": 2, "verify_noise": 0.9, "doubt": 0.8, "forget_sc": True}
     for name, value in tries.items():
-        on = getattr(d, name) not in (0, 0.0, 1, 1.0, None) or (name == "hold" and d.hold > 1)
-        off = {"revoke_floor": 0.0, "revoke_margin": None, "hold": 1, "adapt": 1.0, "final_pass": 0.0}[name]
-        if on:
+        off = IRREVOCABLE[name]
+        if getattr(d, name) != off:
             r = replace(d, **{name: off})
             if r.revocable or r.final_pass or r.hold > 1:  # else it is the row above
                 rows[f"defaults, no {name}"] = r
         else:
-            rows[f"defaults + {name} {value}"] = replace(d, **{name: value})
-    if d.revoke_floor or d.revoke_margin is not None:
+            rows[f"defaults + {name}" + ("" if value is True else f" {value}")] = replace(d, **{name: value})
+    if d.revocable:
         rows["defaults, re-opened to argmax"] = replace(d, reopen_noise=not d.reopen_noise)
     rows[f"defaults, confidence at {'the schedule' if d.confidence_at_t1 else 'temperature 1'}"] = replace(
         d, confidence_at_t1=not d.confidence_at_t1)

@@ -107,10 +107,70 @@ def test_an_eos_reopens_with_the_pad_it_brought_and_pad_alone_never_does():
     assert fz.reopened.tolist() == [False, True, True, True]
 
 
+def test_floor_decay_loosens_the_floor_of_a_position_each_time_it_reopens():
+    """A position the model keeps just under the floor re-opens once, then (floor 0.99 ->
+    0.98 after one re-open) stays: the churn ends. Without decay it re-opens again."""
+    for decay, reopens in ((2.0, 1), (1.0, 2)):
+        fz = Freezing(replace(OFF, revoke_floor=0.99, floor_decay=decay), 4, NO_EOS, 0)
+        step(fz, [3, 1, 1, 1], [0.95, 0.2, 0.2, 0.2])
+        step(fz, [3, 1, 1, 1], [0.985, 0.2, 0.2, 0.2], token_prob=[0.985, 1, 1, 1])  # re-opened
+        assert not fz.frozen[0]
+        step(fz, [3, 1, 1, 1], [0.95, 0.2, 0.2, 0.2], token_prob=[1, 1, 1, 1])  # frozen again
+        assert fz.frozen[0]
+        step(fz, [3, 1, 1, 1], [0.985, 0.2, 0.2, 0.3], token_prob=[0.985, 1, 1, 1])
+        assert fz.reopens == reopens and fz.frozen[0] == (reopens == 1)
+
+
+def test_max_reopens_caps_the_reopens_of_a_position():
+    fz = Freezing(replace(OFF, revoke_floor=0.9, max_reopens=1), 4, NO_EOS, 0)
+    step(fz, [3, 1, 1, 1], [0.95, 0.2, 0.2, 0.2])
+    step(fz, [3, 1, 1, 1], [0.5, 0.2, 0.2, 0.2], token_prob=[0.5, 1, 1, 1])
+    assert not fz.frozen[0]
+    step(fz, [3, 1, 1, 1], [0.95, 0.2, 0.2, 0.2], token_prob=[1, 1, 1, 1])
+    step(fz, [3, 1, 1, 1], [0.5, 0.2, 0.2, 0.3], token_prob=[0.5, 1, 1, 1])
+    assert fz.frozen[0] and fz.reopens == 1  # capped: it stays
+
+
+def test_verify_noise_keeps_a_freeze_only_if_re_predicted_unseen():
+    fz = Freezing(replace(OFF, verify_noise=0.8), 4, NO_EOS, 0)
+    step(fz, [3, 4, 1, 1], [0.95, 0.95, 0.2, 0.2])
+    assert fz.probation.tolist() == [True, True, False, False]  # fed noise next step
+    # Shown noise there: position 0 is re-predicted (3 at 0.9), position 1 is not (2).
+    step(fz, [3, 2, 1, 1], [0.9, 0.6, 0.2, 0.2], token_prob=[0.9, 0.3, 1, 1])
+    assert fz.frozen.tolist()[:2] == [True, False] and fz.reopened.tolist() == [False, True, False, False]
+    assert not fz.probation[0]  # verified once: from now on it is fed its token
+    # The last step freezes everything and puts nothing on probation (nothing follows).
+    step(fz, [3, 2, 1, 1], [0.9, 0.6, 0.2, 0.2], token_prob=[1, 1, 1, 1], n=1)
+    assert fz.frozen.all() and not fz.probation.any()
+
+
+def test_verified_under_noise_the_wrong_first_freeze_is_caught_without_a_floor():
+    """The scripted model's wrong first freeze (3 at 0.95) is fed noise at step 2; the model,
+    no longer shown it, predicts 5: the freeze fails its check and the answer is right."""
+    opts = replace(FastOptions(**SCRIPTED).irrevocable(), verify_noise=0.9)
+    summary, model = scripted_run(opts)
+    assert model.shown[1][0] not in (3, 5) and summary.tokens == ANSWER
+    assert summary.steps_per_canvas == [3]
+
+
+def test_doubt_reopens_the_unsure_freezes_instead_of_forcing_a_guess():
+    fz = Freezing(replace(OFF, revoke_floor=0.99, doubt=0.7), 4, NO_EOS, 0)
+    step(fz, [3, 4, 2, 1], [0.92, 0.999, 0.93, 0.2])  # 0 and 2 frozen unsure, 1 sure
+    newly = step(fz, [3, 4, 2, 1], [1, 1, 1, 0.5], token_prob=[1, 1, 1, 1])  # best open: 0.5
+    assert not newly.any() and fz.noised.tolist() == [True, False, True, False]
+    assert fz.frozen.tolist() == [False, True, False, False]
+    # Once per canvas: the next time nothing is confident, the best guess is forced.
+    step(fz, [3, 4, 2, 1], [0.95, 1, 0.95, 0.5], token_prob=[1, 1, 1, 1])
+    assert step(fz, [3, 4, 2, 1], [1, 1, 1, 0.5], token_prob=[1, 1, 1, 1]).tolist() == [False, False, False, True]
+
+
 def test_options_are_checked():
     for bad, match in ((dict(hold=0), "hold must be"), (dict(revoke_floor=1.0), "revoke_floor"),
                        (dict(revoke_margin=1.5), "revoke_margin"), (dict(adapt=0.0), "adapt"),
-                       (dict(final_pass=2.0), "final_pass")):
+                       (dict(final_pass=2.0), "final_pass"), (dict(floor_decay=0.5), "floor_decay"),
+                       (dict(max_reopens=-1), "max_reopens"), (dict(doubt=1.5), "doubt"),
+                       (dict(verify_noise=2.0), "verify_noise"),
+                       (dict(forget_sc=True, sc_top_k=0), "forget_sc needs sparse")):
         with pytest.raises(ValueError, match=match):
             FastOptions(**bad)
 
@@ -230,3 +290,35 @@ def test_defaults_hold_their_accuracy_on_held_out_puzzles_and_need_revocation():
     print(f"{len(subset)} held-out puzzles solved: {solved}")
     assert solved["defaults"] >= 0.95 * len(subset)
     assert solved["frozen for good"] <= solved["defaults"] - 4
+
+
+def test_forget_sc_restarts_a_reopened_position_without_self_conditioning():
+    """On the trained toy: a position re-opened to noise feeds the next step a zero
+    self-conditioning signal with `forget_sc` (as at a canvas's first step), and keeps its
+    top-K probabilities without it."""
+    import train_toy
+    from transformers import AutoTokenizer
+
+    from mlx_diffgemma.drafter import generation_config
+    from mlx_diffgemma.paths import packaged_model
+
+    toy = "toy-sudoku-open"
+    model, tok = md.load(packaged_model(toy))
+    hf = AutoTokenizer.from_pretrained(str(packaged_model(toy, prefer="hf")))
+    ids = train_toy.prompt_ids(hf, ".3.............1", train_toy.get_task("sudoku-open"))
+    for forget in (True, False):
+        den = FastDenoiser(model, generation_config(model, max_new_tokens=24), noise=md.SeededNoise(254),
+                           options=replace(FastOptions(), forget_sc=forget))
+        seen = []
+        decide = den._decide
+
+        def checked(*a, **k):
+            out = decide(*a, **k)
+            if den.freezing.noised.any():
+                seen.append(float(np.abs(np.array(den._sc_sparse[0][0])[den.freezing.noised]).sum()))
+            return out
+
+        den._decide = checked
+        list(stream(den, tok, ids))
+        assert seen, "no position was re-opened: pick another puzzle"
+        assert all(x == 0 for x in seen) if forget else all(x > 0.5 for x in seen)
