@@ -155,4 +155,10 @@ class TorchBackend:
 
 
 def make_backend(model):
-    return MLXBackend(model) if hasattr(model, "make_cache") else TorchBackend(model)
+    if not hasattr(model, "make_cache"):
+        return TorchBackend(model)
+    if getattr(model, "group", None) is not None:  # split over ranks: rank 0 leads them
+        from .distributed import leading
+
+        return leading(MLXBackend(model))
+    return MLXBackend(model)

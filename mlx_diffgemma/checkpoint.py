@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,42 @@ class TensorRef:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * ST_DTYPES[self.dtype][0]
+
+
+class ShardFiles:
+    """Read-only file descriptors of safetensors shards, opened once: a tensor's rows are
+    read straight from the file (the converter streams tensors in blocks of rows; a rank
+    of a split model reads only its rows)."""
+
+    def __init__(self):
+        self.fds: Dict[Path, int] = {}
+
+    def read(self, ref: TensorRef, row0: int, row1: int, row_items: int) -> np.ndarray:
+        """Rows [row0, row1) of `ref` seen as [rows, row_items] (raw bits for BF16)."""
+        item, npdt = ST_DTYPES[ref.dtype]
+        fd = self.fds.get(ref.file)
+        if fd is None:
+            fd = self.fds[ref.file] = os.open(ref.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        n = (row1 - row0) * row_items * item
+        off = ref.begin + row0 * row_items * item
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            chunk = os.pread(fd, n - got, off + got) if hasattr(os, "pread") else None
+            if chunk is None:  # pragma: no cover - Windows
+                os.lseek(fd, off + got, os.SEEK_SET)
+                chunk = os.read(fd, n - got)
+            if not chunk:
+                raise ConversionError(f"{ref.file} ended early while reading {ref.key}: truncated file")
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        return np.frombuffer(buf, dtype=npdt).reshape(row1 - row0, row_items)
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 # The reference safetensors library's limit on the JSON header.

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
+
+# What MLX's launchers (mlx.launch, mpirun) set in every process they start.
+LAUNCH_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# The commands that run a model split over the ranks of such a launch (mirror.py).
+SPLIT_COMMANDS = ("chat", "generate", "serve")
 
 # subcommand -> (module, help)
 _COMMANDS = {
@@ -47,8 +53,14 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(_COMMANDS[args.command][0])
+    body = getattr(module, f"main_{args.command}")
     try:
-        return getattr(module, f"main_{args.command}")(args) or 0
+        if args.command in SPLIT_COMMANDS and any(k in os.environ for k in LAUNCH_ENV):
+            # Under mlx.launch: rank 0 runs the command, the others follow it (mirror.py).
+            from .mirror import run_split
+
+            return run_split(args, lambda: body(args))
+        return body(args) or 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

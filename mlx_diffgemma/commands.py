@@ -214,9 +214,10 @@ def load_for(model_arg: str, backend: str, mode: str = "reference"):
 
         model, tokenizer = torch_load(path)
     else:
+        from .distributed import launched_group
         from .loader import load
 
-        model, tokenizer = load(path)
+        model, tokenizer = load(path, group=launched_group())
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
     return model, tokenizer, path

@@ -62,6 +62,7 @@ from .checkpoint import (
     INDEX_FILE,
     ST_DTYPES,
     ConversionError,
+    ShardFiles,
     TensorRef,
     header_bytes,
     read_json,
@@ -93,6 +94,7 @@ from .recipes import (
     module_quantization,
     quantization_record,
 )
+from .sharding import tensor_array
 from .weights import QUANT_SUFFIXES, hf_to_mlx_name, is_vision_tensor
 
 MAX_SHARD_SIZE = 5 << 30  # bytes, as mlx-lm / mlx-vlm (MAX_FILE_SIZE_GB = 5)
@@ -410,48 +412,6 @@ def plan_shards(jobs: Sequence[Job], max_shard_size: int = MAX_SHARD_SIZE) -> Li
 # -- streaming the data ------------------------------------------------------------------------
 
 
-class _Files:
-    """Read-only file descriptors of the source shards, opened once."""
-
-    def __init__(self):
-        self.fds: Dict[Path, int] = {}
-
-    def read(self, ref: TensorRef, row0: int, row1: int, row_items: int) -> np.ndarray:
-        item, npdt = ST_DTYPES[ref.dtype]
-        fd = self.fds.get(ref.file)
-        if fd is None:
-            fd = self.fds[ref.file] = os.open(ref.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        n = (row1 - row0) * row_items * item
-        off = ref.begin + row0 * row_items * item
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            chunk = os.pread(fd, n - got, off + got) if hasattr(os, "pread") else None
-            if chunk is None:  # pragma: no cover - Windows
-                os.lseek(fd, off + got, os.SEEK_SET)
-                chunk = os.read(fd, n - got)
-            if not chunk:
-                raise ConversionError(f"{ref.file} ended early while reading {ref.key}: truncated file")
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
-        return np.frombuffer(buf, dtype=npdt).reshape(row1 - row0, row_items)
-
-    def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _to_mx(a: np.ndarray, st: str):
-    import mlx.core as mx
-
-    arr = mx.array(a)
-    if st == "BF16":
-        arr = arr.view(mx.bfloat16)
-    return arr
-
-
 def _to_bytes(arr) -> memoryview:
     import mlx.core as mx
 
@@ -467,7 +427,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-def _stream_job(job: Job, files: _Files, fd: int, offsets: Dict[str, int], on_bytes=None) -> None:
+def _stream_job(job: Job, files: ShardFiles, fd: int, offsets: Dict[str, int], on_bytes=None) -> None:
     import mlx.core as mx
 
     cols = job.cols
@@ -505,15 +465,15 @@ def _stream_job(job: Job, files: _Files, fd: int, offsets: Dict[str, int], on_by
             continue
         if job.src_quant is not None:
             bits, group, mode = job.src_quant
-            w = _to_mx(files.read(job.src, r0, r1, cols * bits // 32), job.src.dtype)
-            s = _to_mx(files.read(job.src_scales, r0, r1, cols // group), job.src_scales.dtype)
+            w = tensor_array(files.read(job.src, r0, r1, cols * bits // 32), job.src.dtype)
+            s = tensor_array(files.read(job.src_scales, r0, r1, cols // group), job.src_scales.dtype)
             b = None
             if job.src_biases is not None:
-                b = _to_mx(files.read(job.src_biases, r0, r1, cols // group), job.src_biases.dtype)
+                b = tensor_array(files.read(job.src_biases, r0, r1, cols // group), job.src_biases.dtype)
             x = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode)
             nread = w.nbytes + s.nbytes + (b.nbytes if b is not None else 0)
         else:
-            x = _to_mx(files.read(job.src, r0, r1, cols), job.src.dtype)
+            x = tensor_array(files.read(job.src, r0, r1, cols), job.src.dtype)
             nread = x.nbytes
         x = x.astype(_mx_dtype(job.out_dtype))
         if job.quant is None:
@@ -767,7 +727,7 @@ def _partial_output(tmp: Path, out: Path, total_out: int):
 def _write_shards(tmp: Path, names: List[str], shards: List[List[Job]], total_in: int,
                   progress: bool, console) -> None:
     """Every shard: its header first, then each job streamed into its slots."""
-    files = _Files()
+    files = ShardFiles()
     n_jobs = sum(len(shard) for shard in shards)
     done = 0
     try:

@@ -8,6 +8,7 @@ collector of a plain reply).
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -268,6 +269,12 @@ class Engine:
     def _work(self, load, settings, ready: "_Task") -> None:
         """The one thread that builds and runs the model (MLX arrays stay on it)."""
         try:
+            self._serve_tasks(load, settings, ready)
+        finally:
+            _leave_mlx()
+
+    def _serve_tasks(self, load, settings, ready: "_Task") -> None:
+        try:
             self._setup(load, **settings)
         except BaseException as e:
             ready.error = e
@@ -378,3 +385,17 @@ class Engine:
                 "prompt_cache": {"entries": len(self.prompt_cache),
                                  "bytes": self.prompt_cache.nbytes(self.session),
                                  "hits": self.prompt_cache.hits}}
+
+
+def _leave_mlx() -> None:
+    """Drops the calling thread's MLX state (its random key, its streams) while the
+    interpreter still runs. Left to the thread's exit, the key's destructor takes the GIL
+    and, racing a process that is already exiting, aborts it ("terminate called without
+    an active exception"). A torch backend never loads MLX: nothing to drop."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return
+    try:
+        mx.synchronize()
+    finally:
+        mx.clear_streams()

@@ -10,6 +10,7 @@ import mlx.core as mx
 from .cache import EncoderCache
 from .config import check_seed
 from .denoiser import MLXDenoiser
+from .distributed import checked, shared_seed
 from .drafter import Event, check_mode, collect, generation_config, stream
 from .fast import FastDenoiser, FastOptions
 from .images import prepare_prompt
@@ -17,11 +18,13 @@ from .noise import NoiseSource
 
 def make_denoiser(model, gen, *, cache=None, noise=None, mode: str = "reference",
                   fast: Optional[FastOptions] = None) -> MLXDenoiser:
+    """The denoiser of `mode`; for a split model (`Model.shard`), checked across its ranks
+    at every step (distributed.CheckedDenoiser)."""
     if check_mode(mode) == "fast":
-        return FastDenoiser(model, gen, cache=cache, noise=noise, options=fast)
+        return checked(FastDenoiser(model, gen, cache=cache, noise=noise, options=fast), model)
     if fast is not None:
         raise ValueError("fast options need mode='fast'")
-    return MLXDenoiser(model, gen, cache=cache, noise=noise)
+    return checked(MLXDenoiser(model, gen, cache=cache, noise=noise), model)
 
 
 def stream_generate(
@@ -57,6 +60,8 @@ def stream_generate(
     """
     gen = generation_config(model, **generation_kwargs)
     prompt, image_inputs = prepare_prompt(model, tokenizer, prompt, images, chat=chat)
+    if check_seed(seed) is None and noise is None and getattr(model, "group", None) is not None:
+        seed = shared_seed(model.group)  # the ranks of a split model must draw alike
     if check_seed(seed) is not None:
         mx.random.seed(seed)
     denoiser = make_denoiser(model, gen, cache=cache, noise=noise, mode=mode, fast=fast)

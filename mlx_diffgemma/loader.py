@@ -55,13 +55,13 @@ def memory_limit() -> Tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
-def runtime_bytes(config: Dict[str, Any], context: int = 4096) -> int:
+def runtime_bytes(config: Dict[str, Any], context: int = 4096, ranks: int = 1) -> int:
     """What generation adds to the weights (sizes.generation_memory): the KV cache of a
     `context`-token prompt plus a canvas of new tokens, one denoising step's float32
     logits and sampler temporaries, and a layer's activations."""
     from .sizes import generation_memory
 
-    g = generation_memory(config, prompt=context)
+    g = generation_memory(config, prompt=context, ranks=ranks)
     return int(g["kv"] + g["step"] + g["layer_acts"])
 
 
@@ -70,24 +70,27 @@ def _gb(n: float) -> str:
 
 
 def check_fits(path_or_config: Union[str, Path, Dict[str, Any]], context: int = 4096,
-               limit: Optional[int] = None, out=None) -> Dict[str, Any]:
+               limit: Optional[int] = None, out=None, ranks: int = 1) -> Dict[str, Any]:
     """Whether a model directory (or, from its config alone, a conversion of it) fits
     this device: the text weights our runtime loads (the vision tower, read only when an
     image is encoded, is not counted) plus
     `runtime_bytes(context)` against `memory_limit()`. When it does not, prints one line
     to `out` (stderr) naming the widest recipe whose estimate would fit. Reads headers
-    and config.json only. Returns the numbers and the line (None when it fits)."""
+    and config.json only. Returns the numbers and the line (None when it fits).
+    `ranks` > 1: what one rank of a model split over that many holds (sharding.py)."""
     from .recipes import QUANTIZED_RECIPES
+    from .sharding import is_split
     from .sizes import estimate
 
     if isinstance(path_or_config, dict):
         config, where = path_or_config, "this model"
-        weights = estimate(config, None)["text_bytes"]
+        weights = estimate(config, None, ranks=ranks)["text_bytes"]
     else:
         where = Path(path_or_config)
         config = load_config(where)
-        weights = sum(r.nbytes for k, r in _scan(where).items() if hf_to_mlx_name(k) is not None)
-    extra = runtime_bytes(config, context)
+        names = ((hf_to_mlx_name(k), r.nbytes) for k, r in _scan(where).items())
+        weights = sum(n / ranks if is_split(k) else n for k, n in names if k is not None)
+    extra = runtime_bytes(config, context, ranks)
     if limit is None:
         limit, what = memory_limit()
     else:
@@ -98,7 +101,7 @@ def check_fits(path_or_config: Union[str, Path, Dict[str, Any]], context: int = 
     if report["fits"]:
         return report
     for r in QUANTIZED_RECIPES:
-        size = estimate(config, r)["text_bytes"] + extra
+        size = estimate(config, r, ranks=ranks)["text_bytes"] + extra
         if size <= limit and size < need:
             report["suggestion"] = (r, size)
             break
@@ -106,8 +109,9 @@ def check_fits(path_or_config: Union[str, Path, Dict[str, Any]], context: int = 
     advice = (f"convert with --recipe {report['suggestion'][0]} (about "
               f"{_gb(report['suggestion'][1])})" if report["suggestion"]
               else "no recipe fits; use a machine with more memory")
+    each = f" on each of {ranks} ranks" if ranks > 1 else ""
     report["message"] = (
-        f"warning: {where} needs about {_gb(need)} (weights {_gb(weights)} + {ctx} context "
+        f"warning: {where} needs about {_gb(need)}{each} (weights {_gb(weights)} + {ctx} context "
         f"and one step {_gb(extra)}) but {what} is {_gb(limit)}: {advice}")
     print(report["message"], file=out or sys.stderr)
     return report
@@ -167,12 +171,16 @@ def _quantize_like_checkpoint(model: Model, config: Dict[str, Any], weights: Dic
     )
 
 
-def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model, Dict[str, Any]]:
+def load_model(model_path: Union[str, Path], lazy: bool = False, group=None) -> Tuple[Model, Dict[str, Any]]:
     """Builds the model and installs the checkpoint's arrays without a second copy of any
     weight: Model(args)'s float init and nn.quantize's re-quantization of it are lazy and
     never evaluated (the modules' arrays are replaced before anything runs), mx.load is
     lazy, and `model.update` installs the loaded arrays themselves; evaluating the
-    parameters then reads each tensor once (see tests/test_recipes.py)."""
+    parameters then reads each tensor once (see tests/test_recipes.py).
+
+    `group` (an mx.distributed group of more than one rank): the model comes split over
+    it (`Model.shard`), and this rank reads only its slices of the split tensors
+    (`sharding.local_weights`)."""
     model_path = Path(model_path)
     config = load_config(model_path)
     config_path = model_path / "config.json"
@@ -191,10 +199,12 @@ def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model,
 
     weights: Dict[str, mx.array] = {}
     origin: Dict[str, Path] = {}
+    loaded: Dict[str, mx.array] = {}
     for f in weight_files(model_path):
         loaded = load_safetensors(f)
         weights.update(loaded)
         origin.update(dict.fromkeys(loaded, f))
+    del loaded  # `weights` alone holds the arrays: a split load lets each go once sliced
     if model.has_vision and not any(is_vision_tensor(k) for k in weights):
         # A config that describes a tower whose weights were left out: text-only.
         model = Model(replace(args, vision_config=None))
@@ -222,6 +232,13 @@ def load_model(model_path: Union[str, Path], lazy: bool = False) -> Tuple[Model,
                 f"{tuple(param.shape)}: the weights and config.json do not belong together"
             )
     _check_float_labels(expected, weights, origin)
+    if group is not None and group.size() > 1:
+        from .sharding import local_weights, plan, set_sharded
+
+        spans = plan(model, group.rank(), group.size())
+        named = {hf_to_mlx_name(k, keep_vision=True): r for k, r in _scan(model_path).items()}
+        weights = local_weights(model, spans, weights, named)
+        set_sharded(model, group, spans)
     model.update(tree_unflatten(list(weights.items())))
     if not lazy:
         # The vision tower stays lazy (mx.load maps it, reads nothing) until the first
@@ -266,19 +283,35 @@ def check_sidecars(path: Path) -> List[str]:
     return problems
 
 
-def load(path_or_repo: Union[str, Path], lazy: bool = False, check_memory: bool = True):
+def load(path_or_repo: Union[str, Path], lazy: bool = False, check_memory: bool = True,
+         group=None, tokenizer: bool = True):
     """Loads a DiffusionGemma model directory or hub id: returns (model, tokenizer), the
-    tokenizer None when the directory has none. First (`check_memory`) says in one line
-    when the model will not fit this device (`check_fits`)."""
+    tokenizer None when the directory has none (or `tokenizer=False`). First
+    (`check_memory`) says in one line when the model will not fit this device
+    (`check_fits`).
+
+    `group` (an `mx.distributed` group, e.g. `mx.distributed.init()` under `mlx.launch`):
+    every rank calls `load` with the same directory; the ranks first check that they
+    hold the same model, then each reads only its share (`Model.shard`, sharding.py)
+    and they run every later call together."""
+    from .distributed import barrier, check_same_model, stage
+
     model_path = resolve_model_path(path_or_repo)
+    group = group if group is not None and group.size() > 1 else None
+    if group is not None:
+        check_same_model(model_path, group)
     if check_memory:
         try:
-            check_fits(model_path)
+            check_fits(model_path, ranks=group.size() if group is not None else 1)
         except (ConfigError, WeightsError, ValueError, TypeError, KeyError):
             pass  # load_model reports a broken directory properly
-    model, config = load_model(model_path, lazy=lazy)
+    model, config = load_model(model_path, lazy=lazy, group=group)
+    if group is not None:
+        barrier(group)  # every rank holds its share
+        stage["loading"] = "loaded"
     model.model_path = model_path
     # Read once here; every generation applies its overrides to these.
     model.generation_defaults = GenerationConfig.from_model_dir(model_path)
-    tokenizer = load_tokenizer(model_path, eos_token_ids=model.generation_defaults.eos_token_id)
-    return model, tokenizer
+    if not tokenizer:
+        return model, None
+    return model, load_tokenizer(model_path, eos_token_ids=model.generation_defaults.eos_token_id)

@@ -22,6 +22,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 from .cache import EncoderCache, LayerCache
 from .config import ModelArgs
 from .lanes import Lane, join_lanes, lane_masks, make_lanes, on_lanes, run_layer, split_lanes
+from .sharding import all_sum_parts, owned_experts, shard_model
 from .vision import (
     MultimodalEmbedder,
     VisionModel,
@@ -171,7 +172,13 @@ class Experts(nn.Module):
         self.gate_up_proj = SwitchLinear(H, 2 * I, E, bias=False)
         self.down_proj = SwitchLinear(I, H, E, bias=False)
 
+    # The global id of this rank's first expert when the experts are split over ranks
+    # (`Model.shard`); None: this module holds them all.
+    first: Optional[int] = None
+
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        if self.first is not None:
+            return owned_experts(self, x, indices, weights)
         x = mx.expand_dims(x, (-2, -3))
         # Many tokens: sort them by expert so each expert's weights are read once.
         do_sort = indices.size >= 64
@@ -203,6 +210,10 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm_2 = nn.RMSNorm(H, eps=eps)
         self.layer_scalar = mx.ones((1,))
 
+    # The group this layer's partial outputs are summed over once `Model.shard` split it
+    # (attention heads, the dense MLP's width, the experts); None: a whole layer.
+    group = None
+
     def __call__(
         self,
         x: mx.array,
@@ -225,12 +236,26 @@ class DecoderLayer(nn.Module):
         """The layer after its keys and values are known: attention of the queries `q` of
         the tokens `x`, then the dense and routed feed-forward, all per token."""
         r = x + self.attention(q, k, v, mask)
-        out = r + self.post_feedforward_layernorm(self.dense(r) + self.moe(r))
+        out = r + self.post_feedforward_layernorm(self.feed_forward(r))
         return out * layer_scalar.astype(out.dtype)
 
     def attention(self, q, k, v, mask) -> mx.array:
         """Attention of the queries `q` over `k`, `v`, with its output norm."""
-        return self.post_attention_layernorm(self.self_attn.attend(q, k, v, mask))
+        out = self.self_attn.attend(q, k, v, mask)
+        if self.group is not None:  # each rank's heads gave a partial o_proj output
+            out = mx.distributed.all_sum(out, group=self.group)
+        return self.post_attention_layernorm(out)
+
+    def feed_forward(self, r: mx.array) -> mx.array:
+        """The dense and routed branches of the residual `r`, each with its norms."""
+        if self.group is None:
+            return self.dense(r) + self.moe(r)
+        # Split: both branches are partial sums; one collective brings both back.
+        dense = self.mlp(self.pre_feedforward_layernorm(r))
+        indices, weights = self.router(r)
+        moe = self.experts(self.pre_feedforward_layernorm_2(r), indices, weights)
+        dense, moe = all_sum_parts([dense, moe], self.group)
+        return self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(moe)
 
     def dense(self, r: mx.array) -> mx.array:
         """The dense feed-forward branch of the residual `r`, with its norms."""
@@ -266,21 +291,25 @@ class SelfConditioning(nn.Module):
         return self.post_norm(embeds + signal)
 
 
-def embedding_matmul(embed: nn.Module, probs: mx.array) -> mx.array:
+def embedding_matmul(embed: nn.Module, probs: mx.array, rows: Optional[Tuple[int, int]] = None) -> mx.array:
     """probs [.., V] @ embedding weight [V, H], straight from the quantized table when the
-    embedding is quantized (no dequantized copy of a 262K x 2816 matrix)."""
+    embedding is quantized (no dequantized copy of a 262K x 2816 matrix). `rows`: only
+    the vocabulary rows [start, stop) (a split model's share of the product)."""
+    cut = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows[0]:rows[1]])
+    if rows is not None:
+        probs = probs[..., rows[0]:rows[1]]
     if isinstance(embed, nn.QuantizedEmbedding):
         return mx.quantized_matmul(
             probs,
-            embed["weight"],
-            embed["scales"],
-            embed.get("biases"),
+            cut(embed["weight"]),
+            cut(embed["scales"]),
+            cut(embed.get("biases")),
             transpose=False,
             group_size=embed.group_size,
             bits=embed.bits,
             mode=getattr(embed, "mode", "affine"),
         )
-    return probs @ embed.weight
+    return probs @ cut(embed.weight)
 
 
 class Decoder(nn.Module):
@@ -335,6 +364,19 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = DiffusionGemmaModel(args)
         self.embed_scale = args.hidden_size**0.5
+
+    # The group this model is split over (`shard`), and this rank's vocabulary rows of
+    # the self-conditioning product; None: the whole model in one process.
+    group = None
+    vocab_span = None
+
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
+        """Splits this model in place over `group` (default: `mx.distributed.init()`), as
+        mlx-lm's models do: attention by heads, the dense MLP by its width, the routed
+        experts by expert, the rest replicated (sharding.py says what each rank keeps).
+        Every rank then runs the same calls in step. `load(path, group=...)` reads only
+        this rank's slices instead of loading the whole model first."""
+        shard_model(self, group or mx.distributed.init())
 
     # -- public contract -------------------------------------------------------------
 
@@ -519,7 +561,8 @@ class Model(nn.Module):
         # The lanes are part of the key: a compiled trace bakes in their streams.
         n_lanes = len(self.lanes_for(canvas_ids.shape[1]))
         key = (sc is not None, present, n_lanes)
-        if not self.compile_decode:
+        if not self.compile_decode or self.group is not None:
+            # (A split model reads its experts' routing on the host: not traceable.)
             logits = self._decode(key, canvas_ids, cache.offset, *inputs)
         else:
             # The position offset goes in as an array so a compiled trace serves every
@@ -550,8 +593,11 @@ class Model(nn.Module):
     lanes: Optional[int] = None
 
     def lanes_for(self, tokens: int) -> List[Lane]:
-        """The lanes a forward over `tokens` tokens runs on (lanes.py)."""
-        return make_lanes(tokens, self.lanes)
+        """The lanes a forward over `tokens` tokens runs on (lanes.py). One for a split
+        model: collectives built on several streams are paired across ranks in whatever
+        order the streams run them (measured: wrong sums), and its ranks already share
+        the machine's cores."""
+        return make_lanes(tokens, 1 if self.group is not None else self.lanes)
 
     def _decode(self, key, canvas_ids, offset, *inputs):
         has_sc, present, n_lanes = key
@@ -586,7 +632,11 @@ class Model(nn.Module):
         soft = None
         if sc_logits is not None:
             probs = mx.softmax(sc_logits.astype(mx.float32), axis=-1)
-            soft = embedding_matmul(dec.embed_tokens, probs.astype(h.dtype))
+            span = self.vocab_span
+            rows = None if span is None else (span.start, span.stop)
+            soft = embedding_matmul(dec.embed_tokens, probs.astype(h.dtype), rows)
+            if self.group is not None:  # each rank multiplied its rows of the vocabulary
+                soft = mx.distributed.all_sum(soft, group=self.group)
             soft = soft * mx.array(self.embed_scale, dtype=h.dtype)
         return dec.self_conditioning(h, soft)
 

@@ -66,15 +66,44 @@ def quantized_nbytes(shape: Sequence[int], bits: int, group: int, scale_itemsize
     return n * bits // 8 + 2 * (n // group) * scale_itemsize
 
 
+def _text_tensors(args, r, item: int, ranks: int = 1):
+    """(name, shape, bytes) of every text tensor of a conversion with recipe `r`; with
+    `ranks` > 1 the shape and bytes rank 0 of a split model holds (sharding.py)."""
+    from .model import expected_shapes
+
+    shapes = expected_shapes(args)
+    spans = {}
+    if ranks > 1:
+        from .sharding import plan_spans
+
+        def group_of(path: str) -> int:
+            qp = r.quant_for(f"{path}.weight", shapes[f"{path}.weight"])
+            return qp[1] if qp else 1
+
+        spans = plan_spans(args, 0, ranks, group_of)
+    for name, shape in shapes.items():
+        qp = r.quant_for(name, shape)
+        span = spans.get(name.rsplit(".", 1)[0])
+        if span is not None:
+            shape = list(shape)
+            shape[-1 if span.kind == "cols" else 0] = span.stop - span.start
+            shape = tuple(shape)
+        n = math.prod(shape)
+        yield name, shape, quantized_nbytes(shape, qp[0], qp[1], item, qp[2]) if qp else n * item
+
+
 def estimate(
     config: Mapping[str, Any],
     recipe: Optional[str] = DEFAULT_RECIPE,
     q_bits: Optional[int] = None,
     q_group_size: Optional[int] = None,
     dtype: Optional[str] = None,
+    ranks: int = 1,
 ) -> Dict[str, Any]:
     """On-disk size and bits per weight a conversion with `recipe` would produce for the
-    model `config` (an HF config.json dict), computed from the shapes alone.
+    model `config` (an HF config.json dict), computed from the shapes alone. With
+    `ranks` > 1: what one rank of a model split over that many holds (`params`
+    and `bytes` then count that rank's share of the text model).
 
     Returns bytes (tensor data; headers, tokenizer and config files add a few MB),
     params, `bits_per_weight` over everything written (vision tower included, counted as
@@ -82,7 +111,6 @@ def estimate(
     over the text model alone, and a per-kind breakdown.
     """
     from .config import ModelArgs
-    from .model import expected_shapes
 
     r = make_recipe(recipe, quantize=recipe is not None, q_bits=q_bits,
                     q_group_size=q_group_size, dtype=dtype)
@@ -102,10 +130,8 @@ def estimate(
         k["bytes"] += nbytes
 
     text_params = text_bytes = 0
-    for name, shape in expected_shapes(args).items():
+    for name, shape, nbytes in _text_tensors(args, r, item, ranks):
         n = math.prod(shape)
-        qp = r.quant_for(name, shape)
-        nbytes = quantized_nbytes(shape, qp[0], qp[1], item, qp[2]) if qp else n * item
         add(module_kind(name) or "norms_and_scalars", n, nbytes)
         text_params += n
         text_bytes += nbytes
@@ -138,11 +164,13 @@ def estimate(
 
 
 def generation_memory(config: Mapping[str, Any], prompt: int = 4096, new_tokens: int = 256,
-                      act_bytes: int = 2, prefill_chunk: int = 2048) -> Dict[str, Any]:
+                      act_bytes: int = 2, prefill_chunk: int = 2048, ranks: int = 1) -> Dict[str, Any]:
     """Bytes a generation adds to the weights (`bench.memory_arithmetic` explains each
     part): the KV cache (`kv`), one denoising step's activations (`step`, in `unit`s of a
     [canvas x vocab] float32 array, `step_units`), a layer's activations at the canvas
-    (`layer_acts`) and the prefill's largest transient (`prefill`, below the step's)."""
+    (`layer_acts`) and the prefill's largest transient (`prefill`, below the step's).
+    `ranks` > 1: on one rank of a split model (its heads' share of the cache and of the
+    attention activations; the logits and the sampler's arrays are whole on every rank)."""
     from .config import ModelArgs
 
     a = ModelArgs.from_dict(config)
@@ -152,6 +180,7 @@ def generation_memory(config: Mapping[str, Any], prompt: int = 4096, new_tokens:
     kv = 0
     for i, kind in enumerate(a.layer_types):
         heads, dim = a.kv_heads_of(i), a.head_dim_of(i)
+        heads = max(1, heads // ranks)  # fewer KV heads than ranks: one each
         kept = min(context, a.sliding_window - 1 + slack) if kind == "sliding_attention" else context
         kv += 2 * heads * dim * kept * act_bytes
     unit = C * V * 4
@@ -162,11 +191,11 @@ def generation_memory(config: Mapping[str, Any], prompt: int = 4096, new_tokens:
     }
     layer_acts = (
         # a full layer's attention scores and their softmax, canvas x (context + canvas)
-        2 * a.num_attention_heads * C * (context + C) * act_bytes
+        2 * (a.num_attention_heads // ranks) * C * (context + C) * act_bytes
         # routed activations: canvas x top-k x 2 x moe_intermediate (gate_up), twice
         + 2 * C * a.top_k_experts * 2 * a.moe_intermediate_size * act_bytes
     )
-    prefill = 2 * a.num_attention_heads * prefill_chunk * prompt * act_bytes
+    prefill = 2 * (a.num_attention_heads // ranks) * prefill_chunk * prompt * act_bytes
     step = sum(step_units.values()) * unit
     return {"kv": kv, "unit": unit, "step_units": step_units, "step": step,
             "layer_acts": layer_acts, "prefill": prefill}

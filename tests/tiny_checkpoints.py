@@ -143,6 +143,23 @@ SHAPES["q64"] = dict(
         max_position_embeddings=1024,
     ),
 )
+# For a model split over two ranks (test_distributed.py), quantized with group 32: each
+# rank's half of the heads is whole groups (o_proj input 2 x 16 and 2 x 32), both layer
+# kinds have 2 KV heads (one per rank, as the released full layers on two Macs), and the
+# dense MLP's 96 = 3 groups of 32 splits unevenly (1 + 2 groups), as the released 2112 =
+# 33 groups of 64 does.
+SHAPES["split"] = dict(
+    SHAPES["mixed"],
+    text_config=dict(
+        SHAPES["mixed"]["text_config"],
+        vocab_size=256,
+        num_hidden_layers=2,
+        layer_types=[SLIDING, FULL],
+        num_global_key_value_heads=2,
+        top_k_experts=2,
+        max_position_embeddings=1024,
+    ),
+)
 
 # Ids of the image tokens in the "vision" shape's vocabulary (the real tokenizer's
 # strings; the released ids, 255999 / 258880 / 258882, do not fit a tiny vocab).
