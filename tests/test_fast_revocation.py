@@ -151,6 +151,7 @@ def test_verified_under_noise_the_wrong_first_freeze_is_caught_without_a_floor()
     summary, model = scripted_run(opts)
     assert model.shown[1][0] not in (3, 5) and summary.tokens == ANSWER
     assert summary.steps_per_canvas == [3]
+    assert scripted_run(replace(opts, verify_noise=None))[0].tokens == [3, 2, 2, 2]  # switched off
 
 
 def test_doubt_reopens_the_unsure_freezes_instead_of_forcing_a_guess():
@@ -233,8 +234,8 @@ class ScriptedModel:
         return mx.array(np.log(probs)[None].astype(np.float32))
 
 
-def scripted_run(opts: FastOptions, seed: int = 4):
-    model = ScriptedModel(wrong_first_guess)
+def scripted_run(opts: FastOptions, seed: int = 4, script=wrong_first_guess):
+    model = ScriptedModel(script)
     gen = GenerationConfig(max_new_tokens=4, max_denoising_steps=12, eos_token_id=None)
     den = FastDenoiser(model, gen, noise=md.SeededNoise(seed), options=opts)
     summary = list(stream(den, None, [1, 2, 3]))[-1]
@@ -267,6 +268,86 @@ def test_reopened_to_its_argmax_the_model_copies_it_back():
     opts = replace(FastOptions(**SCRIPTED).irrevocable(), revoke_floor=0.9, reopen_noise=False)
     summary, _ = scripted_run(opts)
     assert summary.tokens[0] == 3
+
+
+class SlowToSettle:
+    """Position 0 is 5: 0.95 when shown anything else there, a shade less (0.985, under a
+    0.99 floor) when shown 5. Positions 1-3 are sure (0.999) only once the model has seen 5
+    at position 0 two steps in a row, unsure (0.5, 0.45, 0.4) before: a floor that never
+    loosens keeps re-opening position 0, and the rest never settles."""
+
+    def __init__(self):
+        self.run = 0  # steps in a row shown 5 at position 0
+
+    def __call__(self, call: int, canvas: list) -> np.ndarray:
+        self.run = self.run + 1 if canvas[0] == 5 else 0
+        p = np.full((4, 16), 1e-3)
+        for i, q in enumerate((0.985 if canvas[0] == 5 else 0.95,) + ((0.999,) * 3 if self.run >= 2 else (0.5, 0.45, 0.4))):
+            p[i] = (1 - q) / 15
+            p[i, ANSWER[i]] = q
+        return p
+
+
+def _churn(opts: FastOptions):
+    summary, model = scripted_run(opts, script=SlowToSettle())
+    return summary, [shown[0] == 5 for shown in model.shown]
+
+
+def test_floor_decay_ends_the_churn_of_a_position_the_model_keeps_under_the_floor():
+    """Floor 0.99, decay 2: position 0 freezes (step 1), re-opens at 0.985 (2), freezes
+    again from noise (3); its floor is now 0.98, so 0.985 keeps it (4), the model sees 5
+    twice in a row and the rest freezes (5). Without decay it re-opens every other step
+    until the step budget (12) commits the canvas."""
+    base = replace(FastOptions(**SCRIPTED).irrevocable(), revoke_floor=0.99, reopen_noise=True)
+    summary, fives = _churn(replace(base, floor_decay=2.0))
+    assert summary.tokens == ANSWER and summary.steps_per_canvas == [5]
+    assert fives == [False, True, False, True, True]
+    summary, fives = _churn(base)
+    assert summary.tokens == ANSWER and summary.steps_per_canvas == [12]
+    assert fives == [False] + [True, False] * 5 + [True]
+
+
+def test_max_reopens_ends_the_churn_of_a_position():
+    """Same script, floor 0.99 without decay, at most one re-open per position: position 0
+    re-opens once (step 2) and then stays under the floor; the canvas ends at step 5."""
+    base = replace(FastOptions(**SCRIPTED).irrevocable(), revoke_floor=0.99, reopen_noise=True)
+    summary, fives = _churn(replace(base, max_reopens=1))
+    assert summary.tokens == ANSWER and summary.steps_per_canvas == [5]
+    assert fives == [False, True, False, True, True]
+    assert _churn(replace(base, max_reopens=0))[0].steps_per_canvas == [12]  # switched off
+
+
+def unsure_wrong_freeze(call: int, canvas: list) -> np.ndarray:
+    """First impression: position 0 is 3 at 0.92 (wrong, yet over the 0.9 threshold).
+    Shown 3, the model copies it (0.995: no floor catches it) and is unsure of the rest
+    (0.5, 0.45, 0.4); shown 5, it is sure of the answer; shown anything else, position 0 is
+    5 at 0.97 and the rest unsure."""
+    p = np.full((4, 16), 1e-3)
+    if call == 0:
+        qs, first = (0.92, 0.5, 0.45, 0.4), 3
+    elif canvas[0] == 3:
+        qs, first = (0.995, 0.5, 0.45, 0.4), 3
+    elif canvas[0] == 5:
+        qs, first = (0.999,) * 4, 5
+    else:
+        qs, first = (0.97, 0.5, 0.45, 0.4), 5
+    for i, q in enumerate(qs):
+        p[i] = (1 - q) / 15
+        p[i, first if i == 0 else ANSWER[i]] = q
+    return p
+
+
+def test_doubt_reopens_an_unsure_freeze_the_floor_cannot_catch():
+    """Floor 0.99, doubt 0.7: position 0 freezes with 3 at 0.92 (step 1); at step 2 nothing
+    open reaches 0.7, so instead of forcing a guess the unsure freeze re-opens to noise;
+    shown noise the model predicts 5 (step 3) and then the answer (step 4). Without doubt,
+    3 stays (the model copies it at 0.995) and the canvas commits it."""
+    base = replace(FastOptions(**SCRIPTED).irrevocable(), revoke_floor=0.99, reopen_noise=True)
+    summary, model = scripted_run(replace(base, doubt=0.7), script=unsure_wrong_freeze)
+    assert summary.tokens == ANSWER and summary.steps_per_canvas == [4]
+    assert model.shown[1][0] == 3 and model.shown[2][0] not in (3, 5) and model.shown[3][0] == 5
+    summary, model = scripted_run(base, script=unsure_wrong_freeze)
+    assert summary.tokens == [3, 6, 7, 1] and all(shown[0] == 3 for shown in model.shown[1:])
 
 
 # -- the defaults on held-out puzzles ----------------------------------------------------------
