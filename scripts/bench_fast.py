@@ -356,13 +356,18 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test", choices=("test", "tune"))
     p.add_argument("--limit", type=int, default=None, help="at most this many puzzles of the split, spread over it")
     p.add_argument("--empty-seeds", type=int, default=64, help="noise seeds the empty grid runs under")
-    p.add_argument("--modes", default=None, help="comma-separated mode names (default all)")
+    p.add_argument("--modes", default=None,
+                   help="mode names separated by ';' (or by ',' when none has a comma; default all)")
     p.add_argument("--no-mlx-vlm", action="store_true")
     p.add_argument("--json-dir", default=None, help="write fast-<toy>.json here")
     a = p.parse_args(argv)
     from mlx_diffgemma.synthetic import preset_args
 
-    modes = MODES if not a.modes else {"reference": None, **{m: MODES[m] for m in a.modes.split(",")}}
+    names = a.modes.split(";" if ";" in a.modes else ",") if a.modes else None
+    unknown = [m for m in names or [] if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {unknown}; the modes are: {'; '.join(MODES)}")
+    modes = MODES if not names else {"reference": None, **{m: MODES[m] for m in names}}
     real = preset_args("real")
     for toy in a.model or ["toy-sudoku", "toy-sudoku-open"]:
         rows = run_toy(toy, a, real, modes)
