@@ -24,6 +24,14 @@ switches, each measured alone in the benchmarks):
 - `final_pass`: when every position is frozen, the positions frozen with less confidence
   than this re-open to fresh noise once, and the step after commits (a last pass before
   the commit).
+- `floor_decay`: each re-open of a position multiplies the gap between its floor and 1 by
+  this, so a position the model keeps just under the floor stops churning.
+- `max_reopens`: a position re-opens at most this many times per canvas.
+- `verify_noise`: a position frozen while others are still open is fed fresh noise at
+  the next step and stays frozen only if the model, no longer shown it, predicts it again
+  with at least this probability (WINO's verify step).
+- `doubt`: when nothing open is confident enough, the positions frozen below the floor
+  re-open to noise instead of a forced guess, once per canvas.
 
 The state is host-side NumPy (one entry per canvas position): the decisions are per
 position and cheap, and the drafter reads the canvas each step anyway.
