@@ -165,6 +165,21 @@ def test_doubt_reopens_the_unsure_freezes_instead_of_forcing_a_guess():
     assert step(fz, [3, 4, 2, 1], [1, 1, 1, 0.5], token_prob=[1, 1, 1, 1]).tolist() == [False, False, False, True]
 
 
+def test_no_rule_reopens_a_fixed_position():
+    """A given token (fixed.py) the model is against at every step (another argmax, its own
+    probability 0.01) stays frozen through every rule at once, while the same rules re-open
+    the other positions."""
+    every = replace(OFF, revoke_floor=0.99, revoke_margin=0.1, reopen_noise=True, floor_decay=2.0,
+                    max_reopens=3, verify_noise=0.99, doubt=0.99, final_pass=1.0)
+    fz = Freezing(every, 4, NO_EOS, 0)
+    fz.hold_fixed(np.array([True, False, False, False]), np.array([7, 0, 0, 0]))
+    for n in range(10, 0, -1):
+        step(fz, [3, 1, 1, 1], [0.95, 0.5, 0.5, 0.5], token_prob=[0.01, 0.5, 0.5, 0.5], n=n)
+        assert fz.frozen[0] and fz.tokens[0] == 7
+        assert not (fz.reopened[0] or fz.noised[0] or fz.probation[0])
+    assert fz.reopens >= 3 and fz.frozen.all()
+
+
 def test_options_are_checked():
     for bad, match in ((dict(hold=0), "hold must be"), (dict(revoke_floor=1.0), "revoke_floor"),
                        (dict(revoke_margin=1.5), "revoke_margin"), (dict(adapt=0.0), "adapt"),
