@@ -46,7 +46,7 @@ def rule_rows(d: FastOptions) -> Dict[str, FastOptions]:
     when it is on, with it (a representative setting) when it is off."""
     rows = {"frozen for good (no re-opening)": d.irrevocable()}
     tries = {"revoke_floor": 0.99, "revoke_margin": 0.2, "hold": 2, "adapt": 0.5, "final_pass": 0.9,
-             "floor_decay": 2.0, "max_reopens": 2, "verify_noise": 0.9, "doubt": 0.8, "forget_sc": True}
+             "floor_decay": 2, "max_reopens": 2, "verify_noise": 0.5, "doubt": 0.8, "forget_sc": True}
     for name, value in tries.items():
         off = IRREVOCABLE[name]
         if getattr(d, name) != off:
@@ -55,6 +55,8 @@ def rule_rows(d: FastOptions) -> Dict[str, FastOptions]:
                 rows[f"defaults, no {name}"] = r
         else:
             rows[f"defaults + {name}" + ("" if value is True else f" {value}")] = replace(d, **{name: value})
+    if d.floor_decay == 1 and d.verify_noise is None:  # tune_fast.py's stage-3 pick, not adopted
+        rows["defaults + floor_decay 2 + verify_noise 0.5"] = replace(d, floor_decay=2.0, verify_noise=0.5)
     if d.revocable:
         rows["defaults, re-opened to argmax"] = replace(d, reopen_noise=not d.reopen_noise)
     rows[f"defaults, confidence at {'the schedule' if d.confidence_at_t1 else 'temperature 1'}"] = replace(
