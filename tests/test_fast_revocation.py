@@ -372,7 +372,7 @@ def test_doubt_reopens_an_unsure_freeze_the_floor_cannot_catch():
 def test_defaults_hold_their_accuracy_on_held_out_puzzles_and_need_revocation():
     """Every sixth puzzle of toy-sudoku-open's test split (109 unseen puzzles spread over
     its strata, noise seeds as the benchmark's; BENCHMARKS.md has the whole split): the
-    defaults solve most (103 when measured), freezing for good loses several (97)."""
+    defaults solve most (106 when measured), freezing for good loses several (97)."""
     from bench_fast import run_mode, toy_cases
 
     from mlx_diffgemma.models.paths import packaged_model
@@ -386,7 +386,7 @@ def test_defaults_hold_their_accuracy_on_held_out_puzzles_and_need_revocation():
         r = run_mode(model, tok, subset, check, opts, 2 * model.canvas_length)
         solved[name] = sum(x["solved"] for x in r["cases"])
     print(f"{len(subset)} held-out puzzles solved: {solved}")
-    assert solved["defaults"] >= 0.93 * len(subset)
+    assert solved["defaults"] >= 0.95 * len(subset)
     assert solved["frozen for good"] <= solved["defaults"] - 4
 
 
