@@ -20,7 +20,9 @@ Stage 1 crosses the revocation floor with the temperature the confidence is read
 stage 2 adds each remaining rule alone to stage 1's pick and keeps it if the score rises.
 Stage 3 (a later round, run alone with `--stages 3`: it starts from stages 1-2's pick,
 `ROUND1_PICK`) tries the rules added since, alone and with the active set, and picks the
-best row by the same rule among them and stages 1-2's pick.
+best row by the same rule among them and stages 1-2's pick. Its pick (floor_decay 2 with
+verify_noise 0.5) did worse than stages 1-2's on the test split and was not adopted
+(BENCHMARKS.md, "Fast mode"); a further round needs a fresh test split.
 """
 
 from __future__ import annotations
