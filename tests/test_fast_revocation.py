@@ -390,6 +390,43 @@ def test_defaults_hold_their_accuracy_on_held_out_puzzles_and_need_revocation():
     assert solved["frozen for good"] <= solved["defaults"] - 4
 
 
+def test_active_set_recomputes_a_freeze_that_passed_its_noise_check():
+    """With verify_noise a new freeze is computed next step from noise; once it passes the
+    check, the step after computes it again from its token, so the active set does not keep
+    the keys and values of the noise (six held-out puzzles of the trained toy)."""
+    from bench_fast import toy_cases
+
+    from mlx_diffgemma.generation.settings import defaults, resolve
+    from mlx_diffgemma.models.paths import packaged_model
+
+    toy = "toy-sudoku-open"
+    model, tok = md.load(packaged_model(toy))
+    cases, _ = toy_cases(toy, packaged_model(toy, prefer="hf"), "test", 0, apart=False)
+    gen = resolve(defaults(model), max_new_tokens=2 * model.canvas_length).gen
+    pairs = []
+    for case in cases[:6]:
+        opts = FastOptions(active_set=True, verify_noise=0.5, buckets=(2, 4, 8))
+        den = FastDenoiser(model, gen, noise=md.SeededNoise(case.seed), options=opts)
+        computed, passed = [], []
+        positions, decide = den._positions, den._decide
+
+        def recorded_positions(positions=positions, computed=computed):
+            pos = positions()
+            computed.append(set(pos.tolist()))
+            return pos
+
+        def recorded_decide(*a, decide=decide, den=den, passed=passed, **k):
+            out = decide(*a, **k)
+            passed.append(set(np.nonzero(den.freezing.verified)[0].tolist()))
+            return out
+
+        den._positions, den._decide = recorded_positions, recorded_decide
+        list(stream(den, tok, case.ids))
+        pairs += [(ok, nxt) for ok, nxt in zip(passed, computed[1:]) if ok]
+    assert pairs, "no freeze passed its check: pick other puzzles"
+    assert all(ok <= nxt for ok, nxt in pairs)
+
+
 def test_forget_sc_restarts_a_reopened_position_without_self_conditioning():
     """On the trained toy: a position re-opened to noise feeds the next step a zero
     self-conditioning signal with `forget_sc` (as at a canvas's first step), and keeps its

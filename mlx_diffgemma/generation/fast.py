@@ -68,8 +68,7 @@ class FastOptions:
     confidence: float = 0.9
     # Off by default (not in the tuning grid; its cost in accuracy and its saving at
     # 26B-A4B are in BENCHMARKS.md, "Fast mode"); the lever for a 256-token canvas, where
-    # most positions freeze early. With verify_noise, a position that passes its check
-    # keeps the keys and values of its noisy step until a full step.
+    # most positions freeze early.
     active_set: bool = False
     # With the active set: after this many active-set steps one step computes every
     # position again, refreshing frozen positions' stale keys and values (0: never; the
@@ -343,7 +342,9 @@ class FastDenoiser(MLXDenoiser):
             stop, self._history = stable_and_confident(
                 argmax_out, self._history, self._entropy_all, gen.stability_threshold,
                 gen.confidence_threshold, open=None if self._fixed is None else ~self._fixed.mask)
-        self._refresh = newly
+        # Computed once more: the new freezes, and (verify_noise) those that passed their
+        # check, whose keys and values so far come from the noise they were fed.
+        self._refresh = newly | fz.verified
         stop_now = bool(stop.all().item()) or step == 1
         if o.repair and stop_now:
             argmax_out = self._repair(argmax_out)

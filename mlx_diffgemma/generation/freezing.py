@@ -64,6 +64,7 @@ class Freezing:
         self._last = np.full(length, -1, dtype=np.int64)
         self._as_pad = np.zeros(length, dtype=bool)  # frozen as pad after a frozen EOS
         self.probation = np.zeros(length, dtype=bool)  # frozen last step, fed noise this one
+        self.verified = np.zeros(length, dtype=bool)  # passed that check in the last update
         self._doubted = False
         self._final = "due" if options.final_pass > 0 else "done"  # due -> running -> done
         self.fixed = np.zeros(length, dtype=bool)  # given tokens (fixed.py): never re-opened
@@ -97,6 +98,7 @@ class Freezing:
                 failed = on_probation & self.frozen & ((argmax != self.tokens) | (token_prob < self.o.verify_noise))
                 if failed.any():
                     self._reopen(failed, noise=self.o.reopen_noise)
+        self.verified = on_probation & self.frozen
         if self.o.freeze == "entropy":
             pick = accepted & ~self.frozen & (self._held >= self.o.hold)
             self.tokens[pick] = sample[pick]
