@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_diffgemma as md  # noqa: E402
 from mlx_diffgemma.generation.denoiser import MLXDenoiser  # noqa: E402
-from mlx_diffgemma.generation.fast import FastDenoiser, FastOptions, Work  # noqa: E402
+from mlx_diffgemma.generation.fast import IRREVOCABLE, FastDenoiser, FastOptions, Work  # noqa: E402
 from mlx_diffgemma.generation.loop import stream  # noqa: E402
 from mlx_diffgemma.generation.settings import defaults, resolve  # noqa: E402
 from mlx_diffgemma.models.config import ModelArgs  # noqa: E402
@@ -45,17 +45,19 @@ def rule_rows(d: FastOptions) -> Dict[str, FastOptions]:
     """Each self-correction rule of freezing.py measured alone: the defaults without it
     when it is on, with it (a representative setting) when it is off."""
     rows = {"frozen for good (no re-opening)": d.irrevocable()}
-    tries = {"revoke_floor": 0.99, "revoke_margin": 0.2, "hold": 2, "adapt": 0.5, "final_pass": 0.9}
+    tries = {"revoke_floor": 0.99, "revoke_margin": 0.2, "hold": 2, "adapt": 0.5, "final_pass": 0.9,
+             "floor_decay": 2, "max_reopens": 2, "verify_noise": 0.5, "doubt": 0.8, "forget_sc": True}
     for name, value in tries.items():
-        on = getattr(d, name) not in (0, 0.0, 1, 1.0, None) or (name == "hold" and d.hold > 1)
-        off = {"revoke_floor": 0.0, "revoke_margin": None, "hold": 1, "adapt": 1.0, "final_pass": 0.0}[name]
-        if on:
+        off = IRREVOCABLE[name]
+        if getattr(d, name) != off:
             r = replace(d, **{name: off})
             if r.revocable or r.final_pass or r.hold > 1:  # else it is the row above
                 rows[f"defaults, no {name}"] = r
         else:
-            rows[f"defaults + {name} {value}"] = replace(d, **{name: value})
-    if d.revoke_floor or d.revoke_margin is not None:
+            rows[f"defaults + {name}" + ("" if value is True else f" {value}")] = replace(d, **{name: value})
+    if d.floor_decay == 1 and d.verify_noise is None:  # tune_fast.py's stage-3 pick, not adopted
+        rows["defaults + floor_decay 2 + verify_noise 0.5"] = replace(d, floor_decay=2.0, verify_noise=0.5)
+    if d.revocable:
         rows["defaults, re-opened to argmax"] = replace(d, reopen_noise=not d.reopen_noise)
     rows[f"defaults, confidence at {'the schedule' if d.confidence_at_t1 else 'temperature 1'}"] = replace(
         d, confidence_at_t1=not d.confidence_at_t1)
@@ -356,13 +358,18 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test", choices=("test", "tune"))
     p.add_argument("--limit", type=int, default=None, help="at most this many puzzles of the split, spread over it")
     p.add_argument("--empty-seeds", type=int, default=64, help="noise seeds the empty grid runs under")
-    p.add_argument("--modes", default=None, help="comma-separated mode names (default all)")
+    p.add_argument("--modes", default=None,
+                   help="mode names separated by ';' (or by ',' when none has a comma; default all)")
     p.add_argument("--no-mlx-vlm", action="store_true")
     p.add_argument("--json-dir", default=None, help="write fast-<toy>.json here")
     a = p.parse_args(argv)
     from mlx_diffgemma.bench.synthetic import preset_args
 
-    modes = MODES if not a.modes else {"reference": None, **{m: MODES[m] for m in a.modes.split(",")}}
+    names = a.modes.split(";" if ";" in a.modes else ",") if a.modes else None
+    unknown = [m for m in names or [] if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {unknown}; the modes are: {'; '.join(MODES)}")
+    modes = MODES if not names else {"reference": None, **{m: MODES[m] for m in names}}
     real = preset_args("real")
     for toy in a.model or ["toy-sudoku", "toy-sudoku-open"]:
         rows = run_toy(toy, a, real, modes)

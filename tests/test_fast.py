@@ -124,6 +124,8 @@ OPTIONS = {
     "sparse sc only": FastOptions(freeze=None, top_k=0, skip_after_eos=False, renoise=True),
     "repair": FastOptions(repair=True),
     "margin, hold, adapt, final pass": FastOptions(revoke_margin=0.2, hold=2, adapt=0.5, final_pass=0.9),
+    "floor decay, max re-opens, verify under noise, doubt, forget sc": FastOptions(
+        floor_decay=2.0, max_reopens=2, verify_noise=0.9, doubt=0.8, forget_sc=True),
 }
 
 

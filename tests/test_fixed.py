@@ -80,11 +80,15 @@ def test_a_stream_refuses_bad_fixed_positions(mixed):
 
 # -- nothing fixed is today -----------------------------------------------------------
 
+# Every re-opening rule on at once: none may touch a fixed position.
+EVERY_RULE = FastOptions(revoke_margin=0.2, hold=2, adapt=0.5, final_pass=0.9, floor_decay=2.0, max_reopens=2,
+                         verify_noise=0.9, doubt=0.8, forget_sc=True)
 RUNNERS = {
     "reference": lambda m, t: (m, lambda *a, **k: md.stream_generate(*a, **k)),
     "fast": lambda m, t: (m, lambda *a, **k: md.stream_generate(*a, mode="fast", **k)),
     "fast-active-repair": lambda m, t: (m, lambda *a, **k: md.stream_generate(
         *a, mode="fast", fast=FastOptions(active_set=True, repair=True), **k)),
+    "fast-every-rule": lambda m, t: (m, lambda *a, **k: md.stream_generate(*a, mode="fast", fast=EVERY_RULE, **k)),
     "fast-off": lambda m, t: (m, lambda *a, **k: md.stream_generate(*a, mode="fast", fast=FastOptions.off(), **k)),
     "torch": lambda m, t: (t, lambda *a, **k: tb.stream_generate(*a, **k)),
 }

@@ -82,13 +82,19 @@ class FastOptions:
     # against it. Defaults picked on the toys' tuning split (scripts/tune_fast.py): the
     # 0.99 floor with re-opening to noise bought toy-sudoku-open's accuracy back for a
     # few more steps per canvas (BENCHMARKS.md, "Fast mode"); the other rules did not
-    # add accuracy there.
+    # add accuracy there. The newer rules (floor_decay .. forget_sc) stay off: the best
+    # of them on the tuning split did worse on held-out puzzles (BENCHMARKS.md).
     revoke_floor: float = 0.99  # re-open a frozen token whose probability falls below this (0: never)
     revoke_margin: Optional[float] = None  # re-open one whose argmax beats it by this probability (None: never)
     reopen_noise: bool = True  # a re-opened position restarts from a random token, not its argmax
     hold: int = 1  # freeze only once the argmax has held this many steps in a row
     adapt: float = 1.0  # per canvas, each re-open multiplies (1 - confidence) by this (1: fixed)
     final_pass: float = 0.0  # all frozen: those frozen below this confidence re-open once (0: never)
+    floor_decay: float = 1.0  # each re-open of a position multiplies its (1 - revoke_floor) by this
+    max_reopens: int = 0  # a position re-opens at most this many times per canvas (0: no cap)
+    verify_noise: Optional[float] = None  # a new freeze is fed noise next step; kept if re-predicted at >= this
+    doubt: float = 0.0  # a forced freeze below this confidence re-opens the unsure freezes instead, once
+    forget_sc: bool = False  # a position restarted from noise also loses its self-conditioning
     renoise: bool = False  # True: open positions are sampled or renoised as the reference does
     self_conditioning: bool = True  # False: the decoder never sees the previous step
     confidence_at_t1: bool = True  # the confidence rule at temperature 1, not the schedule's
@@ -113,8 +119,15 @@ class FastOptions:
                              f"(got {self.revoke_floor}, {self.final_pass})")
         if self.revoke_margin is not None and not 0 <= self.revoke_margin <= 1:
             raise ValueError(f"revoke_margin must be in [0, 1] or None (got {self.revoke_margin})")
+        if self.forget_sc and not self.sc_top_k:
+            raise ValueError("forget_sc needs sparse self-conditioning (sc_top_k > 0)")
         if not 0 < self.adapt <= 1:
             raise ValueError(f"adapt must be in (0, 1] (got {self.adapt})")
+        if self.floor_decay < 1 or self.max_reopens < 0 or not 0 <= self.doubt <= 1:
+            raise ValueError("floor_decay must be >= 1, max_reopens >= 0 and doubt in [0, 1] "
+                             f"(got {self.floor_decay}, {self.max_reopens}, {self.doubt})")
+        if self.verify_noise is not None and not 0 <= self.verify_noise <= 1:
+            raise ValueError(f"verify_noise must be in [0, 1] or None (got {self.verify_noise})")
 
     @classmethod
     def off(cls) -> "FastOptions":
@@ -129,12 +142,13 @@ class FastOptions:
 
     @property
     def revocable(self) -> bool:
-        return self.revoke_floor > 0 or self.revoke_margin is not None
+        return self.revoke_floor > 0 or self.revoke_margin is not None or self.verify_noise is not None
 
 
 # The self-correction switches, off.
 IRREVOCABLE = dict(revoke_floor=0.0, revoke_margin=None, reopen_noise=False, hold=1, adapt=1.0,
-                   final_pass=0.0)
+                   final_pass=0.0, floor_decay=1.0, max_reopens=0, verify_noise=None, doubt=0.0,
+                   forget_sc=False)
 
 
 @dataclass
@@ -322,12 +336,17 @@ class FastDenoiser(MLXDenoiser):
         next_canvas = mx.where(accepted, sample_all, fresh) if o.renoise else self._argmax_all
 
         newly = self._freeze(pos, accepted, sample_all, confidence, token_prob, step)
-        if fz.noised.any():  # re-opened to noise, as the reference renoises what it rejects
+        if fz.noised.any() or fz.probation.any():  # noise, as the reference renoises what it rejects
             fresh = fresh if fresh is not None else self._fresh(canvas, canvas_index, step)
             next_canvas = mx.where(mx.array(fz.noised[None]), fresh, next_canvas)
         tokens = mx.array(fz.tokens[None].astype(np.int32))
         frozen_now = mx.array(fz.frozen[None])
         next_canvas = mx.where(frozen_now, tokens, next_canvas)
+        if fz.probation.any():  # verified under noise: the model re-predicts them unseen
+            next_canvas = mx.where(mx.array(fz.probation[None]), fresh, next_canvas)
+        if o.forget_sc and self._sc_sparse is not None and (fz.noised | fz.probation).any():
+            keep_sc = mx.array(~(fz.noised | fz.probation)[None, :, None])
+            self._sc_sparse = (self._sc_sparse[0] * keep_sc, self._sc_sparse[1])
         # The canvas shown and committed: the model's argmax wherever this step computed it
         # (the frozen tokens are its input, as in Fast-dLLM); frozen tokens elsewhere.
         keep = fz.frozen.copy()
@@ -341,7 +360,9 @@ class FastDenoiser(MLXDenoiser):
             stop, self._history = stable_and_confident(
                 argmax_out, self._history, self._entropy_all, gen.stability_threshold,
                 gen.confidence_threshold, open=None if self._fixed is None else ~self._fixed.mask)
-        self._refresh = newly
+        # Computed once more: the new freezes, and (verify_noise) those that passed their
+        # check, whose keys and values so far come from the noise they were fed.
+        self._refresh = newly | fz.verified
         stop_now = bool(stop.all().item()) or step == 1
         if o.repair and stop_now:
             argmax_out = self._repair(argmax_out)

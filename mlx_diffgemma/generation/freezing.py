@@ -24,6 +24,14 @@ switches, each measured alone in the benchmarks):
 - `final_pass`: when every position is frozen, the positions frozen with less confidence
   than this re-open to fresh noise once, and the step after commits (a last pass before
   the commit).
+- `floor_decay`: each re-open of a position multiplies the gap between its floor and 1 by
+  this, so a position the model keeps just under the floor stops churning.
+- `max_reopens`: a position re-opens at most this many times per canvas.
+- `verify_noise`: a position frozen while others are still open is fed fresh noise at
+  the next step and stays frozen only if the model, no longer shown it, predicts it again
+  with at least this probability (WINO's verify step).
+- `doubt`: when nothing open is confident enough, the positions frozen below the floor
+  re-open to noise instead of a forced guess, once per canvas.
 
 The state is host-side NumPy (one entry per canvas position): the decisions are per
 position and cheap, and the drafter reads the canvas each step anyway.
@@ -50,10 +58,14 @@ class Freezing:
         self.reopened = np.zeros(length, dtype=bool)  # re-opened by the last update
         self.noised = np.zeros(length, dtype=bool)  # of those, the ones to restart from noise
         self.reopens = 0  # re-opens in this canvas
+        self._reopens = np.zeros(length, dtype=np.int64)  # per position
         self._confidence = np.zeros(length)  # each frozen position's confidence when frozen
         self._held = np.zeros(length, dtype=np.int64)  # steps the argmax has held
         self._last = np.full(length, -1, dtype=np.int64)
         self._as_pad = np.zeros(length, dtype=bool)  # frozen as pad after a frozen EOS
+        self.probation = np.zeros(length, dtype=bool)  # frozen last step, fed noise this one
+        self.verified = np.zeros(length, dtype=bool)  # passed that check in the last update
+        self._doubted = False
         self._final = "due" if options.final_pass > 0 else "done"  # due -> running -> done
         self.fixed = np.zeros(length, dtype=bool)  # given tokens (fixed.py): never re-opened
 
@@ -79,13 +91,19 @@ class Freezing:
         self.reopened = np.zeros(self.length, dtype=bool)
         self.noised = np.zeros(self.length, dtype=bool)
         last = step == 1 or self._final == "running"
+        on_probation, self.probation = self.probation & computed, np.zeros(self.length, dtype=bool)
         if token_prob is not None:
-            self._revoke(computed, argmax, confidence, token_prob)
+            self._revoke(computed & ~on_probation, argmax, confidence, token_prob)
+            if on_probation.any():
+                failed = on_probation & self.frozen & ((argmax != self.tokens) | (token_prob < self.o.verify_noise))
+                if failed.any():
+                    self._reopen(failed, noise=self.o.reopen_noise)
+        self.verified = on_probation & self.frozen
         if self.o.freeze == "entropy":
             pick = accepted & ~self.frozen & (self._held >= self.o.hold)
             self.tokens[pick] = sample[pick]
         else:
-            pick = self._confident(computed, confidence)
+            pick = self._confident(computed, confidence, last)
             self.tokens[pick] = argmax[pick]
         if last:
             rest = ~self.frozen & ~pick
@@ -94,6 +112,8 @@ class Freezing:
             self._final = "done"
         self.frozen |= pick
         self._confidence[pick] = confidence[pick]
+        if self.o.verify_noise is not None and not last:
+            self.probation = pick.copy()
         self._pad_after_frozen_eos()
         if self.frozen.all() and self._final == "due":
             self._final_pass(computed)
@@ -109,14 +129,18 @@ class Freezing:
         o = self.o
         bad = np.zeros(self.length, dtype=bool)
         if o.revoke_floor > 0:
-            bad |= token_prob < o.revoke_floor
+            floor = 1 - (1 - o.revoke_floor) * o.floor_decay ** self._reopens
+            bad |= token_prob < floor
         if o.revoke_margin is not None:
             bad |= (argmax != self.tokens) & (confidence - token_prob >= o.revoke_margin)
         bad &= self.frozen & computed & ~self._padded() & ~self.fixed
+        if o.max_reopens:
+            bad &= self._reopens < o.max_reopens
         if bad.any():
             self._reopen(bad, noise=o.reopen_noise)
 
     def _reopen(self, which: np.ndarray, noise: bool) -> None:
+        which = which & ~self.fixed  # whatever the rule, a given token stays
         if (which & self.frozen & np.isin(self.tokens, self._eos)).any():
             which = which | self._as_pad  # the pad an EOS brought goes with it
             self._as_pad[:] = False
@@ -125,18 +149,26 @@ class Freezing:
         if noise:
             self.noised |= which
         self._held[which] = 0  # it earns its `hold` again
+        self._reopens[which] += 1
         n = int(which.sum())
         self.reopens += n
         if self.o.adapt < 1:
             self.threshold = 1 - (1 - self.threshold) * self.o.adapt ** n
 
-    def _confident(self, computed: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    def _confident(self, computed: np.ndarray, confidence: np.ndarray, last: bool = False) -> np.ndarray:
         """Open positions confident enough (and held long enough) to freeze; at least the
         most confident one of those that held, so every step makes progress."""
         ready = computed & ~self.frozen & (self._held >= self.o.hold)  # a re-opened one: 0
         conf = np.where(ready, confidence, -1.0)
         pick = conf >= self.threshold
         if not pick.any() and ready.any():
+            if self.o.doubt and not last and not self._doubted and conf.max() < self.o.doubt:
+                floor = max(self.o.revoke_floor, self.o.confidence)
+                unsure = self.frozen & (self._confidence < floor) & ~self._padded() & ~self.fixed
+                self._doubted = True
+                if unsure.any():
+                    self._reopen(unsure, noise=True)
+                    return pick
             pick[int(conf.argmax())] = True
         return pick
 
