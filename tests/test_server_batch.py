@@ -149,7 +149,9 @@ def test_concurrent_clients_each_get_their_solo_reply(monkeypatch):
         health = _health(srv.url)
     assert results == {i: p["solution"] for i, p in enumerate(puzzles)}
     assert health["mean_batch"] > 1.5 and health["completed"] == 6, health
-    assert len(rows) == 6 and len(fast_checked) > 0
+    # Every fast row's batched forward is held to its solo one as it happens; whether a
+    # fast row shares a tick at all depends on timing (test_batch.py batches them for sure).
+    assert len(rows) == 6
     _replay_all(rows, records, model, min_rows=4)
 
 
