@@ -175,9 +175,6 @@ def test_torch_infill_agrees_with_mlx(toy, easy):
 
 
 def test_bench_sets_are_unseen_and_the_fixed_rows_keep_the_givens():
-    import sys
-
-    sys.path.insert(0, str(ASSETS_DIR.parents[1] / "scripts"))
     import bench_infill
     import toy_testsets
     import train_toy

@@ -19,6 +19,8 @@ openai = pytest.importorskip("openai")
 import requests  # noqa: E402
 from servers import start_server, stop_server  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts servers and the command line
+
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
 HELDOUT = json.loads((TOY / "heldout.json").read_text())["puzzles"]

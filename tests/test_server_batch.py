@@ -33,6 +33,8 @@ from mlx_diffgemma.generation.fast import FastDenoiser  # noqa: E402
 from mlx_diffgemma.serve import scheduler as sched  # noqa: E402
 from mlx_diffgemma.serve.engine import Engine  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts servers and many clients
+
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "mlx_diffgemma" / "assets" / "toy-sudoku" / "mlx"
 HELDOUT = json.loads((TOY / "heldout.json").read_text())["puzzles"]
