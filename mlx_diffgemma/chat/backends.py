@@ -91,9 +91,8 @@ class MLXBackend:
         """Infill after `prompt` (ids): raw, or with `reply_prefix` starting the reply."""
         from ..generation.infilling import run
 
-        prefix, messages = infill_prefix(prompt, reply_prefix)
-        return run(self.model, tokenizer, prefix, suffix, settings, messages=messages, cache=cache, noise=noise,
-                   **infill)
+        return infill_after(run, self.model, tokenizer, prompt, suffix, cache, settings, noise, reply_prefix,
+                            **infill)
 
     def cache_bytes(self, cache) -> int:
         return cache.nbytes
@@ -160,9 +159,8 @@ class TorchBackend:
         """Infill after `prompt` (ids): raw, or with `reply_prefix` starting the reply."""
         from ..torch_backend.infilling import run
 
-        prefix, messages = infill_prefix(prompt, reply_prefix)
-        return run(self.model, tokenizer, prefix, suffix, settings, messages=messages, cache=cache, noise=noise,
-                   **infill)
+        return infill_after(run, self.model, tokenizer, prompt, suffix, cache, settings, noise, reply_prefix,
+                            **infill)
 
     def cache_bytes(self, cache) -> int:
         total = 0
@@ -174,10 +172,12 @@ class TorchBackend:
         return total
 
 
-def infill_prefix(prompt, reply_prefix):
-    """(prefix, messages) of an infill after `prompt` (ids): raw, the prompt is the prefix;
-    with `reply_prefix`, the prompt is a rendered conversation and the reply starts with it."""
-    return (prompt, None) if reply_prefix is None else (reply_prefix, prompt)
+def infill_after(run, model, tokenizer, prompt, suffix, cache, settings: Settings, noise, reply_prefix, **infill):
+    """An infill after `prompt` (ids) with a backend's infill `run`: raw, the prompt is the
+    prefix; with `reply_prefix`, the prompt is a rendered conversation and the reply starts
+    with it."""
+    prefix, messages = (prompt, None) if reply_prefix is None else (reply_prefix, prompt)
+    return run(model, tokenizer, prefix, suffix, settings, messages=messages, cache=cache, noise=noise, **infill)
 
 
 # -- speculative drafting --------------------------------------------------------------------
